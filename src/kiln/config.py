@@ -1,0 +1,328 @@
+"""Typed configs: dataclasses loaded from YAML recipes, `key.sub=value` overrides, strict checks.
+
+Every verb's options live in one dataclass tree. `load(Root, recipe, overrides)` merges a YAML
+recipe with command-line overrides and builds the tree, failing with one line on an unknown key
+(naming the closest valid one) or a value of the wrong type (naming key, value and type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kiln.errors import KilnError
+
+
+class ConfigError(KilnError):
+    pass
+
+
+# ---- the schema ------------------------------------------------------------------------------
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192  # byte-level BPE vocabulary, special tokens included
+    path: str = ""  # an existing tokenizer.json to use instead of training one
+    train_bytes: int = 0  # train on at most this many bytes of text (0 = all)
+
+
+@dataclass
+class DataConfig:
+    input: str = "stdlib"  # "stdlib" (this interpreter's standard library) or a path / glob of text files
+    path: str = ""  # prepared data directory pretrain reads; "" = <out>/data
+    val_fraction: float = 0.02  # share of files held out for validation (split by file)
+    max_docs: int = 0  # stop after this many documents (0 = all)
+    min_chars: int = 64  # drop documents shorter than this
+    max_chars: int = 2_000_000  # drop documents longer than this
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shard_tokens: int = 50_000_000  # tokens per shard file
+    seed: int = 0  # shuffles document order across the corpus
+
+
+@dataclass
+class ModelSection:
+    preset: str = "small"  # tiny, mini, small, medium, gpt2-124m, llama3-1b, llama3-8b, llama3-70b
+    d_model: int | None = None  # None = the preset's value
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    seq_len: int = 256
+    tokens_per_step: int = 0  # global tokens per optimizer step; 0 = one micro-batch per rank
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr as a share of lr
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # share of steps spent decaying, for schedule=wsd
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    seed: int = 0
+    ckpt_every: int = 100
+    keep_last: int = 3  # complete checkpoints kept on disk
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA, off on CPU
+    activation_checkpointing: bool = False
+    spike_factor: float = 4.0  # skip a step whose loss exceeds this multiple of the recent mean
+    spike_window: int = 50
+    max_bad_steps: int = 5  # stop after this many skipped steps in a row
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # DDP degree
+    dp_shard: int = -1  # FSDP2 degree; -1 = whatever the world size leaves over
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_microbatches: int = 0  # 0 = 2 × pp
+    timeout_s: float = 300.0  # a collective waiting this long means a peer died
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+    num_samples: int = 1
+    report_prompts: list[str] = field(
+        default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self"]
+    )
+
+
+@dataclass
+class Config:
+    out: str = "runs/default"
+    resume: str = "auto"  # auto (latest complete checkpoint in out, if any), never, or a checkpoint dir
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ---- building and checking -------------------------------------------------------------------
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        key = prefix + f.name
+        out.append(key)
+        if dataclasses.is_dataclass(typ):
+            out.extend(_all_keys(typ, key + "."))
+    return out
+
+
+def _unknown(key: str, root) -> ConfigError:
+    keys = _all_keys(root)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a right leaf under a wrong section, or the reverse
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(f.name for f in dataclasses.fields(root))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(typ))
+    if typing.get_origin(typ) in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in typing.get_args(typ))
+    return getattr(typ, "__name__", str(typ))
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    """Check `value` against `typ`, allowing only lossless conversions (int -> float, "1e6" -> float)."""
+    origin = typing.get_origin(typ)
+    bad = ConfigError(f"config key '{key}' = {value!r} is not {_type_name(typ)}")
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(typ):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(typ)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+            if f.is_integer():
+                return int(f)
+        raise bad
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def build(cls, data: dict, root=None, prefix: str = ""):
+    """Make a `cls` from nested dicts, checking every key and type."""
+    root = root or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise _unknown(key, root)
+        typ = hints[k]
+        if dataclasses.is_dataclass(typ):
+            kwargs[k] = build(typ, v if v is not None else {}, root, key + ".")
+        else:
+            kwargs[k] = _coerce(key, v, typ)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value; write e.g. train.max_steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e6" as a string; keep strings, the schema coerces numbers.
+    return key, value
+
+
+def read_recipe(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file '{path}' does not exist; pass -c with a YAML file, e.g. -c recipes/quickstart.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load(cls, recipe: str | Path | None = None, overrides: list[str] = (), shorthand: str | None = None):
+    """Build `cls` from a recipe and `key=value` overrides.
+
+    `shorthand` names a section whose keys may be given bare on the command line
+    (`kiln generate prompt=...` means `sample.prompt=...`).
+    """
+    tree = read_recipe(recipe) if recipe else {}
+    top = {f.name for f in dataclasses.fields(cls)}
+    section_keys = set()
+    if shorthand:
+        section_keys = {f.name for f in dataclasses.fields(typing.get_type_hints(cls)[shorthand])}
+    for item in overrides:
+        key, value = parse_override(item)
+        head = key.split(".", 1)[0]
+        if head not in top and head in section_keys:
+            key = f"{shorthand}.{key}"
+        _set_dotted(tree, key, value)
+    return build(cls, tree)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, type, default) for every leaf option, for `--help`."""
+    rows = []
+    inst = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows.extend(describe(typ, prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, _type_name(typ), getattr(inst, f.name)))
+    return rows

@@ -1,0 +1,83 @@
+"""Documents and the stage interface: every data step is a generator over a stream of documents."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Document:
+    text: str
+    id: str
+    meta: dict = field(default_factory=dict)  # source, path, url, ...
+
+
+@dataclass
+class StageStats:
+    """Counts for one stage: documents in and out, bytes in and out, drops by reason, seconds."""
+
+    name: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    dropped: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "seconds": round(self.seconds, 3),
+            "dropped": dict(self.dropped),
+        }
+
+
+class Stage:
+    """One step over a stream of documents: pass, change or drop each one, counting why.
+
+    Subclasses override `process` (one document at a time; return the document, possibly
+    changed, or a string naming why it is dropped) or `run` for steps that need the whole stream.
+    """
+
+    name = "stage"
+
+    def process(self, doc: Document) -> Document | str:
+        return doc
+
+    def run(self, docs: Iterable[Document], stats: StageStats) -> Iterator[Document]:
+        for doc in docs:
+            t0 = time.perf_counter()
+            out = self.process(doc)
+            stats.seconds += time.perf_counter() - t0
+            if isinstance(out, str):
+                stats.dropped[out] += 1
+                continue
+            yield out
+
+
+def run_stages(docs: Iterable[Document], stages: list[Stage], stats: dict[str, StageStats]) -> Iterator[Document]:
+    """Chain `stages` over `docs`, counting documents and bytes into `stats` (one entry per stage)."""
+    for stage in stages:
+        st = stats.setdefault(stage.name, StageStats(stage.name))
+        docs = _count_out(stage.run(_count_in(docs, st), st), st)
+    return iter(docs)
+
+
+def _count_in(docs: Iterable[Document], st: StageStats) -> Iterator[Document]:
+    for d in docs:
+        st.docs_in += 1
+        st.bytes_in += len(d.text)
+        yield d
+
+
+def _count_out(docs: Iterable[Document], st: StageStats) -> Iterator[Document]:
+    for d in docs:
+        st.docs_out += 1
+        st.bytes_out += len(d.text)
+        yield d

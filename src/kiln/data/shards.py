@@ -1,0 +1,147 @@
+"""Token shards on disk and the loader that trains from them.
+
+A prepared data directory holds `manifest.json` and, per split, `SPLIT_NNNNN.bin` (token ids,
+uint16 or uint32, every document starting with BOS) with `SPLIT_NNNNN.idx.npy` (int64 offsets of
+each document's first token). The loader memory-maps the shards and cuts them into windows of
+`seq_len + 1` tokens, visited in a seeded permutation per epoch; its position is two integers,
+so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError
+from kiln.runs import read_manifest
+
+
+class TokenShardWriter:
+    """Appends documents' token ids to numbered shard files of about `shard_tokens` tokens each."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int) -> None:
+        self.dir, self.split, self.dtype, self.shard_tokens = Path(directory), split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self._parts: list[np.ndarray] = []
+        self._starts: list[int] = []
+        self._n = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        if self._n and self._n + len(ids) > self.shard_tokens:
+            self._flush()
+        self._starts.append(self._n)
+        self._parts.append(ids.astype(self.dtype, copy=False))
+        self._n += len(ids)
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        name = f"{self.split}_{len(self.shards):05d}"
+        tokens = np.concatenate(self._parts)
+        tokens.tofile(self.dir / f"{name}.bin")
+        np.save(self.dir / f"{name}.idx.npy", np.asarray(self._starts, dtype=np.int64))
+        self.shards.append({"file": f"{name}.bin", "tokens": int(len(tokens)), "docs": len(self._starts)})
+        self._parts, self._starts, self._n = [], [], 0
+
+    def close(self) -> list[dict]:
+        self._flush()
+        return self.shards
+
+
+def open_data(path: str | Path) -> dict:
+    """The manifest of a prepared data directory, checked for the files it lists."""
+    path = Path(path)
+    man = read_manifest(path)
+    if man is None:
+        raise KilnError(f"'{path}' holds no prepared data (manifest.json missing or unreadable); run `kiln prepare` first")
+    for split in ("train", "val"):
+        for shard in man["splits"].get(split, {}).get("shards", []):
+            f = path / shard["file"]
+            want = shard["tokens"] * np.dtype(man["dtype"]).itemsize
+            if not f.is_file() or f.stat().st_size != want:
+                raise KilnError(f"token shard '{f}' is missing or truncated; re-run `kiln prepare`")
+    return man
+
+
+def _memmaps(path: Path, man: dict, split: str) -> list[np.ndarray]:
+    shards = man["splits"].get(split, {}).get("shards", [])
+    return [np.memmap(path / s["file"], dtype=man["dtype"], mode="r") for s in shards]
+
+
+class TokenLoader:
+    """Batches (inputs, targets) of shape (batch_size, seq_len) for one data-parallel rank.
+
+    Windows are visited in a permutation seeded by (seed, epoch); global batch k takes windows
+    [k·world·B, (k+1)·world·B) of it and rank r its r-th slice, so ranks read disjoint data and
+    every rank can recompute where it is from `state_dict()`.
+    """
+
+    def __init__(self, path: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.path = Path(path)
+        self.man = open_data(self.path)
+        self.batch_size, self.seq_len, self.seed, self.rank, self.world = batch_size, seq_len, seed, rank, world
+        self.maps = _memmaps(self.path, self.man, split)
+        counts = [max(0, (len(m) - 1) // seq_len) for m in self.maps]
+        self.n_windows = sum(counts)
+        if self.n_windows < batch_size * world:
+            raise KilnError(
+                f"the '{split}' split of '{self.path}' has {self.n_windows} windows of {seq_len + 1} tokens, fewer than "
+                f"one global batch ({batch_size}×{world}); prepare more data or lower train.batch_size / train.seq_len"
+            )
+        self._shard_of = np.repeat(np.arange(len(counts)), counts)
+        self._first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def _window(self, w: int) -> np.ndarray:
+        s = self._shard_of[w]
+        start = (w - self._first[s]) * self.seq_len
+        return self.maps[s][start : start + self.seq_len + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.batch_size * self.world
+        if self.pos + step > self.n_windows:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        mine = self._perm[self.pos + self.rank * self.batch_size : self.pos + (self.rank + 1) * self.batch_size]
+        self.pos += step
+        buf = torch.from_numpy(np.stack([self._window(w) for w in mine]).astype(np.int64))
+        return buf[:, :-1], buf[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "world": self.world,
+                "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seq_len"], state["batch_size"] * state["world"]) != (self.seq_len, self.batch_size * self.world):
+            # A different global batch or window size: keep the share of the epoch already seen.
+            frac = state["pos"] / max(1, self.n_windows)
+            self.epoch, self.pos = state["epoch"], int(frac * self.n_windows) // (self.batch_size * self.world) * (
+                self.batch_size * self.world)
+        else:
+            self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation(self.epoch)
+
+
+def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int):
+    """The validation split cut into consecutive windows: the same batches at every evaluation."""
+    path = Path(path)
+    man = open_data(path)
+    windows = []
+    for m in _memmaps(path, man, "val"):
+        n = (len(m) - 1) // seq_len
+        windows.extend(m[i * seq_len : i * seq_len + seq_len + 1] for i in range(n))
+    n_batches = min(max_batches, math.ceil(len(windows) / batch_size)) if max_batches else math.ceil(len(windows) / batch_size)
+    for b in range(n_batches):
+        chunk = windows[b * batch_size : (b + 1) * batch_size]
+        if not chunk:
+            break
+        buf = torch.from_numpy(np.stack(chunk).astype(np.int64))
+        yield buf[:, :-1], buf[:, 1:]
