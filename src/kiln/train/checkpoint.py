@@ -1,0 +1,140 @@
+"""Checkpoints that survive a kill at any moment, and loading that detects a corrupt one.
+
+A checkpoint is a directory `checkpoints/step_NNNNNNN/` holding `model.safetensors`,
+`optimizer.pt`, `state.pt` (step, RNG states, loader position, guard state) and, written last,
+`checkpoint.json` with every file's size and SHA-256. It is assembled under a temporary name and
+renamed into place, and `latest` names the newest complete one. Loading checks the hashes and
+falls back to the previous checkpoint when a file is damaged. Loading never unpickles code:
+weights come from safetensors and everything else through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kiln import __version__
+from kiln.errors import KilnError
+from kiln.runs import atomic_dir, atomic_write_text, clean_stale_temps, sha256_file
+
+# Wrappers applied from outside (activation checkpointing, torch.compile, DDP) add these to names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+
+
+def clean_name(name: str) -> str:
+    for w in _WRAPPER_PREFIXES:
+        name = name.replace(w, "")
+    return name
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under their plain names, each shared (tied) tensor once."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[clean_name(name)] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `model`, matching plain names; every weight must be present and fit."""
+    own = {clean_name(n): p for n, p in model.state_dict(keep_vars=True).items()}
+    tied = {n for n in own if n not in tensors and any(own[n] is own[m] for m in tensors if m in own)}
+    missing = sorted(set(own) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise KilnError(
+            f"{source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "it was saved from a different model: use its model settings or a new out="
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if own[name].shape != t.shape:
+                raise KilnError(
+                    f"{source}: weight '{name}' has shape {tuple(t.shape)}, the model wants {tuple(own[name].shape)}; "
+                    "it was saved from a different model: use its model settings or a new out="
+                )
+            own[name].copy_(t)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep_last: int = 3) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, meta: dict) -> Path:
+        final = self.dir / f"step_{step:07d}"
+        with atomic_dir(final) as tmp:
+            save_file(model_tensors(model), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(state, tmp / "state.pt")
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+            info = {"step": step, "kiln_version": __version__, "files": files, **meta}
+            (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        atomic_write_text(self.dir / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Checkpoint directories that have their checkpoint.json, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        clean_stale_temps(self.dir)
+        return sorted(p for p in self.dir.glob("step_*") if (p / "checkpoint.json").is_file())
+
+    def verify(self, path: Path) -> str | None:
+        """None if every file matches its recorded size and hash, else what is wrong."""
+        try:
+            info = json.loads((path / "checkpoint.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return f"{path / 'checkpoint.json'} is unreadable"
+        for name, rec in info.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != rec["bytes"]:
+                return f"{f} is truncated ({f.stat().st_size} of {rec['bytes']} bytes)"
+            if sha256_file(f) != rec["sha256"]:
+                return f"{f} is corrupt (its SHA-256 does not match checkpoint.json)"
+        return None
+
+    def latest_intact(self) -> Path | None:
+        """The newest checkpoint whose files check out, warning about each damaged one skipped."""
+        for path in reversed(self.complete()):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            print(f"kiln: warning: {problem}; falling back to the previous checkpoint", file=sys.stderr)
+        return None
+
+    @staticmethod
+    def info(path: Path) -> dict:
+        return json.loads((Path(path) / "checkpoint.json").read_text())
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Load weights (and optimizer state) from `path`; returns the saved trainer state."""
+        path = Path(path)
+        try:
+            tensors = load_file(path / "model.safetensors")
+        except (SafetensorError, OSError) as e:
+            raise KilnError(f"{path / 'model.safetensors'} cannot be read ({e}); delete that checkpoint") from None
+        load_model_tensors(model, tensors, str(path / "model.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
