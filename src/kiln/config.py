@@ -144,11 +144,14 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 
 def _unknown(key: str, root) -> ConfigError:
     keys = _all_keys(root)
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if not close:  # a right leaf under a wrong section, or the reverse
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(f.name for f in dataclasses.fields(root))}"
+    leaf = key.rsplit(".", 1)[-1]
+    # A right leaf under a wrong section first (model.seed -> train.seed), then the closest spelling.
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key][:3]
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if close:
+        hint = "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+    else:
+        hint = f"; valid top-level keys: {', '.join(f.name for f in dataclasses.fields(root))}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 

@@ -41,7 +41,7 @@ class Engine:
     device: torch.device
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Engine":
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> Engine:
         run_dir = Path(run_dir)
         ckpt = CheckpointManager(run_dir).latest_intact()
         if ckpt is None:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small real corpus (a slice of the stdlib) prepared once per session."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from kiln import cli
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Real Python source, small enough to prepare in a few seconds.
+CORPUS_PACKAGES = ["json", "email", "collections", "html", "http", "urllib", "logging", "importlib"]
+
+TINY_TRAIN = [
+    "model.preset=tiny", "train.seq_len=64", "train.batch_size=4", "train.eval_batches=2",
+    "train.tensorboard=false", "train.progress=false", "train.warmup_steps=5",
+]
+
+
+def kiln(*args: str) -> int:
+    return cli.main(list(args))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for pkg in CORPUS_PACKAGES:
+        for f in sorted((STDLIB / pkg).glob("*.py")):
+            shutil.copy(f, d / f"{pkg}_{f.name}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus_dir) -> Path:
+    """A run directory with data/ and tokenizer/ made by `kiln prepare` (vocab 512)."""
+    out = tmp_path_factory.mktemp("prepared") / "run"
+    assert kiln("prepare", f"out={out}", f"data.input={corpus_dir}", "data.tokenizer.vocab_size=512",
+                "data.val_fraction=0.1") == 0
+    return out
+
+
+@pytest.fixture
+def run_dir(tmp_path, prepared) -> Path:
+    """A fresh run directory holding a copy of the prepared data and tokenizer."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(prepared / "data", out / "data")
+    shutil.copytree(prepared / "tokenizer", out / "tokenizer")
+    return out

@@ -1,0 +1,110 @@
+"""The training loop: it learns, accumulation is exact, the spike guard skips and stops, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, kiln
+from kiln.config import Config, TrainConfig, load
+from kiln.data.shards import TokenLoader
+from kiln.errors import KilnError
+from kiln.model.transformer import Transformer
+from kiln.train import parallel
+from kiln.train.optim import lr_at
+from kiln.train.trainer import Trainer, model_config_for
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_learns_and_logs_every_field(run_dir):
+    assert kiln("pretrain", f"out={run_dir}", *TINY_TRAIN, "train.max_steps=80", "train.lr=1e-2", "train.batch_size=16",
+                "train.log_every=5", "train.eval_every=40", "train.ckpt_every=40") == 0
+    m = metrics(run_dir)
+    for field in ("step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm", "elapsed_s"):
+        assert field in m[0], field
+    evals = [r for r in m if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [40, 80]
+    assert m[-1]["loss"] < math.log(512) - 1.0  # from ~ln(512) at init down well below
+    baseline = json.loads((run_dir / "data" / "manifest.json").read_text())["unigram_bpb"]
+    assert evals[-1]["val_bpb"] < baseline  # better than token frequencies alone
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000080"
+
+
+def _trainer(run_dir, overrides, objective=None):
+    cfg = load(Config, None, [f"out={run_dir}", *TINY_TRAIN, *overrides])
+    env = parallel.init_env(cfg)
+    torch.manual_seed(0)
+    model = Transformer(model_config_for(cfg, 512))
+    model.init_weights(0)
+    loader = TokenLoader(run_dir / "data", "train", cfg.train.batch_size, cfg.train.seq_len, 0)
+    kw = {"objective": objective} if objective else {}
+    return Trainer(cfg, model, env, loader, tokens_per_micro_batch=cfg.train.batch_size * cfg.train.seq_len, **kw)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(run_dir):
+    big = _trainer(run_dir, ["train.batch_size=8"])
+    acc = _trainer(run_dir, ["train.batch_size=4", "train.tokens_per_step=512"])
+    assert acc.accum == 2
+    lb, _ = big.train_step()
+    la, _ = acc.train_step()
+    assert la == pytest.approx(lb, rel=1e-5)
+    for pb, pa in zip(big.model.parameters(), acc.model.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_tokens_per_step_must_be_a_multiple_of_the_micro_batch(run_dir):
+    with pytest.raises(KilnError, match="not a multiple of one micro-batch"):
+        _trainer(run_dir, ["train.tokens_per_step=300"])
+
+
+def test_spike_guard_skips_bad_steps_then_stops_the_run(run_dir):
+    from kiln.train.objectives import next_token_loss
+
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        loss = next_token_loss(model, batch)
+        return loss * float("nan") if calls["n"] in (3,) or calls["n"] >= 8 else loss
+
+    tr = _trainer(run_dir, ["train.max_steps=20", "train.max_bad_steps=3", "train.ckpt_every=1000",
+                            "train.eval_every=1000"], objective=flaky)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    with pytest.raises(KilnError, match="training diverged: 3 bad steps in a row"):
+        tr.fit()
+    assert tr.guard.skipped == 4  # step 3, then 8, 9, 10
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())  # NaN never reached the weights
+    assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+
+
+def test_schedules_warm_up_then_decay_to_the_floor():
+    tc = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=100)
+    assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(100, tc) == pytest.approx(0.1)
+    assert lr_at(55, tc) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
+    assert lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == pytest.approx(0.0)
+
+
+def test_weight_decay_applies_to_matrices_only(run_dir):
+    tr = _trainer(run_dir, [])
+    decay, no_decay = tr.optimizer.param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_activation_checkpointing_gives_the_same_gradients(run_dir):
+    plain = _trainer(run_dir, [])
+    ac = _trainer(run_dir, ["train.activation_checkpointing=true"])
+    parallel.apply_activation_checkpointing(ac.model)
+    assert plain.train_step()[0] == pytest.approx(ac.train_step()[0], rel=1e-6)
+    for a, b in zip(plain.model.parameters(), ac.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
