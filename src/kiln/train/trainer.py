@@ -161,6 +161,8 @@ class Trainer:
         t_start = time.perf_counter()
         t_window, steps_window = time.perf_counter(), 0
         last: dict = {}
+        if self.evaluate and self.step == 0:  # the starting point of the validation curve
+            log.log({"step": 0, **self.evaluate(self.model)})
         self.model.train()
         while self.step < tc.max_steps:
             lr = lr_at(self.step, tc)
