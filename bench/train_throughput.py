@@ -58,21 +58,25 @@ def matmul_peak(mc: ModelConfig, tokens: int, seconds: float = 1.0) -> float:
     return flops * reps / (time.perf_counter() - t0)
 
 
-def kiln_step_fn(mc: ModelConfig, tc: TrainConfig):
-    torch.manual_seed(0)
-    model = Transformer(mc)
-    model.init_weights(0)
-    opt = build_optimizer(model, tc)
+def make_step(model, opt, loss_fn):
+    """One training step as the loop does it: loss, backward, clip, AdamW, zero grads."""
 
     def step(x, y):
-        loss = next_token_loss(model, (x, y))
+        loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
+
+
+def kiln_step_fn(mc: ModelConfig, tc: TrainConfig):
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    model.init_weights(0)
+    return make_step(model, build_optimizer(model, tc), lambda m, x, y: next_token_loss(m, (x, y)))
 
 
 def hf_step_fn(mc: ModelConfig, tc: TrainConfig):
@@ -84,16 +88,10 @@ def hf_step_fn(mc: ModelConfig, tc: TrainConfig):
                             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=True)
     model.train()
 
-    def step(x, y):
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
+    def loss_fn(m, x, y):
+        return F.cross_entropy(m(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
 
-    return step
+    return make_step(model, opt, loss_fn)
 
 
 def time_steps(step, x, y, n: int) -> float:

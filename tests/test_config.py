@@ -71,3 +71,11 @@ def test_help_lists_options_with_defaults(capsys):
         cli.main(["pretrain", "--help"])
     out = capsys.readouterr().out
     assert "train.max_steps" in out and "1000" in out and "train.ckpt_every" in out and "resume" in out
+
+
+def test_yaml_words_like_on_and_no_stay_strings(tmp_path):
+    cfg = load(Config, None, ["train.compile=on", "sample.prompt=no", "train.activation_checkpointing=true"])
+    assert cfg.train.compile == "on" and cfg.sample.prompt == "no" and cfg.train.activation_checkpointing is True
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  compile: off\n")
+    assert load(Config, recipe).train.compile == "off"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,23 @@ from kiln.errors import KilnError
 
 class ConfigError(KilnError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are bools, so `compile: on` stays the string 'on'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 # ---- the schema ------------------------------------------------------------------------------
@@ -267,7 +285,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     # YAML reads "1e6" as a string; keep strings, the schema coerces numbers.
@@ -279,7 +297,7 @@ def read_recipe(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"recipe file '{path}' does not exist; pass -c with a YAML file, e.g. -c recipes/quickstart.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
