@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import Config, TrainConfig, load
+from kiln.hardware import tune_cpu_allocator
 from kiln.model.transformer import ModelConfig, Transformer, preset
 from kiln.train.objectives import next_token_loss
 from kiln.train.optim import build_optimizer
@@ -132,7 +133,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the recipe's / 8)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    # kiln's trainer tunes glibc's allocator at start; in one process the HF side gets it too.
+    tune_cpu_allocator()
     q: Config = load(Config, "recipes/quickstart.yaml")
     vocab = q.data.tokenizer.vocab_size
     for size in args.sizes.split(","):

@@ -21,6 +21,7 @@ from kiln.data.pipeline import data_dir, tokenizer_path
 from kiln.data.shards import TokenLoader, eval_batches, open_data
 from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
+from kiln.hardware import tune_cpu_allocator
 from kiln.model.transformer import ModelConfig, Transformer, preset
 from kiln.runs import atomic_write_text, sha256_file
 from kiln.train import parallel
@@ -290,6 +291,8 @@ def resolve_resume(cfg: Config, ckpt: CheckpointManager, model_cfg: ModelConfig)
 
 def run_pretrain(cfg: Config) -> dict:
     env = parallel.init_env(cfg)
+    if env.device.type == "cpu":
+        tune_cpu_allocator()
     ddir = data_dir(cfg)
     man = open_data(ddir)
     tpath = check_shards_match_tokenizer(ddir, man)
