@@ -18,6 +18,7 @@ class Verb:
     schema: str = "kiln.config:Config"  # "module:Class" of the config root
     sections: tuple[str, ...] = ()  # which keys `--help` lists (prefixes); empty = all
     shorthand: str | None = None  # section whose keys may be given bare
+    flags: tuple[str, ...] = ()  # boolean keys also accepted as --KEY
 
 
 VERBS: dict[str, Verb] = {
@@ -45,6 +46,7 @@ VERBS: dict[str, Verb] = {
         "kiln.plan:run_plan",
         "estimate memory, GPUs, days and dollars for a model and token budget",
         schema="kiln.plan:PlanConfig",
+        flags=("json",),
     ),
 }
 
@@ -80,6 +82,8 @@ def make_parser(help_for: str | None = None) -> argparse.ArgumentParser:
         )
         p.add_argument("-c", "--config", metavar="RECIPE.yaml", help="YAML recipe (see recipes/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any recipe key")
+        for flag in verb.flags:
+            p.add_argument(f"--{flag}", action="store_true", help=f"same as {flag}=true")
     return parser
 
 
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     verb = VERBS[args.verb]
     try:
-        cfg = C.load(_resolve(verb.schema), args.config, args.overrides, shorthand=verb.shorthand)
+        overrides = args.overrides + [f"{f}=true" for f in verb.flags if getattr(args, f)]
+        cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand)
         result = _resolve(verb.target)(cfg)
         return result if isinstance(result, int) else 0
     except KilnError as e:

@@ -1,0 +1,770 @@
+"""`kiln plan`: memory, FLOPs, time, cost and communication for a model and token budget, and a parallelism advisor.
+
+Before anyone spends GPU-hours this answers: how much memory each GPU needs (weights, gradients,
+optimizer states, activations with and without checkpointing) under every candidate layout
+dp_replicate × dp_shard (FSDP / ZeRO-3) × tp × pp; how many FLOPs, days, GPU-hours and dollars
+the run takes; how much each parallel dimension communicates per step and over which link; and
+which layout is the cheapest that fits. It does the same for fine-tuning (full and LoRA) and for
+inference economics (weights + KV cache, bandwidth-bound decode speed, $ per million tokens).
+
+The activation count is not a textbook constant: it is the exact list of tensors kiln's
+transformer (`kiln.model.transformer`) saves for backward, checked against a measured CPU run
+in tests/test_plan.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kiln.errors import KilnError
+from kiln.model.transformer import PRESETS, ModelConfig, preset
+
+GB = 1e9  # datasheets count memory and bandwidth in powers of ten
+
+
+# ---- the config ------------------------------------------------------------------------------
+@dataclass
+class PlanModelConfig:
+    preset: str = "llama3-8b"  # a kiln model preset: tiny, mini, small, medium, gpt2-124m, llama3-1b, llama3-8b, llama3-70b
+    d_model: int | None = None  # None = the preset's value
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    vocab_size: int | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class InterconnectConfig:
+    nvlink_gbps: float = 0.0  # NVLink GB/s per GPU, both directions as datasheets quote it; 0 = the GPU's
+    ib_gbits: float = 400.0  # InfiniBand Gb/s per GPU (one NIC per GPU), each direction
+
+
+@dataclass
+class PricesConfig:
+    # $ per GPU-hour: assumptions (typical 2025 cloud on-demand rates), not quotes.
+    a100: float = 1.8
+    h100: float = 2.5
+    h200: float = 3.5
+    b200: float = 5.5
+
+
+@dataclass
+class LoraPlanConfig:
+    rank: int = 16  # adapters on all seven projections of every block (wq wk wv wo w1 w3 w2)
+
+
+@dataclass
+class InferencePlanConfig:
+    batch: int = 1  # sequences decoded together
+    context: int = 8192  # tokens held in the KV cache per sequence
+
+
+@dataclass
+class PlanConfig:
+    model: PlanModelConfig = field(default_factory=PlanModelConfig)
+    workload: Literal["pretrain", "finetune-full", "finetune-lora", "inference"] = "pretrain"
+    tokens: float = 15e12  # training tokens (or tokens served, for inference)
+    seq_len: int = 0  # training sequence length; 0 = the model's max_seq_len
+    micro_batch: int = 1  # sequences per GPU per forward/backward
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step (Llama 3 started at 4M)
+    gpu: str = "H100"  # A100, H100, H200 or B200
+    gpus: int = 0  # 0 = choose the count: the cheapest that finishes within max_days
+    gpus_per_node: int = 8
+    max_gpus: int = 32768  # the largest count tried when gpus=0
+    max_days: float = 90.0  # wall-clock target when gpus=0
+    max_pp: int = 16  # largest pipeline degree tried
+    interconnect: InterconnectConfig = field(default_factory=InterconnectConfig)
+    precision: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
+    mfu: float = 0.4  # assumed model-FLOPs utilization (Llama 3 405B reported 38-43%)
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto = only where a layout needs it to fit
+    max_memory_fraction: float = 0.9  # the rest of HBM is CUDA context, NCCL buffers, fragmentation
+    price_per_gpu_hour: float = 0.0  # 0 = prices.<gpu>
+    prices: PricesConfig = field(default_factory=PricesConfig)
+    lora: LoraPlanConfig = field(default_factory=LoraPlanConfig)
+    inference: InferencePlanConfig = field(default_factory=InferencePlanConfig)
+    json: bool = False  # print one JSON object instead of tables
+
+
+# ---- GPUs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPUSpec:
+    """Datasheet numbers for one SXM GPU; TFLOPS are dense (no 2:4 sparsity)."""
+
+    name: str
+    memory_gb: float
+    bf16_tflops: float  # fp16 is the same on all of these
+    fp8_tflops: float | None  # None: no fp8 tensor cores
+    tf32_tflops: float  # what fp32 training runs on
+    hbm_tbps: float
+    nvlink_gbps: float  # per GPU, both directions
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense tensor-core FLOP/s for `precision`; fp8 without fp8 cores falls back to bf16."""
+        tflops = {"fp32": self.tf32_tflops, "fp8": self.fp8_tflops or self.bf16_tflops}.get(precision, self.bf16_tflops)
+        return tflops * 1e12
+
+
+GPUS: dict[str, GPUSpec] = {
+    "A100": GPUSpec("A100", 80, 312, None, 156, 2.0, 600),  # A100 80GB SXM
+    "H100": GPUSpec("H100", 80, 989, 1979, 495, 3.35, 900),  # H100 SXM
+    "H200": GPUSpec("H200", 141, 989, 1979, 495, 4.8, 900),  # H100 compute, bigger and faster HBM
+    # B200: 180 GB is what HGX/DGX B200 expose per GPU (the HBM3e stacks hold 192 GB).
+    "B200": GPUSpec("B200", 180, 2250, 4500, 1100, 8.0, 1800),
+}
+
+
+def gpu_spec(name: str) -> GPUSpec:
+    """The GPU named `name` (any case), or a KilnError listing the known ones."""
+    spec = GPUS.get(name.upper())
+    if spec is None:
+        raise KilnError(f"unknown gpu={name!r}; choose one of {', '.join(GPUS)}")
+    return spec
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+_STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stored weight or KV entry (inference, frozen LoRA base)
+_ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 training keeps activations in bf16 between matmuls
+
+
+def _state_bytes(precision: str) -> tuple[int, int, int]:
+    """(weights, grads, optimizer) bytes per trainable parameter with AdamW.
+
+    fp32: fp32 weights, fp32 grads, Adam m and v (4 + 4 + 8). Mixed precision (bf16/fp16/fp8):
+    a bf16 working copy (2), fp32 grads (4: accumulated and reduced in fp32 so small updates are
+    not lost) and fp32 master weights + m + v (12) — Megatron's accounting, 18 B/param; FSDP2
+    with an fp32 master and no persistent bf16 copy needs 16, so this errs on the safe side.
+    """
+    return (4, 4, 8) if precision == "fp32" else (2, 4, 12)
+
+
+def layer_params(model: ModelConfig) -> int:
+    """Parameters in one transformer block: attention, SwiGLU MLP and two RMSNorm weights."""
+    d, hd = model.d_model, model.head_dim
+    attn = d * (model.n_heads + 2 * model.n_kv_heads) * hd + model.n_heads * hd * d
+    return attn + 3 * d * model.ffn_hidden + 2 * d
+
+
+def lora_layer_params(model: ModelConfig, rank: int) -> int:
+    """LoRA parameters (A and B) in one block with adapters on all seven projections."""
+    d, hd, f = model.d_model, model.head_dim, model.ffn_hidden
+    q, kv = model.n_heads * hd, model.n_kv_heads * hd
+    return rank * ((d + q) + 2 * (d + kv) + (q + d) + 3 * (d + f))
+
+
+def activation_bytes_per_token(
+    model: ModelConfig, precision: str = "fp32", seq_len: int = 0, flash_attention: bool = True, lora_rank: int = 0
+) -> float:
+    """Bytes one block of kiln's transformer saves for backward, per token (no TP, no checkpointing).
+
+    Counted tensor by tensor (and measured with saved-tensor hooks), in the activation dtype:
+    attention half 7·d — the block input, x·rstd and the normed input (RMSNorm), q, k, v after
+    rotary and GQA expansion, and the attention output; MLP half 3·d + 4·F — input, x·rstd,
+    normed input, w1 and w3 outputs, silu(w1 x) and the gated product. In fp32: the two RMSNorm
+    rstd values and, with flash attention, a logsumexp per head. Without flash attention (the
+    math path) the softmax probabilities, n_heads·seq_len per token, replace the logsumexp.
+    This is Korthikanti et al.'s s·b·h·(34 + 5·a·s/h) redone for a Llama block (SwiGLU, no
+    dropout): 20·h + 8·F bytes per token in bf16, about 48·h for Llama 3's F = 3.5·h.
+    """
+    d, f, nq = model.d_model, model.ffn_hidden, model.n_heads
+    elems = 10 * d + 4 * f + 7 * lora_rank  # LoRA adds each adapter's rank-r intermediate
+    fp32 = 2 + nq
+    if not flash_attention:
+        elems += nq * (seq_len or model.max_seq_len)
+        fp32 -= nq
+    return elems * _ACT_BYTES[precision] + fp32 * 4
+
+
+def estimate_training_memory(
+    model: ModelConfig,
+    batch: int,
+    seq_len: int,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+    dp_shard: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    microbatches: int = 1,
+    flash_attention: bool = True,
+    lora_rank: int = 0,
+) -> dict[str, float]:
+    """Peak bytes per GPU for one AdamW training step, for the worst pipeline stage.
+
+    Keys: weights, grads, optimizer, activations (the blocks', plus token ids and the final
+    norm), logits (the fp32 log-probabilities cross-entropy keeps: batch·seq·vocab·4),
+    logit_grads (the gradients of the log-probabilities and of the logits, two more tensors of
+    that size alive together as backward starts) and total.
+    total is the peak, not the sum: it is weights + optimizer + the larger of two moments — as
+    backward starts (every held activation, the logits and their gradients, plus the parameter
+    gradients only when they accumulate over several micro-batches) and while backward runs
+    through the blocks (all parameter gradients, the held activations and, with checkpointing,
+    the block being recomputed). With one micro-batch, gradients start as None and fill in while
+    activations are freed, so they never sit beside all of them.
+
+    Model states shard over tp·pp and dp_shard (FSDP / ZeRO-3, which also holds two all-gathered
+    units at a time); activations shard over tp (sequence parallel); under 1F1B the first stage
+    holds min(pp, microbatches) micro-batches in flight. Full activation checkpointing keeps
+    each block's input and recomputes one block at a time. `lora_rank` > 0 freezes the base.
+    """
+    d, vocab = model.d_model, model.vocab_size
+    per_layer, vd = layer_params(model), vocab * d
+    layers = model.n_layers / pp
+    w_b, g_b, o_b = _state_bytes(precision)
+    act_b = _ACT_BYTES[precision]
+    tokens = batch * seq_len
+    block = activation_bytes_per_token(model, precision, seq_len, flash_attention, lora_rank) * tokens
+    # (params, holds the embedding, holds the head); a tied head is a second copy on the last stage.
+    stages = [(model.num_params(), True, True)] if pp == 1 else [
+        (layers * per_layer + vd, True, False), (layers * per_layer + vd + d, False, True)]
+    shard = tp * dp_shard
+    worst: dict[str, float] = {}
+    for params, first, last in stages:
+        inflight = min(pp, microbatches) if first else 1
+        if lora_rank:
+            trainable = layers * lora_layer_params(model, lora_rank)
+            weights = params / shard * _STORE_BYTES[precision] + trainable / shard * w_b
+        else:
+            trainable = params
+            weights = params / shard * w_b
+        grads, optimizer = trainable / shard * g_b, trainable / shard * o_b
+        if dp_shard > 1:
+            # FSDP gathers one unit (a block, the embedding or the head) while prefetching the next,
+            # and holds the unit's full gradient until it is reduce-scattered.
+            unit = max(per_layer, vd) / tp
+            weights += 2 * unit * (_STORE_BYTES[precision] if lora_rank else w_b)
+            grads += (lora_layer_params(model, lora_rank) / tp if lora_rank else unit) * g_b
+        held = layers * inflight * (tokens * d * act_b if activation_checkpointing else block) / tp
+        recompute = block / tp if activation_checkpointing else 0.0
+        logits = 0.0
+        held += tokens * 8 if first else 0  # token ids (int64)
+        if last:
+            held += tokens * (3 * d * act_b + 4) / tp + tokens * 8  # final RMSNorm, targets
+            logits = tokens * vocab * 4 / tp  # vocab-parallel cross-entropy under tp
+        start = held + 3 * logits + (grads if microbatches > 1 else 0.0)
+        through = grads + (held + recompute if activation_checkpointing else 0.0)
+        mem = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": held + recompute,
+               "logits": logits, "logit_grads": 2 * logits, "total": weights + optimizer + max(start, through)}
+        if not worst or mem["total"] > worst["total"]:
+            worst = mem
+    return worst
+
+
+def training_flops_per_token(model: ModelConfig, seq_len: int, lora: bool = False) -> dict[str, float]:
+    """FLOPs per trained token: {"dense", "attention", "forward", "total"}.
+
+    dense is 6·N over every matmul weight (the LM head included, the embedding lookup not);
+    attention is 12·L·d·seq_len (QKᵀ and AV, counted in full as PaLM does). LoRA skips the
+    frozen weights' gradient: 4·N instead of 6·N (the adapters' own FLOPs are negligible).
+    """
+    n_matmul = model.num_params(embedding=False) + (model.vocab_size * model.d_model if model.tie_embeddings else 0)
+    dense = (4.0 if lora else 6.0) * n_matmul
+    attention = 12.0 * model.n_layers * model.d_model * seq_len
+    return {"dense": dense, "attention": attention, "forward": 2.0 * n_matmul + attention / 3,
+            "total": dense + attention}
+
+
+# ---- the layout search -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cluster:
+    """The hardware a plan runs on."""
+
+    gpu: GPUSpec
+    gpus_per_node: int
+    nvlink_bytes_s: float  # per GPU per direction
+    ib_bytes_s: float  # per GPU per direction
+    price: float  # $ per GPU-hour
+    max_memory_fraction: float
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu.memory_gb * GB * self.max_memory_fraction
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What is trained: the model, its tokens and the step shape."""
+
+    model: ModelConfig
+    tokens: float
+    seq_len: int
+    precision: str
+    mfu: float
+    micro_batch: int
+    global_batch_tokens: int
+    lora_rank: int  # 0 = full fine-tuning / pretraining
+    activation_checkpointing: str  # auto, on, off
+
+
+@dataclass
+class Layout:
+    """One parallel layout evaluated: memory per GPU, communication and time per step, cost."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    microbatches: int  # per data-parallel rank per optimizer step
+    checkpointing: bool
+    memory: dict[str, float]  # bytes per GPU under the chosen checkpointing
+    activations_no_ckpt: float
+    activations_ckpt: float
+    comm: dict[str, dict]  # dimension -> {"bytes", "seconds", "link"} per optimizer step
+    compute_s: float
+    step_s: float
+    step_tokens: int
+    fits: bool
+    comm_bound: bool
+    days: float
+    gpu_hours: float
+    cost: float
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def label(self) -> str:
+        return f"{self.dp_replicate}×{self.dp_shard}×{self.tp}×{self.pp}"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["gpus"], out["label"] = self.gpus, self.label
+        return out
+
+
+def _divisors(n: int) -> list[int]:
+    low = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted({*low, *(n // k for k in low)})
+
+
+def _ring(n: int) -> float:
+    """Share of a tensor each rank sends in a ring all-gather or reduce-scatter over n ranks."""
+    return (n - 1) / n
+
+
+def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_shard: int, tp: int, pp: int) -> Layout | None:
+    """Memory, communication, time and cost of one layout; None if the global batch cannot feed it."""
+    model, gpu = job.model, cluster.gpu
+    gpus = dp_replicate * dp_shard * tp * pp
+    dp = dp_replicate * dp_shard
+    mb_tokens = job.micro_batch * job.seq_len
+    if dp * mb_tokens > job.global_batch_tokens:
+        return None
+    m = max(1, round(job.global_batch_tokens / (dp * mb_tokens)))
+    step_tokens = m * dp * mb_tokens
+    lora = job.lora_rank
+
+    def memory(ckpt: bool) -> dict[str, float]:
+        return estimate_training_memory(model, job.micro_batch, job.seq_len, job.precision, ckpt, dp_shard, tp, pp, m,
+                                        True, lora)
+
+    plain, ckpt = memory(False), memory(True)
+    use_ckpt = job.activation_checkpointing == "on" or (
+        job.activation_checkpointing == "auto" and plain["total"] > cluster.usable_bytes)
+    mem = ckpt if use_ckpt else plain
+    fits = mem["total"] <= cluster.usable_bytes
+
+    flops = training_flops_per_token(model, job.seq_len, bool(lora))
+    bubble = (m + pp - 1) / m  # 1F1B: pp-1 idle slots per m micro-batches
+    recompute = 1 + flops["forward"] / flops["total"] if use_ckpt else 1.0
+    compute_s = flops["total"] * step_tokens / (gpus * gpu.peak_flops(job.precision) * job.mfu) * bubble * recompute
+
+    # Ranks are laid out tp innermost, then dp_shard, dp_replicate, pp: a group stays on NVLink
+    # while its extent fits in a node, and otherwise runs at the InfiniBand rate of one NIC.
+    def link(extent: int) -> tuple[str, float]:
+        if extent <= cluster.gpus_per_node:
+            return "NVLink", cluster.nvlink_bytes_s
+        return "IB", cluster.ib_bytes_s
+
+    act_b = _ACT_BYTES[job.precision]
+    hidden = mb_tokens * model.d_model * act_b  # one micro-batch's hidden states
+    stage_params = model.num_params() / pp + (model.vocab_size * model.d_model if pp > 1 else 0)
+    trainable = model.n_layers / pp * lora_layer_params(model, lora) if lora else stage_params
+    gathered_b = _STORE_BYTES[job.precision] if lora else _state_bytes(job.precision)[0]
+    volumes = {
+        # Sequence-parallel TP: 2 all-gathers + 2 reduce-scatters forward, as many backward, again when recomputing.
+        "tp": (tp, (12 if use_ckpt else 8) * _ring(tp) * hidden * model.n_layers / pp * m if tp > 1 else 0.0),
+        # FSDP: all-gather weights for forward and again for backward, reduce-scatter fp32 grads, every micro-batch.
+        "fsdp": (tp * dp_shard, m * _ring(dp_shard) * (2 * stage_params * gathered_b + trainable * 4) / tp
+                 if dp_shard > 1 else 0.0),
+        # Replicas all-reduce their (sharded) fp32 grads once per step.
+        "dp": (tp * dp, 2 * _ring(dp_replicate) * trainable / (tp * dp_shard) * 4 if dp_replicate > 1 else 0.0),
+        # Each stage sends activations forward and gradients back, per micro-batch.
+        "pp": (gpus, 2 * m * hidden / tp if pp > 1 else 0.0),
+    }
+    comm = {}
+    for dim, (extent, volume) in volumes.items():
+        name, bw = link(extent)
+        comm[dim] = {"bytes": volume, "seconds": volume / bw, "link": name if volume else "-"}
+    comm_s = sum(c["seconds"] for c in comm.values())
+    step_s = max(compute_s, comm_s)  # communication overlaps compute until it exceeds it
+    seconds = job.tokens / step_tokens * step_s
+    gpu_hours = gpus * seconds / 3600
+    return Layout(dp_replicate, dp_shard, tp, pp, m, use_ckpt, mem, plain["activations"], ckpt["activations"], comm,
+                  compute_s, step_s, step_tokens, fits, comm_s > compute_s, seconds / 86400, gpu_hours,
+                  gpu_hours * cluster.price)
+
+
+def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int) -> list[Layout]:
+    """Every layout of `gpus` GPUs: tp within a node dividing both head counts, pp dividing the
+    layers, and the data-parallel rest split between FSDP shards and replicas."""
+    model = job.model
+    out = []
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= cluster.gpus_per_node and gpus % t == 0
+           and model.n_heads % t == 0 and model.n_kv_heads % t == 0]
+    for tp in tps:
+        for pp in _divisors(model.n_layers):
+            if pp > max_pp or gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            shards = sorted({s for s in _divisors(dp) if s & (s - 1) == 0} | {dp})
+            for dp_shard in shards:
+                layout = evaluate_layout(job, cluster, dp // dp_shard, dp_shard, tp, pp)
+                if layout is not None:
+                    out.append(layout)
+    return out
+
+
+def _rank(layout: Layout) -> tuple:
+    # Fits first, then not communication-bound, then fastest (rounded so equal compute ties),
+    # then the most communication headroom, then the least memory.
+    return (not layout.fits, layout.comm_bound, float(f"{layout.step_s:.4g}"),
+            sum(c["seconds"] for c in layout.comm.values()) / layout.compute_s, layout.memory["total"])
+
+
+def _gpu_counts(gpus_per_node: int, max_gpus: int) -> list[int]:
+    """1, 2, 4 ... within a node, then whole nodes: gpus_per_node × 1, 2, 3, 4, 6, 8, 12, 16, ..."""
+    counts = [c for c in (1, 2, 4) if c < gpus_per_node]
+    k = 1
+    while gpus_per_node * k <= max_gpus:
+        counts.append(gpus_per_node * k)
+        if k >= 2 and gpus_per_node * k * 3 // 2 <= max_gpus:
+            counts.append(gpus_per_node * k * 3 // 2)
+        k *= 2
+    return sorted(set(counts))
+
+
+def _no_fit_error(job: TrainingJob, cluster: Cluster, layouts: list[Layout], gpus: int | None) -> KilnError:
+    gpu = cluster.gpu
+    where = f"{gpus} × {gpu.name}" if gpus else f"up to {layouts[-1].gpus if layouts else '?'} × {gpu.name}"
+    if not layouts:
+        return KilnError(f"no layout of {where} can take global_batch_tokens={job.global_batch_tokens} with "
+                         f"micro_batch={job.micro_batch} × seq_len={job.seq_len} per GPU; raise global_batch_tokens")
+    least = min(layouts, key=lambda lay: lay.memory["total"])
+    return KilnError(
+        f"a {_si(job.model.num_params())}-parameter model does not fit on {where} even at the leanest layout "
+        f"{least.label} (dp_replicate×dp_shard×tp×pp, checkpointing {'on' if least.checkpointing else 'off'}): "
+        f"{least.memory['total'] / GB:.1f} GB per GPU "
+        f"needed, {cluster.usable_bytes / GB:.1f} GB usable ({cluster.max_memory_fraction:.0%} of {gpu.memory_gb:g} GB); "
+        "use more GPUs, a bigger GPU, micro_batch=1, a shorter seq_len or activation_checkpointing=auto")
+
+
+def search(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int, max_gpus: int, max_days: float) -> dict:
+    """The best layout for `gpus` GPUs, or (gpus=0) for the cheapest count meeting max_days.
+
+    Returns {"best": Layout, "layouts": layouts at the chosen count (ranked), "counts": the best
+    layout per count tried, "note": why the choice was made}.
+    """
+    if gpus:
+        layouts = sorted(candidate_layouts(job, cluster, gpus, max_pp), key=_rank)
+        if not layouts or not layouts[0].fits:
+            raise _no_fit_error(job, cluster, layouts, gpus)
+        note = "communication-bound: every layout that fits" if layouts[0].comm_bound else ""
+        return {"best": layouts[0], "layouts": layouts, "counts": [layouts[0]], "note": note}
+    per_count: dict[int, list[Layout]] = {}
+    tried: list[Layout] = []
+    for count in _gpu_counts(cluster.gpus_per_node, max_gpus):
+        layouts = sorted(candidate_layouts(job, cluster, count, max_pp), key=_rank)
+        tried += layouts
+        if layouts and layouts[0].fits and not layouts[0].comm_bound:
+            per_count[count] = layouts
+    if not per_count:
+        fitting = [lay for lay in tried if lay.fits]
+        if fitting:
+            raise KilnError(f"every layout that fits up to max_gpus={max_gpus} × {cluster.gpu.name} is "
+                            "communication-bound; raise global_batch_tokens or micro_batch, or use faster links")
+        raise _no_fit_error(job, cluster, sorted(tried, key=lambda lay: lay.gpus), None)
+    bests = [layouts[0] for layouts in per_count.values()]
+    on_time = [b for b in bests if b.days <= max_days]
+    if on_time:
+        cheapest = min(b.cost for b in on_time)
+        best = min((b for b in on_time if b.cost <= cheapest * 1.01), key=lambda b: b.gpus)
+        note = f"the cheapest GPU count that finishes within max_days={max_days:g}"
+    else:
+        best = min(bests, key=lambda b: b.days)
+        note = f"no count up to max_gpus={max_gpus} finishes within max_days={max_days:g}; this is the fastest"
+    return {"best": best, "layouts": per_count[best.gpus], "counts": bests, "note": note}
+
+
+# ---- inference -------------------------------------------------------------------------------
+def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: int, context: int, price: float,
+                       gpus_per_node: int = 8, max_memory_fraction: float = 0.9) -> dict:
+    """Serving on `gpu`: the fewest GPUs that hold weights + KV cache, decode tokens/s and $ per million tokens.
+
+    Decode reads every weight and the whole KV cache once per step, so a step takes
+    bytes / (tp × HBM bandwidth) unless the 2·N FLOPs per token of the batch take longer. Pipeline
+    stages across nodes add memory, not speed (a batch visits them in turn). Peak bandwidth is
+    an upper bound; real kernels reach roughly 70-85% of it.
+    """
+    store = _STORE_BYTES[precision]
+    weights = model.num_params() * store
+    kv = 2 * model.n_layers * model.n_kv_heads * model.head_dim * context * batch * store
+    usable = gpu.memory_gb * GB * max_memory_fraction
+    tp, pp = 1, 1
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node and model.n_kv_heads % t == 0]
+    for tp in tps:
+        if (weights + kv) / tp <= usable:
+            break
+    while (weights + kv) / (tp * pp) > usable:
+        pp *= 2
+        if pp > model.n_layers:
+            raise KilnError(f"inference needs {(weights + kv) / GB:.0f} GB of weights and KV cache; too much for "
+                            f"{model.n_layers} pipeline stages of {tp} × {gpu.name}; lower inference.batch or context")
+    n = tp * pp
+    flops_per_token = training_flops_per_token(model, context)["forward"]
+    bandwidth_s = (weights + kv) / (tp * gpu.hbm_tbps * 1e12)
+    compute_s = flops_per_token * batch / (tp * gpu.peak_flops(precision))
+    step_s = max(bandwidth_s, compute_s)
+    tokens_s = batch / step_s
+    return {"gpu": gpu.name, "gpus": n, "tp": tp, "pp": pp, "weights_per_gpu": weights / n, "kv_per_gpu": kv / n,
+            "total_per_gpu": (weights + kv) / n, "tokens_per_s": tokens_s,
+            "bound": "memory" if bandwidth_s >= compute_s else "compute", "price": price,
+            "usd_per_million_tokens": n * price / 3600 / tokens_s * 1e6}
+
+
+# ---- running it ------------------------------------------------------------------------------
+def build_model(section: PlanModelConfig, seq_len: int) -> ModelConfig:
+    """The ModelConfig for a preset plus shape overrides, with max_seq_len = seq_len when given."""
+    if section.preset not in PRESETS:
+        raise KilnError(f"unknown model.preset={section.preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in dataclasses.asdict(section).items() if k != "preset" and v is not None}
+    if seq_len:
+        overrides["max_seq_len"] = seq_len
+    try:
+        return preset(section.preset, **overrides)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
+
+
+def _check(cfg: PlanConfig) -> None:
+    positive = {"tokens": cfg.tokens, "mfu": cfg.mfu, "micro_batch": cfg.micro_batch,
+                "global_batch_tokens": cfg.global_batch_tokens, "gpus_per_node": cfg.gpus_per_node,
+                "max_gpus": cfg.max_gpus, "max_days": cfg.max_days, "max_pp": cfg.max_pp,
+                "max_memory_fraction": cfg.max_memory_fraction, "lora.rank": cfg.lora.rank,
+                "inference.batch": cfg.inference.batch, "inference.context": cfg.inference.context,
+                "interconnect.ib_gbits": cfg.interconnect.ib_gbits}
+    for key, value in positive.items():
+        if not value > 0:
+            raise KilnError(f"{key}={value:g} must be positive")
+    for key, value in {"gpus": cfg.gpus, "seq_len": cfg.seq_len, "price_per_gpu_hour": cfg.price_per_gpu_hour,
+                       "interconnect.nvlink_gbps": cfg.interconnect.nvlink_gbps,
+                       **{f"prices.{k}": v for k, v in dataclasses.asdict(cfg.prices).items()}}.items():
+        if value < 0:
+            raise KilnError(f"{key}={value:g} must be ≥ 0")
+    for key, value in {"mfu": cfg.mfu, "max_memory_fraction": cfg.max_memory_fraction}.items():
+        if value > 1:
+            raise KilnError(f"{key}={value:g} is a share: at most 1")
+    if cfg.gpus > cfg.gpus_per_node and cfg.gpus % cfg.gpus_per_node:
+        raise KilnError(f"gpus={cfg.gpus} is not a whole number of nodes of gpus_per_node={cfg.gpus_per_node}")
+
+
+def _price(cfg: PlanConfig, gpu: GPUSpec) -> float:
+    return getattr(cfg.prices, gpu.name.lower())
+
+
+def _cluster(cfg: PlanConfig, gpu: GPUSpec, price: float) -> Cluster:
+    nvlink = cfg.interconnect.nvlink_gbps or gpu.nvlink_gbps
+    return Cluster(gpu, cfg.gpus_per_node, nvlink * GB / 2, cfg.interconnect.ib_gbits * GB / 8, price,
+                   cfg.max_memory_fraction)
+
+
+def _model_summary(model: ModelConfig, section: PlanModelConfig) -> dict:
+    reshaped = any(v is not None for k, v in dataclasses.asdict(section).items() if k != "preset")
+    return {"preset": section.preset, "reshaped": reshaped, **model.to_dict(), "params": model.num_params()}
+
+
+def plan(cfg: PlanConfig) -> dict:
+    """The whole plan as a JSON-ready dict (what `json=true` prints)."""
+    _check(cfg)
+    gpu = gpu_spec(cfg.gpu)
+    model = build_model(cfg.model, cfg.seq_len)
+    seq_len = cfg.seq_len or model.max_seq_len
+    price = cfg.price_per_gpu_hour or _price(cfg, gpu)
+    out: dict = {"workload": cfg.workload, "model": _model_summary(model, cfg.model), "precision": cfg.precision,
+                 "gpu": {**dataclasses.asdict(gpu), "price_per_gpu_hour": price},
+                 "assumptions": {"prices_are_assumptions": True, "mfu": cfg.mfu,
+                                 "nvlink_gbps": cfg.interconnect.nvlink_gbps or gpu.nvlink_gbps,
+                                 "ib_gbits": cfg.interconnect.ib_gbits,
+                                 "max_memory_fraction": cfg.max_memory_fraction}}
+    if cfg.workload == "inference":
+        out["batch"], out["context"], out["tokens"] = cfg.inference.batch, cfg.inference.context, cfg.tokens
+        out["by_gpu"] = []
+        for other in GPUS.values():
+            other_price = price if other is gpu else _price(cfg, other)
+            row = inference_estimate(model, other, cfg.precision, cfg.inference.batch, cfg.inference.context,
+                                     other_price, cfg.gpus_per_node, cfg.max_memory_fraction)
+            row["cost_for_tokens"] = row["usd_per_million_tokens"] * cfg.tokens / 1e6
+            out["by_gpu"].append(row)
+        return out
+
+    if cfg.precision == "fp8" and gpu.fp8_tflops is None:
+        raise KilnError(f"{gpu.name} has no fp8 tensor cores; train with precision=bf16 or pick H100, H200 or B200")
+    if cfg.micro_batch * seq_len > cfg.global_batch_tokens:
+        raise KilnError(f"global_batch_tokens={cfg.global_batch_tokens} is smaller than one micro-batch "
+                        f"(micro_batch={cfg.micro_batch} × seq_len={seq_len}); raise it")
+    lora_rank = cfg.lora.rank if cfg.workload == "finetune-lora" else 0
+    job = TrainingJob(model, cfg.tokens, seq_len, cfg.precision, cfg.mfu, cfg.micro_batch, cfg.global_batch_tokens,
+                      lora_rank, cfg.activation_checkpointing)
+    flops = training_flops_per_token(model, seq_len, bool(lora_rank))
+    out.update({"tokens": cfg.tokens, "seq_len": seq_len, "micro_batch": cfg.micro_batch,
+                "global_batch_tokens": cfg.global_batch_tokens, "lora_rank": lora_rank,
+                "flops": {k: v * cfg.tokens for k, v in flops.items() if k != "forward"}})
+    found = search(job, _cluster(cfg, gpu, price), cfg.gpus, cfg.max_pp, cfg.max_gpus, cfg.max_days)
+    out["best"] = found["best"].to_dict()
+    out["note"] = found["note"]
+    out["layouts"] = [lay.to_dict() for lay in found["layouts"][:10]]
+    out["counts"] = [lay.to_dict() for lay in found["counts"]]
+    out["by_gpu"] = []
+    for other in GPUS.values():
+        if other is gpu:
+            best = found["best"]
+        elif cfg.precision == "fp8" and other.fp8_tflops is None:
+            continue
+        else:
+            try:
+                best = search(job, _cluster(cfg, other, _price(cfg, other)), cfg.gpus, cfg.max_pp, cfg.max_gpus,
+                              cfg.max_days)["best"]
+            except KilnError:
+                continue
+        out["by_gpu"].append({"gpu": other.name, **best.to_dict()})
+    return out
+
+
+# ---- printing --------------------------------------------------------------------------------
+def _si(x: float) -> str:
+    """1234567 -> '1.23M'."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain-text columns: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for r in [headers, *rows]:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f}"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _header(result: dict) -> list[str]:
+    m, g, a = result["model"], result["gpu"], result["assumptions"]
+    fp8 = f" ({g['fp8_tflops']:g} fp8)" if g["fp8_tflops"] else ""
+    return [
+        f"model   {m['preset']}{' (reshaped)' if m['reshaped'] else ''}: {_si(m['params'])} params, {m['n_layers']} layers, d_model {m['d_model']}, "
+        f"{m['n_heads']}/{m['n_kv_heads']} heads, ffn {m['ffn_hidden']}, vocab {m['vocab_size']}",
+        f"gpu     {g['name']}: {g['memory_gb']:g} GB, {g['bf16_tflops']:g} TFLOPS bf16 dense{fp8}, "
+        f"HBM {g['hbm_tbps']:g} TB/s, NVLink {a['nvlink_gbps']:g} GB/s; InfiniBand {a['ib_gbits']:g} Gb/s per GPU",
+        f"price   ${g['price_per_gpu_hour']:.2f}/GPU-hour — an assumption, set price_per_gpu_hour= or prices.<gpu>=",
+    ]
+
+
+def format_training(result: dict) -> str:
+    """The training plan as readable tables."""
+    best = result["best"]
+    lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
+    f = result["flops"]
+    lines = [f"kiln plan: {result['workload']}{lora} — {_si(result['tokens'])} tokens, seq_len {result['seq_len']}, "
+             f"global batch {_si(result['global_batch_tokens'])} tokens, micro-batch {result['micro_batch']}, "
+             f"{result['precision']}, AdamW, assumed MFU {result['assumptions']['mfu']:.0%}",
+             *_header(result),
+             f"compute {f['total']:.3g} FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
+             f"+ attention {f['attention']:.3g}", ""]
+    mem = best["memory"]
+    lines += [
+        f"best    {best['gpus']} × {result['gpu']['name']} as dp_replicate {best['dp_replicate']} × dp_shard "
+        f"{best['dp_shard']} × tp {best['tp']} × pp {best['pp']}, {best['microbatches']} micro-batch(es) per step, "
+        f"activation checkpointing {'on' if best['checkpointing'] else 'off'}"
+        + (f"  ({result['note']})" if result["note"] else ""),
+        f"        memory per GPU{' (worst pipeline stage)' if best['pp'] > 1 else ''}: peak {_gb(mem['total'])} GB "
+        f"of {result['gpu']['memory_gb']:g} — weights "
+        f"{_gb(mem['weights'])}, grads {_gb(mem['grads'])}, optimizer {_gb(mem['optimizer'])}, activations "
+        f"{_gb(mem['activations'])}, logits {_gb(mem['logits'])} and their gradients {_gb(mem['logit_grads'])}",
+        f"        {best['days']:.1f} days, {_si(best['gpu_hours'])} GPU-hours, ${_si(best['cost'])}; step "
+        f"{_time(best['step_s'])} (compute {_time(best['compute_s'])}) for {_si(best['step_tokens'])} tokens", "",
+        f"layouts on {best['gpus']} × {result['gpu']['name']} (dp_rep×dp_shard×tp×pp; memory in GB per GPU, "
+        "acts = activations + logits and their gradients, without / with checkpointing; peak < the sum when "
+        "gradients fill in as backward frees activations):",
+    ]
+    rows = []
+    for lay in result["layouts"]:
+        mm = lay["memory"]
+        loss = mm["logits"] + mm["logit_grads"]
+        rows.append([lay["label"],
+                     _gb(mm["weights"]), _gb(mm["grads"]), _gb(mm["optimizer"]),
+                     _gb(lay["activations_no_ckpt"] + loss), _gb(lay["activations_ckpt"] + loss),
+                     _gb(mm["total"]), "on" if lay["checkpointing"] else "off", "yes" if lay["fits"] else "NO"])
+    lines += [_table(["layout", "weights", "grads", "optim", "acts", "acts ckpt", "peak", "ckpt", "fits"], rows), ""]
+    lines.append("communication per step (volume per GPU, time at link rate: NVLink and IB per direction):")
+    rows = []
+    for lay in result["layouts"]:
+        cells = [lay["label"]]
+        for dim in ("tp", "fsdp", "dp", "pp"):
+            c = lay["comm"][dim]
+            cells.append(f"{_gb(c['bytes'])} GB {_time(c['seconds'])} {c['link']}" if c["bytes"] else "-")
+        cells += [_time(lay["compute_s"]), f"{lay['days']:.1f}", f"${_si(lay['cost'])}",
+                  "COMM-BOUND" if lay["comm_bound"] else ""]
+        rows.append(cells)
+    lines += [_table(["layout", "TP", "FSDP", "DP", "PP", "compute", "days", "cost", ""], rows)]
+    if len(result["counts"]) > 1:
+        lines += ["", "GPU counts around the choice (best layout each; all counts are in the JSON):"]
+        at = [c["gpus"] for c in result["counts"]].index(best["gpus"])
+        rows = [[str(c["gpus"]), c["label"], _gb(c["memory"]["total"]), f"{c['days']:.1f}", _si(c["gpu_hours"]),
+                 f"${_si(c['cost'])}"] for c in result["counts"][max(0, at - 3):at + 4]]
+        lines.append(_table(["gpus", "layout", "GB/GPU", "days", "GPU-hours", "cost"], rows))
+    lines += ["", "on each GPU type (default prices):"]
+    rows = [[r["gpu"], str(r["gpus"]), r["label"],
+             _gb(r["memory"]["total"]), f"{r['days']:.1f}", _si(r["gpu_hours"]), f"${_si(r['cost'])}"]
+            for r in result["by_gpu"]]
+    lines.append(_table(["gpu", "gpus", "layout", "GB/GPU", "days", "GPU-hours", "cost"], rows))
+    return "\n".join(lines)
+
+
+def format_inference(result: dict) -> str:
+    """The inference plan as a table over GPU types."""
+    lines = [f"kiln plan: inference — {result['precision']} weights and KV cache, batch {result['batch']}, "
+             f"context {result['context']} tokens; decode is bound by HBM bandwidth (peak; real kernels reach ~70-85%)",
+             *_header(result), ""]
+    rows = [[r["gpu"], f"{r['gpus']} (tp {r['tp']}, pp {r['pp']})", _gb(r["weights_per_gpu"]), _gb(r["kv_per_gpu"]),
+             _gb(r["total_per_gpu"]), f"{r['tokens_per_s']:.0f}", r["bound"], f"{r['price']:.2f}",
+             f"{r['usd_per_million_tokens']:.3g}", f"${_si(r['cost_for_tokens'])}"] for r in result["by_gpu"]]
+    lines.append(_table(["gpu", "gpus", "weights GB", "KV GB", "total GB", "decode tok/s", "bound", "$/GPU-h",
+                         "$/M tokens", f"{_si(result['tokens'])} tokens"], rows))
+    return "\n".join(lines)
+
+
+def run_plan(cfg: PlanConfig) -> int:
+    """`kiln plan`: print the plan as tables, or as one JSON object with json=true."""
+    result = plan(cfg)
+    if cfg.json:
+        print(json.dumps(result, default=float))
+    elif result["workload"] == "inference":
+        print(format_inference(result))
+    else:
+        print(format_training(result))
+    return 0
