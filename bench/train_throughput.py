@@ -23,6 +23,7 @@ from kiln.hardware import tune_cpu_allocator
 from kiln.model.transformer import ModelConfig, Transformer, preset
 from kiln.train.objectives import next_token_loss
 from kiln.train.optim import build_optimizer
+from kiln.train.parallel import apply_compile
 
 
 def hf_model(mc: ModelConfig):
@@ -73,10 +74,12 @@ def make_step(model, opt, loss_fn):
     return step
 
 
-def kiln_step_fn(mc: ModelConfig, tc: TrainConfig):
+def kiln_step_fn(mc: ModelConfig, tc: TrainConfig, compile_blocks: bool = False):
     torch.manual_seed(0)
     model = Transformer(mc)
     model.init_weights(0)
+    if compile_blocks:
+        apply_compile(model)
     return make_step(model, build_optimizer(model, tc), lambda m, x, y: next_token_loss(m, (x, y)))
 
 
@@ -102,11 +105,13 @@ def time_steps(step, x, y, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench(mc: ModelConfig, batch: int, seq: int, steps: int, rounds: int) -> dict:
+def bench(mc: ModelConfig, batch: int, seq: int, steps: int, rounds: int, compile_blocks: bool = False) -> dict:
     tc = TrainConfig()
     x = torch.randint(0, mc.vocab_size, (batch, seq))
     y = torch.randint(0, mc.vocab_size, (batch, seq))
     sides = {"kiln": kiln_step_fn(mc, tc), "hf": hf_step_fn(mc, tc)}
+    if compile_blocks:
+        sides["kiln+compile"] = kiln_step_fn(mc, tc, compile_blocks=True)
     for s in sides.values():  # warm up allocator and kernels
         time_steps(s, x, y, 2)
     times = {k: [] for k in sides}
@@ -132,6 +137,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the recipe's / 8)")
+    ap.add_argument("--compile", action="store_true", help="also time kiln with torch.compile (~1 min of compile)")
     args = ap.parse_args()
     # kiln's trainer tunes glibc's allocator at start; in one process the HF side gets it too.
     tune_cpu_allocator()
@@ -148,13 +154,15 @@ def main() -> None:
             mc = ModelConfig(vocab_size=vocab, d_model=d, n_layers=8, n_heads=d // 64, n_kv_heads=max(1, d // 128),
                              max_seq_len=256)
             batch, seq, label = args.batch or 8, 256, f"d_model {d}"
-        r = bench(mc, batch, seq, args.steps, args.rounds)
+        r = bench(mc, batch, seq, args.steps, args.rounds, args.compile)
         print(
             f"{label}: {r['params_m']:.1f}M params, batch {batch}×{seq}, fp32 matmul peak at these shapes "
             f"{r['peak_gflops']:.0f} GFLOP/s\n"
             f"  kiln         {r['kiln']['tokens_per_s']:8.0f} tokens/s  MFU {100 * r['kiln']['mfu']:5.1f}%\n"
             f"  transformers {r['hf']['tokens_per_s']:8.0f} tokens/s  MFU {100 * r['hf']['mfu']:5.1f}%\n"
-            f"  ratio kiln/transformers: {r['ratio']:.2f}x",
+            + (f"  kiln+compile {r['kiln+compile']['tokens_per_s']:8.0f} tokens/s  MFU "
+               f"{100 * r['kiln+compile']['mfu']:5.1f}%\n" if "kiln+compile" in r else "")
+            + f"  ratio kiln/transformers: {r['ratio']:.2f}x",
             flush=True,
         )
 
