@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 
 .PHONY: demo test setup lint bench clean
 
@@ -10,17 +9,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall only when pyproject.toml changes.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+# Reinstall only when pyproject.toml changes. The demo needs the core; tests and benches also
+# need the dev tools and the data extras (Ray, trafilatura, datatrove as the dedup peer).
+$(VENV)/.core: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
 
-setup: $(STAMP)
+$(VENV)/.full: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,data]"
+	touch $@ $(VENV)/.core
 
-demo: setup
+setup: $(VENV)/.full
+
+demo: $(VENV)/.core
 	$(VENV)/bin/kiln speedrun -c recipes/quickstart.yaml
 
-test: setup
+test: $(VENV)/.full
 	$(PY) -m pytest
 
 lint: setup
@@ -28,6 +32,8 @@ lint: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py
+	$(PY) bench/tokenize.py
+	$(PY) bench/dedup.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -44,6 +44,26 @@ def _yaml(text: str):
 
 # ---- the schema ------------------------------------------------------------------------------
 @dataclass
+class ReaderConfig:
+    format: Literal["auto", "stdlib", "text", "jsonl", "parquet", "warc"] = "auto"  # auto = by file name
+    text_field: str = "text"  # JSONL / Parquet column holding the text
+    id_field: str = "id"  # JSONL / Parquet column naming the document ("" = file:record)
+    url_field: str = "url"  # JSONL / Parquet column with the source URL, if any
+    html: Literal["auto", "always", "never"] = "auto"  # extract main text from HTML (auto: WARC, .html files)
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
+    extract_timeout_s: float = 5.0  # per-document time limit for the HTML extractor
+    max_record_bytes: int = 16_000_000  # skip a record (file, line, row, WARC record) larger than this
+    task_bytes: int = 64_000_000  # split JSONL / text-line inputs larger than this into byte-range tasks
+
+
+@dataclass
+class ExecutorConfig:
+    kind: Literal["local", "ray"] = "local"
+    workers: int = 0  # worker processes (local) or concurrent tasks (ray); 0 = the CPU count
+    ray_address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
+
+
+@dataclass
 class TokenizerConfig:
     vocab_size: int = 8192  # byte-level BPE vocabulary, special tokens included
     path: str = ""  # an existing tokenizer.json to use instead of training one
@@ -52,12 +72,18 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    input: str = "stdlib"  # "stdlib" (this interpreter's standard library) or a path / glob of text files
+    input: str = "stdlib"  # "stdlib" (this interpreter's standard library), a path, a directory or a glob
     path: str = ""  # prepared data directory pretrain reads; "" = <out>/data
-    val_fraction: float = 0.02  # share of files held out for validation (split by file)
-    max_docs: int = 0  # stop after this many documents (0 = all)
-    min_chars: int = 64  # drop documents shorter than this
-    max_chars: int = 2_000_000  # drop documents longer than this
+    val_fraction: float = 0.02  # share of documents held out for validation (split by document id)
+    max_docs: int = 0  # keep at most this many documents after every stage (0 = all)
+    min_chars: int = 64  # the `length` stage: drop documents shorter than this
+    max_chars: int = 2_000_000  # the `length` stage: drop documents longer than this
+    preset: Literal["auto", "code", "web", "minimal"] = "auto"  # stages used when `stages` is empty (auto: by input)
+    stages: list[Any] = field(default_factory=list)  # [name | {name: {option: value}}]; see README "Data pipeline"
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    strict: bool = False  # stop at the first bad record instead of skipping and counting it
+    exclusions: bool = False  # write every dropped document's id and reason to <data>/exclusions.jsonl
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard_tokens: int = 50_000_000  # tokens per shard file
     seed: int = 0  # shuffles document order across the corpus

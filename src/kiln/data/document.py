@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from kiln.errors import KilnError
+
 
 @dataclass
 class Document:
@@ -17,7 +19,10 @@ class Document:
 
 @dataclass
 class StageStats:
-    """Counts for one stage: documents in and out, bytes in and out, drops by reason, seconds."""
+    """Counts for one stage: documents in and out, bytes in and out, drops by reason, seconds.
+
+    `excluded`, when a list, collects (document id, reason) for every drop (`data.exclusions`).
+    """
 
     name: str
     docs_in: int = 0
@@ -26,6 +31,18 @@ class StageStats:
     bytes_out: int = 0
     seconds: float = 0.0
     dropped: Counter = field(default_factory=Counter)
+    excluded: list | None = None
+
+    def drop(self, doc_id: str, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self.excluded is not None:
+            self.excluded.append((doc_id, reason))
+
+    def merge(self, other: dict) -> None:
+        """Add the counts of another task's `to_dict()` for the same stage."""
+        for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds"):
+            setattr(self, k, getattr(self, k) + other[k])
+        self.dropped.update(other["dropped"])
 
     def to_dict(self) -> dict:
         return {
@@ -56,7 +73,7 @@ class Stage:
             out = self.process(doc)
             stats.seconds += time.perf_counter() - t0
             if isinstance(out, str):
-                stats.dropped[out] += 1
+                stats.drop(doc.id, out)
                 continue
             yield out
 
@@ -81,3 +98,27 @@ def _count_out(docs: Iterable[Document], st: StageStats) -> Iterator[Document]:
         st.docs_out += 1
         st.bytes_out += len(d.text)
         yield d
+
+
+class BadInput:
+    """Where readers report records they cannot use: counted by reason, a line each, or a stop in strict mode.
+
+    `skip(..., bad=False)` counts an expected skip (a WARC request record, a non-HTML response)
+    without a message. Bad input keeps `<where>: <what> [reason]; <fix>` (the first
+    `max_messages` per reason, for the driver to print) and, with `strict`, raises a KilnError
+    carrying the same line.
+    """
+
+    def __init__(self, stats: StageStats, strict: bool = False, max_messages: int = 3) -> None:
+        self.stats, self.strict, self.max_messages = stats, strict, max_messages
+        self.messages: list[list[str]] = []  # [reason, line]
+
+    def skip(self, reason: str, where: str, what: str, fix: str = "", bad: bool = True) -> None:
+        self.stats.drop(where, reason)
+        if not bad:
+            return
+        line = f"{where}: {what} [{reason}]" + (f"; {fix}" if fix else "")
+        if self.strict:
+            raise KilnError(f"{line} (data.strict=true stops at bad input; set data.strict=false to skip and count it)")
+        if self.stats.dropped[reason] <= self.max_messages:
+            self.messages.append([reason, line])

@@ -1,0 +1,208 @@
+"""The per-task steps of `kiln prepare`, run by an executor (in-process, worker processes or Ray tasks).
+
+Each step reads its inputs from the work directory, writes its outputs under a temporary name,
+and finishes by writing `NNNNN.json` (its counts): that file is the task's completion marker, so
+a rerun after a crash or kill skips finished tasks and redoes only the missing ones. Steps:
+
+1. `filter_task`: read → stages before dedup → documents + dedup keys (exact hashes, MinHash signatures)
+2. (the driver clusters duplicates over the whole corpus and writes one keep-mask per task)
+3. `post_task`: apply the keep-mask → stages after dedup → final documents
+4. `tokenize_task`: final documents → token ids (BOS first) with HF tokenizers' batch encoding
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kiln.config import DataConfig
+from kiln.data.dedup import ExactDedup, MinhashDedup, exact_key
+from kiln.data.document import BadInput, Document, StageStats, run_stages
+from kiln.data.sources import Task, read_task
+from kiln.data.stages import build_stage, split_at_dedup
+
+LENGTH_BINS = np.logspace(0, 8, 33)  # document length histograms (characters), summed over tasks
+
+
+@dataclass
+class Job:
+    task: Task
+    data: DataConfig
+    stages: list  # [(name, options)] resolved by the driver
+    work: str
+    tokenizer: str = ""  # tokenize_task: the tokenizer.json to use
+    dtype: str = "uint16"
+
+
+def _save(path: Path, write) -> None:
+    """Write via `write(file)` to a temporary name, then rename (a killed worker leaves no partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    _save(path, lambda f: f.write(json.dumps(obj).encode()))
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    _save(path, lambda f: np.save(f, arr))
+
+
+def save_docs(path: Path, docs: list[Document]) -> None:
+    _save(path, lambda f: pickle.dump([(d.id, d.text, d.meta) for d in docs], f, protocol=5))
+
+
+def load_docs(path: Path) -> list[Document]:
+    with open(path, "rb") as f:
+        return [Document(text, i, meta) for i, text, meta in pickle.load(f)]
+
+
+def _done(marker: Path) -> dict | None:
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+_STAGE_CACHE: dict[str, list] = {}
+
+
+def _stages(job: Job):
+    """The job's stages, built once per worker process (blocklists and eval n-grams are loaded once)."""
+    key = json.dumps([job.stages, job.data.min_chars, job.data.max_chars], sort_keys=True, default=str)
+    if key not in _STAGE_CACHE:
+        _STAGE_CACHE.clear()
+        _STAGE_CACHE[key] = [build_stage(n, o, job.data) for n, o in job.stages]
+    return split_at_dedup(_STAGE_CACHE[key])
+
+
+def _stats(stats: dict[str, StageStats]) -> dict:
+    return {k: v.to_dict() for k, v in stats.items()}
+
+
+def _excluded(stats: dict[str, StageStats]) -> list:
+    return [[i, name, r] for name, st in stats.items() for i, r in (st.excluded or [])]
+
+
+def filter_task(job: Job) -> dict:
+    """Step 1 for one task: read, run the stages before dedup, keep documents and dedup keys."""
+    d = Path(job.work) / "filter"
+    name = f"{job.task.index:05d}"
+    if (done := _done(d / f"{name}.json")) is not None:
+        return done
+    pre, dedup, _ = _stages(job)
+    collect = [] if job.data.exclusions else None
+    read = StageStats("read", excluded=collect)
+    bad = BadInput(read, strict=job.data.strict)
+    stats = {"read": read}
+    for s in pre:
+        stats[s.name] = StageStats(s.name, excluded=[] if collect is not None else None)
+    before = []
+
+    def counted(docs):
+        for doc in docs:
+            read.docs_out += 1
+            read.bytes_out += len(doc.text)
+            before.append(len(doc.text))
+            yield doc
+
+    docs = list(run_stages(counted(read_task(job.task, job.data.reader, bad)), pre, stats))
+    read.docs_in = read.docs_out + sum(read.dropped.values())
+    key_seconds = {}
+    for s in dedup:
+        t0 = time.perf_counter()
+        if isinstance(s, ExactDedup):
+            keys = np.frombuffer(b"".join(exact_key(doc.text) for doc in docs), dtype=np.uint8).reshape(-1, 16)
+            save_npy(d / f"{name}.exact.npy", keys)
+        elif isinstance(s, MinhashDedup):
+            sig, valid = s.hasher.signatures([doc.text for doc in docs])
+            save_npy(d / f"{name}.sig.npy", sig)
+            save_npy(d / f"{name}.valid.npy", valid)
+        key_seconds[s.name] = time.perf_counter() - t0
+    save_npy(d / f"{name}.len.npy", np.asarray([len(doc.text) for doc in docs], dtype=np.int64))
+    save_docs(d / f"{name}.docs", docs)
+    result = {
+        "task": name,
+        "docs": len(docs),
+        "stages": _stats(stats),
+        "key_seconds": key_seconds,
+        "hist_before": np.histogram(before, LENGTH_BINS)[0].tolist(),
+        "messages": bad.messages,
+        "excluded": _excluded(stats),
+    }
+    save_json(d / f"{name}.json", result)
+    return result
+
+
+def post_task(job: Job) -> dict:
+    """Step 3 for one task: drop the duplicates the global step found, run the stages after dedup."""
+    d = Path(job.work) / "post"
+    name = f"{job.task.index:05d}"
+    if (done := _done(d / f"{name}.json")) is not None:
+        return done
+    _, _, post = _stages(job)
+    docs = load_docs(Path(job.work) / "filter" / f"{name}.docs")
+    keep = np.load(Path(job.work) / "dedup" / f"{name}.keep.npy")
+    docs = [doc for doc, k in zip(docs, keep) if k]
+    stats = {s.name: StageStats(s.name, excluded=[] if job.data.exclusions else None) for s in post}
+    docs = list(run_stages(docs, post, stats))
+    save_docs(d / f"{name}.docs", docs)
+    result = {
+        "task": name,
+        "docs": len(docs),
+        "ids": [doc.id for doc in docs],
+        "bytes": [len(doc.text.encode("utf-8", "surrogatepass")) for doc in docs],
+        "stages": _stats(stats),
+        "hist_after": np.histogram([len(doc.text) for doc in docs], LENGTH_BINS)[0].tolist(),
+        "excluded": _excluded(stats),
+    }
+    save_json(d / f"{name}.json", result)
+    return result
+
+
+_TOKENIZER: dict[str, object] = {}
+
+
+def tokenize_task(job: Job, batch: int = 4096) -> dict:
+    """Step 4 for one task: token ids of every final document, BOS first, concatenated, with lengths."""
+    from kiln.data.tokenizer import BOS, load_tokenizer
+
+    d = Path(job.work) / "tokens"
+    name = f"{job.task.index:05d}"
+    if (done := _done(d / f"{name}.json")) is not None:
+        return done
+    if job.tokenizer not in _TOKENIZER:
+        _TOKENIZER.clear()
+        _TOKENIZER[job.tokenizer] = load_tokenizer(job.tokenizer)
+    tok = _TOKENIZER[job.tokenizer]
+    bos = tok.token_to_id(BOS)
+    texts = [doc.text for doc in load_docs(Path(job.work) / "post" / f"{name}.docs")]
+    parts, lens = [], []
+    for i in range(0, len(texts), batch):
+        for enc in tok.encode_batch(texts[i : i + batch], add_special_tokens=False):
+            parts.append(np.asarray([bos]+enc.ids, dtype=job.dtype))
+            lens.append(len(enc.ids) + 1)
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=job.dtype)
+    save_npy(d / f"{name}.ids.npy", ids)
+    save_npy(d / f"{name}.lens.npy", np.asarray(lens, dtype=np.int64))
+    result = {"task": name, "docs": len(lens), "tokens": int(len(ids))}
+    save_json(d / f"{name}.json", result)
+    return result
