@@ -195,7 +195,9 @@ def read_text_file(f: Path, root: str, reader: ReaderConfig, bad: BadInput) -> I
     """One document per file; HTML files are marked for the `extract` stage."""
     size = f.stat().st_size
     if size == 0:
-        bad.skip("empty_file", f"'{f}'", "the file is empty", "remove it or ignore this message")
+        # Empty files are normal in source trees (package __init__.py): counted, not reported.
+        bad.skip("empty_file", f"'{f}'", "the file is empty", "remove it or ignore this message",
+                 bad=f.suffix != ".py")
         return
     if size > reader.max_record_bytes:
         bad.skip("record_too_large", f"'{f}'", f"{size:,} bytes exceeds data.reader.max_record_bytes",
