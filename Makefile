@@ -32,7 +32,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py
-	$(PY) bench/tokenize.py
+	$(PY) bench/tokenize_throughput.py
 	$(PY) bench/dedup.py
 
 clean:

@@ -24,7 +24,7 @@ from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.transformer import ModelConfig, Transformer, preset
 from kiln.runs import atomic_write_text, sha256_file
-from kiln.train import parallel
+from kiln.train import distributed_checkpoint, parallel
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.metrics import MetricsLog, peak_flops
 from kiln.train.objectives import next_token_loss
@@ -126,7 +126,13 @@ class Trainer:
         return s
 
     def resume_from(self, path: Path) -> None:
-        state = self.ckpt.load(path, self.model, self.optimizer)
+        if distributed_checkpoint.is_sharded(path):  # saved on many ranks: loads into any layout, or one process
+            state = distributed_checkpoint.load(path, self.model, self.optimizer)
+        elif self.env.distributed:
+            raise KilnError(f"{path} is a single-process checkpoint; resume it on one process, or start this "
+                            "layout afresh with a new out=")
+        else:
+            state = self.ckpt.load(path, self.model, self.optimizer)
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -135,22 +141,36 @@ class Trainer:
         self.guard.load_state_dict(state["guard"])
 
     def save(self) -> None:
-        if self.env.is_main:
+        if self.env.distributed:  # every rank writes its shards; the last checkpoint also gets one model file
+            distributed_checkpoint.save(self.ckpt, self.step, self.model, self.optimizer, self.state(), self.meta,
+                                        self.env.rank, consolidated=self.step == self.tc.max_steps)
+        elif self.env.is_main:
             self.ckpt.save(self.step, self.model, self.optimizer, self.state(), self.meta)
 
     # ---- the loop --------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `accum` micro-batches; returns (loss, grad norm) before the update."""
-        total = torch.zeros((), device=self.env.device)
-        for _ in range(self.accum):
-            inputs, targets = (t.to(self.env.device, non_blocking=True) for t in self.loader.next_batch())
-            with self.autocast:
-                loss = self.objective(self.model, (inputs, targets)) / self.accum
-            loss.backward()
+        env = self.env
+        total = torch.zeros((), device=env.device)
+        for i in range(self.accum):
+            inputs, targets = (t.to(env.device, non_blocking=True) for t in self.loader.next_batch())
+            if env.pipeline is not None:  # forward and backward of every microbatch, scheduled across stages
+                with self.autocast:
+                    total += env.pipeline.run(inputs, targets, 1.0 / self.accum)
+                continue
+            last = i == self.accum - 1
+            with contextlib.nullcontext() if last else parallel.no_grad_sync(self.model):
+                with self.autocast:
+                    loss = self.objective(self.model, (inputs, targets)) / self.accum
+                loss.backward()
             total += loss.detach()
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        return float(total), float(grad_norm)
+        if not env.distributed:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            return float(total), float(grad_norm)
+        parallel.sync_tied_grads(self.model, env)
+        grad_norm = parallel.clip_grad_norm(self.model, clip, env)
+        return float(parallel.mean_loss(total, env)), float(grad_norm)
 
     def fit(self) -> dict:
         tc = self.tc
@@ -253,7 +273,12 @@ def make_evaluator(ddir: Path, man: dict, cfg: Config, env: parallel.ParallelEnv
         model.eval()
         total, n = 0.0, 0
         for x, y in batches:
-            loss = next_token_loss(model, (x.to(env.device), y.to(env.device)))
+            x, y = x.to(env.device), y.to(env.device)
+            if env.pipeline is not None:  # the last stage has the loss; every stage reports it
+                loss = env.pipeline.run(x, y, 1.0, train=False)
+                torch.distributed.all_reduce(loss, group=env.pipeline.group)
+            else:
+                loss = next_token_loss(model, (x, y))
             total += float(loss) * y.numel()
             n += y.numel()
         val_loss = total / max(n, 1)
@@ -326,5 +351,6 @@ def run_pretrain(cfg: Config) -> dict:
             print(f"pretrain: resumed from {start} (step {trainer.step})")
     if env.is_main:
         print(f"pretrain: {model_cfg.num_params() / 1e6:.1f}M params, {trainer.accum} micro-batches/step, "
-              f"device {env.device}, {cfg.train.max_steps} steps")
-    return trainer.fit()
+              f"{env.describe()}, {cfg.train.max_steps} steps")
+    with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
+        return trainer.fit()

@@ -1,0 +1,156 @@
+"""Sharded checkpoints for runs on many ranks: every rank writes its own shards with
+`torch.distributed.checkpoint` (DCP), and any layout (or one plain process) can load them.
+
+A sharded checkpoint is the directory a single-process one is (`checkpoints/step_NNNNNNN/`,
+`latest`, `checkpoint.json` written last with every file's size and SHA-256, kept or pruned by
+`CheckpointManager`), holding `dcp/` (the shards and DCP's `.metadata`) instead of
+`model.safetensors` + `optimizer.pt`. All ranks write into `.step_NNNNNNN.dcp.tmp`; once every
+rank is done, rank 0 adds `state.pt`, hashes, writes `checkpoint.json` and renames the directory
+into place, so a kill at any moment leaves either a complete checkpoint or a stale temporary.
+State dicts go through `get_state_dict` / `set_state_dict` under fully qualified parameter names
+(optimizer state flattened), which is what makes a checkpoint independent of the layout: FSDP,
+TP, PP stages and DDP all save and load the same keys. The run directory must be on a file system
+every rank sees. `consolidate` turns a sharded checkpoint into one `model.safetensors` for export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from kiln import __version__
+from kiln.errors import KilnError
+from kiln.runs import atomic_write_text, fsync_dir, sha256_file
+from kiln.train.checkpoint import CheckpointManager
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp_load(sd: dict, reader: dcp.FileSystemReader, no_dist: bool) -> None:
+    with warnings.catch_warnings():  # reading in one process is intended (resharding to one rank, consolidating)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(sd, storage_reader=reader, no_dist=no_dist)
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            p.chmod(0o644)
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            p.chmod(0o755)
+    root.chmod(0o755)
+
+
+def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict, meta: dict, rank: int, consolidated: bool = False) -> Path:
+    """Collective: every rank calls it. With `consolidated`, the checkpoint also carries one
+    `model.safetensors` (what generate and export read)."""
+    final = manager.dir / f"step_{step:07d}"
+    tmp = manager.dir / f".{final.name}.dcp.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    dcp.save({"model": model_sd, "optim": optim_sd},
+             storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True))  # collective; .metadata last
+    if rank == 0:
+        torch.save(state, tmp / "state.pt")
+        if consolidated:
+            consolidate(tmp, tmp / "model.safetensors", tied=bool(meta.get("model", {}).get("tie_embeddings")))
+        _fsync_tree(tmp)
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        info = {"step": step, "kiln_version": __version__, "files": files, "sharded": True,
+                "world": dist.get_world_size() if dist.is_initialized() else 1, **meta}
+        (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        with open(tmp / "checkpoint.json", "rb") as f:
+            os.fsync(f.fileno())
+        if final.exists():  # a rerun of the same step replaces it as a whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(manager.dir)
+        atomic_write_text(manager.dir / "latest", final.name + "\n")
+        manager._prune()
+    _barrier()  # nobody moves on (or reads `latest`) before the checkpoint is in place
+    return final
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a sharded checkpoint into this rank's part of the model (any layout, or a plain model in
+    one process); returns the saved trainer state."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=OPTIONS)
+    sd = {"model": model_sd}
+    if optimizer is not None:
+        sd["optim"] = optim_sd
+    try:
+        _dcp_load(sd, dcp.FileSystemReader(path / "dcp"), no_dist=not dist.is_initialized())
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise KilnError(f"{path} does not fit this model ({first[:300]}); it was saved from a different model: "
+                        "use its model settings or a new out=") from None
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=sd["model"],
+                   optim_state_dict=sd.get("optim", {}), options=OPTIONS)
+    return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+
+
+def consolidate(path: Path, out: Path, tied: bool = True) -> Path:
+    """Gather a sharded checkpoint's weights into one safetensors file with the single-process
+    names (a tied head stored once, as `tok_emb.weight`). Runs in one process, needs the whole
+    model in CPU memory."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path, out = Path(path), Path(out)
+    reader = dcp.FileSystemReader(path / "dcp")
+    meta = reader.read_metadata()
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+          if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    _dcp_load(sd, reader, no_dist=True)  # one process reads every rank's shards
+    tensors = {k.removeprefix("model."): v.contiguous() for k, v in sd.items()}
+    if tied and "tok_emb.weight" in tensors:
+        tensors.pop("lm_head.weight", None)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kiln.train.distributed_checkpoint CHECKPOINT_DIR OUT.safetensors`"""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or not is_sharded(Path(argv[0])):
+        print("usage: python -m kiln.train.distributed_checkpoint CHECKPOINT_DIR OUT.safetensors "
+              "(CHECKPOINT_DIR: a sharded checkpoint, holding dcp/)", file=sys.stderr)
+        return 2
+    info = CheckpointManager.info(Path(argv[0]))
+    consolidate(Path(argv[0]), Path(argv[1]), tied=bool(info.get("model", {}).get("tie_embeddings")))
+    print(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

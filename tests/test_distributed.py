@@ -1,0 +1,275 @@
+"""Scale-out on CPU with gloo: every layout trains to the single-process losses (torchtitan's
+loss-parity protocol), sharded checkpoints reshard on resume, and bad layouts, wrong
+checkpoints and dead ranks end with one clear line.
+
+Protocol: the same model, seed, data and tokens per step (a single process with batch 8 vs.
+2 data-parallel ranks with batch 4, or TP / PP ranks with batch 8), 8 steps. fp32 on CPU:
+a layout only changes the order of floating-point sums (sharded and all-reduced), ~1e-7
+relative per op, so losses must agree to 2e-5 (absolute, on losses of ~6).
+
+torchrun costs ~8-10 s a launch here, so one launch runs many layouts: this file is also the
+driver (`torchrun ... test_distributed.py RUNS.json`), calling `kiln pretrain` once per run
+inside one process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY_TRAIN, kiln
+
+HERE = Path(__file__).resolve()
+STEPS = 8
+BASE = [*TINY_TRAIN, f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}",
+        "train.ckpt_every=4", "train.lr=1e-2"]
+TOL = 2e-5
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def assert_parity(out: Path, ref: Path) -> None:
+    got, want = losses(out), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1)), got
+    worst = max(abs(got[s] - want[s]) for s in got)
+    assert worst < TOL, f"{out.name}: losses differ from a single process by {worst:.2e}\n{got}\n{want}"
+
+
+def torchrun(nproc: int, runs: list[dict], tmp: Path, timeout: float = 300) -> dict:
+    """Run `kiln pretrain` for each of `runs` ({"name", "args"}) in one torchrun launch of `nproc` ranks."""
+    spec = tmp / f"runs-{nproc}.json"
+    spec.write_text(json.dumps(runs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(HERE), str(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(spec.with_suffix(".out").read_text())
+
+
+def driver(spec: Path) -> None:
+    """Inside torchrun: each run in turn, recording its exit code and error line (rank 0 writes)."""
+    from kiln import cli
+
+    results = {}
+    for run in json.loads(spec.read_text()):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(["pretrain", *run["args"]])
+        results[run["name"]] = {"rc": rc, "err": err.getvalue()}
+    if int(os.environ["RANK"]) == 0:
+        spec.with_suffix(".out").write_text(json.dumps(results))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- fixtures: a single-process reference, and one 2-rank launch running every 2-rank layout ----
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, prepared) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+def args(out: Path, prepared: Path, *extra: str) -> list[str]:
+    return [f"out={out}", f"data.path={prepared / 'data'}", *BASE, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(work, prepared) -> Path:
+    out = work / "single"
+    assert kiln("pretrain", *args(out, prepared, "train.batch_size=8")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_accum(work, prepared) -> Path:
+    out = work / "single-accum"
+    assert kiln("pretrain", *args(out, prepared, "train.batch_size=8", "train.tokens_per_step=1024")) == 0
+    return out
+
+
+LAYOUTS_2 = {
+    "ddp": ["parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=4"],
+    "fsdp": ["parallel.dp_shard=2", "train.batch_size=4"],
+    "tp": ["parallel.tp=2", "train.batch_size=8"],
+    "pp-gpipe": ["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.batch_size=8"],
+    "pp-1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.batch_size=8"],
+    # accumulation: 2 micro-batches per step (DDP skips the first all-reduce; PP must not rescale twice)
+    "ddp-accum": ["parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=4", "train.tokens_per_step=1024"],
+    "pp-accum": ["parallel.pp=2", "train.batch_size=8", "train.tokens_per_step=1024"],
+}
+BAD_2 = {
+    "bad-product": ["parallel.dp_replicate=3", "parallel.dp_shard=1"],
+    "bad-tp-heads": ["parallel.tp=2", "model.n_kv_heads=1"],
+    "bad-pp-layers": ["parallel.pp=2", "model.n_layers=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(work, prepared) -> dict:
+    runs = [{"name": n, "args": args(work / n, prepared, *a)} for n, a in LAYOUTS_2.items()]
+    runs += [{"name": n, "args": args(work / n, prepared, *a)} for n, a in BAD_2.items()]
+    # the FSDP run again, with another model: its checkpoints must be refused
+    runs.append({"name": "bad-checkpoint", "args": args(work / "fsdp", prepared, *LAYOUTS_2["fsdp"],
+                                                        f"train.max_steps={STEPS + 2}", "model.d_model=128")})
+    return torchrun(2, runs, work)
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS_2 if "accum" not in n])
+def test_two_rank_layouts_match_a_single_process(two_ranks, layout, work, reference):
+    assert two_ranks[layout]["rc"] == 0, two_ranks[layout]["err"]
+    assert_parity(work / layout, reference)
+
+
+@pytest.mark.parametrize("layout", ["ddp-accum", "pp-accum"])
+def test_gradient_accumulation_under_ddp_and_pp(two_ranks, layout, work, reference_accum):
+    assert two_ranks[layout]["rc"] == 0, two_ranks[layout]["err"]
+    assert_parity(work / layout, reference_accum)
+
+
+def one_line(result: dict) -> str:
+    assert result["rc"] == 2 and "Traceback" not in result["err"], result["err"]
+    lines = [ln for ln in result["err"].splitlines() if ln.startswith("kiln pretrain: error:")]
+    assert len(lines) == 1, result["err"]
+    return lines[0]
+
+
+def test_bad_layouts_and_checkpoints_get_one_clear_line(two_ranks, work):
+    assert "= 3 ranks, but 2 were launched" in one_line(two_ranks["bad-product"])
+    assert "parallel.tp=2 does not divide model.n_kv_heads=1" in one_line(two_ranks["bad-tp-heads"])
+    assert "parallel.pp=2 pipeline stages but the model has only 1 layers" in one_line(two_ranks["bad-pp-layers"])
+    assert "holds a run of a different model (d_model: 64 there, 128 here" in one_line(two_ranks["bad-checkpoint"])
+    assert (work / "fsdp" / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"  # untouched
+
+
+# ---- sharded checkpoints --------------------------------------------------------------------------
+def truncated_copy(src: Path, dst: Path, keep_step: int) -> Path:
+    """`src` as it was at step `keep_step`: later checkpoints and metrics gone."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").glob("step_*"):
+        if int(d.name[5:]) > keep_step:
+            shutil.rmtree(d)
+    (dst / "checkpoints" / "latest").write_text(f"step_{keep_step:07d}\n")
+    lines = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= keep_step))
+    return dst
+
+
+def test_fsdp_checkpoint_is_sharded_and_its_last_one_consolidated(two_ranks, work, reference):
+    from kiln.train.checkpoint import CheckpointManager
+
+    ck = work / "fsdp" / "checkpoints" / f"step_{STEPS:07d}"
+    info = CheckpointManager.info(ck)
+    assert info["sharded"] and info["world"] == 2
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "state.pt", "model.safetensors"} <= set(info["files"])
+    assert CheckpointManager(work / "fsdp").verify(ck) is None
+    mine = load_file(ck / "model.safetensors")
+    ref = load_file(reference / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors")
+    assert mine.keys() == ref.keys()
+    for k in ref:
+        assert (mine[k] - ref[k]).abs().max() < 1e-5, k
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(two_ranks, work, prepared, reference):
+    out = truncated_copy(work / "fsdp", work / "fsdp-to-1", keep_step=4)
+    assert kiln("pretrain", *args(out, prepared, "train.batch_size=8")) == 0
+    assert_parity(out, reference)
+
+
+def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(two_ranks, work, prepared, reference, capsys):
+    out = truncated_copy(work / "fsdp", work / "fsdp-damaged", keep_step=STEPS)
+    shard = out / "checkpoints" / f"step_{STEPS:07d}" / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert kiln("pretrain", *args(out, prepared, "train.batch_size=8")) == 0
+    assert f"{shard} is truncated" in capsys.readouterr().err
+    assert_parity(out, reference)  # steps 5..8 were replayed from step 4
+
+
+def test_four_ranks_fsdp_x_tp_and_resharding_from_two(two_ranks, work, prepared, reference):
+    resumed = truncated_copy(work / "fsdp", work / "fsdp-to-4", keep_step=4)
+    runs = [
+        {"name": "fsdp-tp", "args": args(work / "fsdp-tp", prepared, "parallel.dp_shard=2", "parallel.tp=2",
+                                          "train.batch_size=4")},
+        {"name": "resume-fsdp-tp", "args": args(resumed, prepared, "parallel.dp_shard=2", "parallel.tp=2",
+                                                "train.batch_size=4")},
+    ]
+    res = torchrun(4, runs, work)
+    for name, out in (("fsdp-tp", work / "fsdp-tp"), ("resume-fsdp-tp", resumed)):
+        assert res[name]["rc"] == 0, res[name]["err"]
+        assert_parity(out, reference)
+
+
+# ---- many machines, and machines that die ---------------------------------------------------------
+def test_two_nodes_rendezvous_on_localhost(work, prepared, reference):
+    """Two torchrun launches, one per "node", meeting through the c10d rendezvous (README's N-node command)."""
+    spec = work / "runs-nodes.json"
+    spec.write_text(json.dumps([{"name": "nodes", "args": args(work / "nodes", prepared, "parallel.dp_shard=2",
+                                                                    "train.batch_size=4")}]))
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kiln-test", str(HERE), str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outs)
+    res = json.loads(spec.with_suffix(".out").read_text())
+    assert res["nodes"]["rc"] == 0, res["nodes"]["err"]
+    assert_parity(work / "nodes", reference)
+
+
+@pytest.mark.parametrize("how", ["killed", "stalled"])
+def test_a_dead_rank_makes_the_others_exit_with_a_clear_line(work, prepared, how):
+    """Ranks started by hand (no torchrun agent to tear them down): kill one (its sockets close) or
+    stop it (they stay open: only the timeout can tell); the other must exit, not hang."""
+    from kiln.train.checkpoint import CheckpointManager
+
+    out, timeout = work / f"dies-{how}", 8
+    port = free_port()
+    cmd = [sys.executable, "-m", "kiln.cli", "pretrain",
+           *args(out, prepared, "parallel.dp_shard=2", "train.max_steps=100000", "train.ckpt_every=1",
+                 "train.eval_every=100000", f"parallel.timeout_s={timeout}")]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+            assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read() if procs[0].poll() else ""
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=timeout + 60)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+    assert procs[0].returncode == 2, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("kiln pretrain: error:")]
+    assert len(lines) == 1 and "rank 0 of 2 lost contact with the other ranks" in lines[0], err[-3000:]
+    assert waited < timeout + 20
+    ckpts = CheckpointManager(out)
+    assert ckpts.complete() and all(ckpts.verify(c) is None for c in ckpts.complete())  # a kill never leaves half a checkpoint
+
+
+if __name__ == "__main__":
+    driver(Path(sys.argv[1]))
