@@ -9,6 +9,9 @@ waiting for the slower rank, FSDP's gather/shard copies). The bare collectives a
 one step's volume: DDP all-reduces every gradient once; FSDP2 all-gathers the weights in forward
 and again in backward and reduce-scatters the gradients.
 
+It also measures each layout's per-rank peak memory for one step and prints it beside
+`kiln plan`'s estimate for the same model, batch and layout.
+
     python bench/scaling.py                       # the "small" preset (13.8M params), seq 256, batch 8
     python bench/scaling.py --preset mini --steps 4 --rounds 2
 """
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from kiln.config import TrainConfig
 from kiln.model.transformer import Transformer, preset
+from kiln.plan import estimate_training_memory
 from kiln.train.optim import build_optimizer
 
 VOCAB = 8192
@@ -60,6 +64,32 @@ def time_steps(step, x, y, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for `tensors` (a DTensor counts its local shard only)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
+
+
+def measured_peak(step, x, y, model, opt) -> int:
+    """Most bytes live at once on this rank during one training step.
+
+    The parameters and optimizer state live when the step starts, plus the peak of what the CPU
+    allocator hands out during it (profiler memory events): activations, gradients, logits, and
+    FSDP's gathered weights and DDP's buckets.
+    """
+    params = list({id(p): p for p in model.parameters()}.values())
+    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    base = local_bytes(params) + local_bytes(state)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(x, y)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return base + peak
+
+
 def batch(args, seed: int):
     g = torch.Generator().manual_seed(seed)
     xy = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=g)
@@ -78,16 +108,16 @@ def worker(args, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
     env = ParallelEnv(device=torch.device("cpu"), rank=rank, world=world, dp_rank=rank, dp_world=world)
-    steps = {}
+    steps, steps_opt = {}, {}
     plain = make_model(args)
-    opt = build_optimizer(plain, TrainConfig())
+    opt = steps_opt["independent"] = build_optimizer(plain, TrainConfig())
     steps["independent"] = step_fn(plain, opt, lambda: torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0))
     ddp = apply_ddp(make_model(args), mesh["dp"])
-    opt = build_optimizer(ddp, TrainConfig())
+    opt = steps_opt["ddp"] = build_optimizer(ddp, TrainConfig())
     steps["ddp"] = step_fn(ddp, opt, lambda: torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0))
     fsdp = make_model(args)
     apply_fsdp(fsdp, mesh["dp"], bf16=False)
-    opt = build_optimizer(fsdp, TrainConfig())
+    opt = steps_opt["fsdp"] = build_optimizer(fsdp, TrainConfig())
     steps["fsdp"] = step_fn(fsdp, opt, lambda: clip_grad_norm(fsdp, 1.0, env))
     x, y = batch(args, 1 + rank)
     for step in steps.values():
@@ -104,6 +134,10 @@ def worker(args, out: Path) -> None:
         for name, step in steps.items():
             dist.barrier()
             times[name].append(time_steps(step, x, y, args.steps))
+    models = {"independent": (plain, steps_opt["independent"]), "ddp": (ddp, steps_opt["ddp"]),
+              "fsdp": (fsdp, steps_opt["fsdp"])}
+    peaks = torch.tensor([float(measured_peak(steps[k], x, y, m, o)) for k, (m, o) in models.items()])
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     n = sum(p.numel() for p in plain.parameters())
     flat = torch.randn(n)
     shard = torch.empty(n // world)
@@ -123,7 +157,8 @@ def worker(args, out: Path) -> None:
     dist.all_reduce(med, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
     if rank == 0:
         res = dict(zip(times, med.tolist()))
-        res |= {"collective_ddp": allreduce, "collective_fsdp": gather_scatter, "params": n}
+        res |= {"collective_ddp": allreduce, "collective_fsdp": gather_scatter, "params": n,
+                "peak_bytes": dict(zip(models, peaks.tolist()))}
         out.write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -163,6 +198,14 @@ def main() -> None:
         print(f"{name:<26}{t:>8.3f}{tokens / t:>12.0f}{2 * tokens / t:>13.0f}{share:>12}{bare:>13}")
     print("comm share: (t − t_independent) / t; collectives: the bare all-reduce (DDP) or "
           "2 all-gathers + reduce-scatter (FSDP2) of one step's volume, / t")
+    model_cfg = preset(args.preset, vocab_size=VOCAB, max_seq_len=args.seq)
+    print(f"\nper-rank peak memory of one step, measured vs `kiln plan`'s estimate (fp32, {args.batch}×{args.seq}):")
+    print(f"{'layout':<26}{'measured MB':>12}{'kiln plan MB':>14}{'plan/measured':>15}")
+    for name, label, shard in (("independent", "1 replica (no comm)", 1), ("ddp", "2 × DDP", 1),
+                               ("fsdp", "2 × FSDP2", 2)):
+        est = estimate_training_memory(model_cfg, args.batch, args.seq, "fp32", dp_shard=shard)["total"]
+        got = two["peak_bytes"][name]
+        print(f"{label:<26}{got / 1e6:>12.1f}{est / 1e6:>14.1f}{est / got:>15.2f}")
 
 
 if __name__ == "__main__":
