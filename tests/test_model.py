@@ -79,3 +79,16 @@ def test_bad_shapes_are_refused_with_the_fix():
 def test_presets_grow_monotonically():
     sizes = [preset(n).num_params() for n in PRESETS]
     assert sizes == sorted(sizes)
+
+
+def test_meta_construction_then_materialize_matches_eager_init():
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.init_weights(0)
+    eager = Transformer(cfg)
+    eager.init_weights(0)
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(x), eager(x))

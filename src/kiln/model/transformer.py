@@ -232,8 +232,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2·layers)."""
-        gen = torch.Generator(device=self.tok_emb.weight.device)
+        """Normal(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2·layers).
+
+        Also re-ties the LM head to the embedding, which materializing a meta-device model
+        (`to_empty`) unties.
+        """
+        if self.cfg.tie_embeddings and self.lm_head is not None and self.tok_emb is not None:
+            self.lm_head.weight = self.tok_emb.weight
+        gen = torch.Generator(device=next(self.parameters()).device)
         if seed is not None:
             gen.manual_seed(seed)
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
