@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from kiln.config import TrainConfig
 from kiln.model.transformer import Transformer, preset
 from kiln.plan import estimate_training_memory
+from kiln.train.metrics import allocation_peak
 from kiln.train.optim import build_optimizer
 
 VOCAB = 8192
@@ -79,14 +80,7 @@ def measured_peak(step, x, y, model, opt) -> int:
     params = list({id(p): p for p in model.parameters()}.values())
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     base = local_bytes(params) + local_bytes(state)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(x, y)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
+    peak = allocation_peak(lambda: step(x, y))
     return base + peak
 
 

@@ -19,6 +19,7 @@ from kiln.plan import (
     inference_estimate,
     plan,
 )
+from kiln.train.metrics import allocation_peak
 from kiln.train.objectives import next_token_loss
 from kiln.train.optim import build_optimizer
 from kiln.train.parallel import apply_activation_checkpointing
@@ -136,15 +137,12 @@ def _measure_step(cfg: ModelConfig, batch: int, seq_len: int, checkpointing: boo
     }
     del loss
     optimizer.zero_grad(set_to_none=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step() -> None:
         next_token_loss(model, (inputs, targets)).backward()
         optimizer.step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
+
+    peak = allocation_peak(step)
     out["peak"] = out["weights"] + out["optimizer"] + peak
     return out
 

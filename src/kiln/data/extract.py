@@ -35,8 +35,8 @@ def decode_bytes(raw: bytes, declared: str | None = None) -> tuple[str, str]:
     return bytes_to_str(raw, enc), enc
 
 
-class ExtractTimeout(Exception):
-    pass
+class ExtractTimeout(BaseException):
+    """A BaseException, so an extractor's own `except Exception` cannot swallow the time limit."""
 
 
 @contextmanager

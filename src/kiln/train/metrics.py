@@ -38,6 +38,22 @@ def peak_flops(device: torch.device) -> float:
     return measure_matmul_peak(device)
 
 
+def allocation_peak(fn) -> int:
+    """Most bytes the CPU allocator had handed out at once while `fn()` ran, beyond what was live before.
+
+    Read from the profiler's memory events: exact for every tensor, whichever layer allocated it.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
