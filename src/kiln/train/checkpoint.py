@@ -82,10 +82,11 @@ class CheckpointManager:
             info = {"step": step, "kiln_version": __version__, "files": files, **meta}
             (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
         atomic_write_text(self.dir / "latest", final.name + "\n")
-        self._prune()
+        self.prune()
         return final
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints."""
         complete = self.complete()
         for old in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -94,7 +94,7 @@ def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: tor
         os.replace(tmp, final)
         fsync_dir(manager.dir)
         atomic_write_text(manager.dir / "latest", final.name + "\n")
-        manager._prune()
+        manager.prune()
     _barrier()  # nobody moves on (or reads `latest`) before the checkpoint is in place
     return final
 
