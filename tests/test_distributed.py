@@ -273,3 +273,16 @@ def test_a_dead_rank_makes_the_others_exit_with_a_clear_line(work, prepared, how
 
 if __name__ == "__main__":
     driver(Path(sys.argv[1]))
+
+
+def test_generate_reads_a_sharded_checkpoint_without_consolidation(two_ranks, work, reference):
+    from kiln.config import SampleConfig
+    from kiln.serve.engine import Engine
+
+    out = truncated_copy(work / "fsdp", work / "fsdp-generate", keep_step=4)
+    assert not (out / "checkpoints" / "step_0000004" / "model.safetensors").exists()
+    sc = SampleConfig(prompt="def ", max_new_tokens=8, temperature=0.0)
+    (sharded,) = Engine.from_run(out, "cpu").generate(sc.prompt, sc)
+    single = truncated_copy(reference, work / "single-generate", keep_step=4)
+    (plain,) = Engine.from_run(single, "cpu").generate(sc.prompt, sc)
+    assert sharded == plain

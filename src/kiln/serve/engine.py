@@ -12,6 +12,7 @@ from kiln.config import Config, SampleConfig
 from kiln.data.tokenizer import BOS, EOS, load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.transformer import KVCache, ModelConfig, Transformer
+from kiln.train import distributed_checkpoint
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.parallel import pick_device
 
@@ -50,7 +51,10 @@ class Engine:
         mc = ModelConfig.from_dict(CheckpointManager.info(ckpt)["model"])
         dev = pick_device(device)
         model = Transformer(mc)
-        CheckpointManager.load(ckpt, model)
+        if (ckpt / "model.safetensors").is_file():
+            CheckpointManager.load(ckpt, model)
+        else:  # a sharded checkpoint from a multi-process run, before its consolidation
+            distributed_checkpoint.load(ckpt, model, None)
         model.to(dev).eval()
         return cls(model, tok, dev)
 
