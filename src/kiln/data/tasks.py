@@ -57,13 +57,18 @@ def load_docs(path: Path) -> list[Document]:
         return [Document(text, i, meta) for i, text, meta in pickle.load(f)]
 
 
-def _done(marker: Path) -> dict | None:
+def _step(job: Job, step: str) -> tuple[Path, str, dict | None]:
+    """This task's directory and file stem for `step`, and the result its completion marker holds
+    if an earlier run finished it (None otherwise)."""
+    d = Path(job.work) / step
+    name = f"{job.task.index:05d}"
+    marker = d / f"{name}.json"
     if marker.is_file():
         try:
-            return json.loads(marker.read_text())
+            return d, name, json.loads(marker.read_text())
         except json.JSONDecodeError:
-            return None
-    return None
+            pass
+    return d, name, None
 
 
 _STAGE_CACHE: dict[str, list] = {}
@@ -88,9 +93,8 @@ def _excluded(stats: dict[str, StageStats]) -> list:
 
 def filter_task(job: Job) -> dict:
     """Step 1 for one task: read, run the stages before dedup, keep documents and dedup keys."""
-    d = Path(job.work) / "filter"
-    name = f"{job.task.index:05d}"
-    if (done := _done(d / f"{name}.json")) is not None:
+    d, name, done = _step(job, "filter")
+    if done is not None:
         return done
     pre, dedup, _ = _stages(job)
     collect = [] if job.data.exclusions else None
@@ -138,9 +142,8 @@ def filter_task(job: Job) -> dict:
 
 def post_task(job: Job) -> dict:
     """Step 3 for one task: drop the duplicates the global step found, run the stages after dedup."""
-    d = Path(job.work) / "post"
-    name = f"{job.task.index:05d}"
-    if (done := _done(d / f"{name}.json")) is not None:
+    d, name, done = _step(job, "post")
+    if done is not None:
         return done
     _, _, post = _stages(job)
     docs = load_docs(Path(job.work) / "filter" / f"{name}.docs")
@@ -169,9 +172,8 @@ def tokenize_task(job: Job, batch: int = 4096) -> dict:
     """Step 4 for one task: token ids of every final document, BOS first, concatenated, with lengths."""
     from kiln.data.tokenizer import BOS, load_tokenizer
 
-    d = Path(job.work) / "tokens"
-    name = f"{job.task.index:05d}"
-    if (done := _done(d / f"{name}.json")) is not None:
+    d, name, done = _step(job, "tokens")
+    if done is not None:
         return done
     if job.tokenizer not in _TOKENIZER:
         _TOKENIZER.clear()
