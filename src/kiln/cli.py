@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except KilnError as e:
         print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        if e.hard_exit:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"kiln {args.verb}: interrupted", file=sys.stderr)

@@ -50,11 +50,14 @@ def time_limit(seconds: float):
         raise ExtractTimeout
 
     old = signal.signal(signal.SIGALRM, _alarm)
+    # A library loaded earlier (a runtime's threads) may have blocked SIGALRM: let it through here.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGALRM, old)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config, ParallelConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, PeerLostError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -382,7 +382,7 @@ def peer_failures_as_errors(env: ParallelEnv, timeout_s: float):
         if not env.distributed or not (isinstance(e, dist.DistError) or any(w in text.lower() for w in _COMM_FAILURE)):
             raise
         first = text.splitlines()[0][:200] if text else type(e).__name__
-        raise KilnError(
+        raise PeerLostError(
             f"rank {env.rank} of {env.world} lost contact with the other ranks ({first}); a rank died or stalled "
             f"longer than parallel.timeout_s={timeout_s:g}: see its log, then rerun the same command to resume "
             "from the last checkpoint"
