@@ -58,8 +58,9 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
             "| stage | docs in | docs out | dropped (reason: count) | seconds |",
             "|---|---:|---:|---|---:|",
         ]
-        # Stages run in sequence, so documents in never grow: that order is the pipeline's order.
-        for name, s in sorted(data.get("stages", {}).items(), key=lambda kv: -kv[1]["docs_in"]):
+        stages = data.get("stages", {})
+        for name in [n for n in data.get("stage_order", stages) if n in stages]:
+            s = stages[name]
             drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "—"
             lines.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | {drops} | {s['seconds']} |")
         if (run / "prepare_report.md").exists():

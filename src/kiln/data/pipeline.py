@@ -32,7 +32,16 @@ from kiln.data.stages import DEDUP_STAGES, build_stage, split_at_dedup, stage_en
 from kiln.data.tasks import Job, filter_task, load_docs, post_task, save_npy, tokenize_task
 from kiln.data.tokenizer import load_tokenizer, token_dtype, train_tokenizer
 from kiln.errors import KilnError
-from kiln.runs import atomic_dir, clean_stale_temps, fingerprint, manifest, read_manifest, sha256_file, write_json
+from kiln.runs import (
+    atomic_dir,
+    atomic_write_text,
+    clean_stale_temps,
+    fingerprint,
+    manifest,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -132,9 +141,7 @@ def run_prepare(cfg: Config) -> dict:
             print(f"prepare: training a {cfg.data.tokenizer.vocab_size}-token BPE on {sum(map(len, texts)) / 1e6:.1f} MB")
             tok = train_tokenizer(texts, cfg.data.tokenizer.vocab_size, length=len(texts))
             del texts
-            tmp = tok_file.with_name(".tokenizer.json.tmp")
-            tok.save(str(tmp))
-            tmp.replace(tok_file)
+            atomic_write_text(tok_file, tok.to_str())
         timing["tokenizer"] = time.perf_counter() - t
         vocab = tok.get_vocab_size()
         dtype = token_dtype(vocab)
