@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peaks from the vendors' datasheets (FLOP/s), for MFU on GPUs.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 datasheet peaks (FLOP/s) of GPUs `kiln plan`'s table (kiln.plan.GPUS) does not hold.
+_OTHER_GPU_PEAK_FLOPS = {"L40S": 362e12, "A10": 125e12}
 
 
 def measure_matmul_peak(device: torch.device, n: int = 1024, dtype=torch.float32, seconds: float = 0.3) -> float:
@@ -30,8 +30,11 @@ def measure_matmul_peak(device: torch.device, n: int = 1024, dtype=torch.float32
 def peak_flops(device: torch.device) -> float:
     """Datasheet bf16 peak for known GPUs; otherwise the measured fp32 matmul peak."""
     if device.type == "cuda":
+        from kiln.plan import GPUS
+
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
+        peaks = {**{k: spec.peak_flops("bf16") for k, spec in GPUS.items()}, **_OTHER_GPU_PEAK_FLOPS}
+        for key, flops in peaks.items():
             if key in name:
                 return flops
         return measure_matmul_peak(device, 4096, torch.bfloat16)
