@@ -53,6 +53,29 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make the finished directory `tmp` become `final`: fsync every file, then rename it into place.
+
+    An existing `final` is replaced as a whole.
+    """
+    tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary files
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            p.chmod(0o644)
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            p.chmod(0o755)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}.tmp")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 @contextmanager
 def atomic_dir(final: str | Path):
     """Yield a temporary directory that becomes `final` only if the block finishes.
@@ -64,20 +87,7 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary files
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                p.chmod(0o644)
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

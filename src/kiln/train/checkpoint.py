@@ -73,17 +73,30 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, meta: dict) -> Path:
-        final = self.dir / f"step_{step:07d}"
+        final = self.path(step)
         with atomic_dir(final) as tmp:
             save_file(model_tensors(model), tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(state, tmp / "state.pt")
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-            info = {"step": step, "kiln_version": __version__, "files": files, **meta}
-            (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+            self.write_info(tmp, step, meta)
+        self.mark_latest(final)
+        return final
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step_{step:07d}"
+
+    @staticmethod
+    def write_info(tmp: Path, step: int, meta: dict) -> None:
+        """Write checkpoint.json, the size and SHA-256 of every file under `tmp`: the last file written."""
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        info = {"step": step, "kiln_version": __version__, "files": files, **meta}
+        (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+    def mark_latest(self, final: Path) -> None:
+        """Point `latest` at the checkpoint just put in place and drop the oldest beyond keep_last."""
         atomic_write_text(self.dir / "latest", final.name + "\n")
         self.prune()
-        return final
 
     def prune(self) -> None:
         """Delete all but the newest `keep_last` complete checkpoints."""

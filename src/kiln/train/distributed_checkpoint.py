@@ -15,7 +15,6 @@ every rank sees. `consolidate` turns a sharded checkpoint into one `model.safete
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -30,9 +29,8 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from kiln import __version__
 from kiln.errors import KilnError
-from kiln.runs import atomic_write_text, fsync_dir, sha256_file
+from kiln.runs import publish_dir
 from kiln.train.checkpoint import CheckpointManager
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -53,22 +51,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            p.chmod(0o644)
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():
-            p.chmod(0o755)
-    root.chmod(0o755)
-
-
 def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
          state: dict, meta: dict, rank: int, consolidated: bool = False) -> Path:
     """Collective: every rank calls it. With `consolidated`, the checkpoint also carries one
     `model.safetensors` (what generate and export read)."""
-    final = manager.dir / f"step_{step:07d}"
+    final = manager.path(step)
     tmp = manager.dir / f".{final.name}.dcp.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,20 +68,10 @@ def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: tor
         torch.save(state, tmp / "state.pt")
         if consolidated:
             consolidate(tmp, tmp / "model.safetensors", tied=bool(meta.get("model", {}).get("tie_embeddings")))
-        _fsync_tree(tmp)
-        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(tmp.rglob("*")) if f.is_file()}
-        info = {"step": step, "kiln_version": __version__, "files": files, "sharded": True,
-                "world": dist.get_world_size() if dist.is_initialized() else 1, **meta}
-        (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        with open(tmp / "checkpoint.json", "rb") as f:
-            os.fsync(f.fileno())
-        if final.exists():  # a rerun of the same step replaces it as a whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(manager.dir)
-        atomic_write_text(manager.dir / "latest", final.name + "\n")
-        manager.prune()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        manager.write_info(tmp, step, {"sharded": True, "world": world, **meta})
+        publish_dir(tmp, final)
+        manager.mark_latest(final)
     _barrier()  # nobody moves on (or reads `latest`) before the checkpoint is in place
     return final
 
