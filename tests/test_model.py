@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.errors import KilnError
 from kiln.model.transformer import PRESETS, KVCache, ModelConfig, Transformer, preset
 
 
@@ -65,11 +66,11 @@ def test_tied_embeddings_share_one_tensor_and_untied_do_not():
 
 
 def test_bad_shapes_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match="not divisible by model.n_heads"):
+    with pytest.raises(KilnError, match="not divisible by model.n_heads"):
         ModelConfig(d_model=100, n_heads=3)
-    with pytest.raises(ValueError, match="grouped-query attention"):
+    with pytest.raises(KilnError, match="grouped-query attention"):
         ModelConfig(d_model=64, n_heads=4, n_kv_heads=3)
-    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+    with pytest.raises(KilnError, match="unknown model preset 'huge'"):
         preset("huge")
     m = small_model()
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=64"):

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from kiln.errors import KilnError
+from kiln.model.config import PRESETS, ModelConfig, preset
 
 
 class ConfigError(KilnError):
@@ -43,6 +44,30 @@ def _yaml(text: str):
 
 
 # ---- the schema ------------------------------------------------------------------------------
+def ranged(default=dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, default_factory=dataclasses.MISSING):
+    """A dataclass field whose value `build` checks against bounds: `max_steps: int = ranged(1000, ge=1)`.
+
+    Every numeric key of every verb declares its range this way, so a bad value stops at load
+    time with one line (`config key 'train.max_steps' = -5 must be ≥ 1`) instead of training
+    nothing, dividing by zero or sampling garbage further on.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, default_factory=default_factory, metadata={"range": bounds})
+
+
+_RANGE_TEXT = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+_RANGE_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def check_range(key: str, value, bounds: dict) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not bounds:
+        return
+    failed = [k for k, b in bounds.items() if not _RANGE_TEST[k](value, b)]
+    if failed:
+        want = " and ".join(f"{_RANGE_TEXT[k]} {bounds[k]:g}" for k in bounds)
+        raise ConfigError(f"config key '{key}' = {value!r} is out of range: it must be {want}")
+
+
 @dataclass
 class ReaderConfig:
     format: Literal["auto", "stdlib", "text", "jsonl", "parquet", "warc"] = "auto"  # auto = by file name
@@ -89,20 +114,36 @@ class DataConfig:
     seed: int = 0  # shuffles document order across the corpus
 
 
-@dataclass
-class ModelSection:
-    preset: str = "small"  # tiny, mini, small, medium, gpt2-124m, llama3-1b, llama3-8b, llama3-70b
-    d_model: int | None = None  # None = the preset's value
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
-    tie_embeddings: bool | None = None
+def model_section(default_preset: str):
+    """The `model.*` keys: a preset plus every `ModelConfig` field as an optional override.
 
-    def overrides(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+    Generated from `kiln.model.config.ModelConfig`, so a new model field is a recipe key at once,
+    with no second copy of the schema (pretrain and `kiln plan` differ only in the default preset).
+    """
+    hints = typing.get_type_hints(ModelConfig)
+    cls = dataclasses.make_dataclass(
+        "ModelSection",
+        [("preset", str, field(default=default_preset))]
+        + [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)],
+        namespace={
+            "overrides": lambda self: {k: v for k, v in dataclasses.asdict(self).items()
+                                       if k != "preset" and v is not None},
+            "build": _build_model,
+            "__doc__": f"model.preset (default {default_preset!r}; one of {', '.join(PRESETS)}) plus shape overrides; "
+                       "None = the preset's value",
+        },
+    )
+    cls.__module__ = __name__
+    return cls
+
+
+def _build_model(self, **forced) -> ModelConfig:
+    """The ModelConfig for this section: the preset, its overrides, then `forced` values (e.g. the
+    tokenizer's vocab size), one line of error for an unknown preset or an impossible shape."""
+    return preset(self.preset, **{**self.overrides(), **forced})
+
+
+ModelSection = model_section("small")
 
 
 @dataclass
@@ -277,7 +318,8 @@ def build(cls, data: dict, root=None, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields_by_name)
     kwargs = {}
     for k, v in data.items():
         key = prefix + str(k)
@@ -288,9 +330,10 @@ def build(cls, data: dict, root=None, prefix: str = ""):
             kwargs[k] = build(typ, v if v is not None else {}, root, key + ".")
         else:
             kwargs[k] = _coerce(key, v, typ)
+            check_range(key, kwargs[k], fields_by_name[k].metadata.get("range", {}))
     try:
         return cls(**kwargs)
-    except ValueError as e:
+    except (ValueError, KilnError) as e:
         raise ConfigError(str(e)) from None
 
 

@@ -9,107 +9,12 @@ from outside (`kiln.train.parallel`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 8192
-    d_model: int = 384
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int = 0  # 0 = same as n_heads (plain multi-head attention)
-    ffn_hidden: int = 0  # 0 = 8/3 * d_model rounded up to `multiple_of`
-    multiple_of: int = 64
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads == 0:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_hidden == 0:
-            hidden = int(8 * self.d_model / 3)
-            self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-                "pick a head count that divides d_model"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
-                "grouped-query attention needs n_heads = k * n_kv_heads"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    # ---- sizes -------------------------------------------------------------------------------
-    def num_params(self, embedding: bool = True) -> int:
-        """Parameter count; `embedding=False` leaves out the token-embedding table."""
-        d, hd = self.d_model, self.head_dim
-        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
-        mlp = 3 * d * self.ffn_hidden
-        per_layer = attn + mlp + 2 * d
-        body = self.n_layers * per_layer + d  # + final norm
-        emb = self.vocab_size * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return body + head + (emb if embedding else 0)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6·N + 12·L·d·T.
-
-        N counts every weight that takes part in a matmul (the LM head included, the embedding
-        lookup not); the second term is attention's QKᵀ and AV over a context of T, counted in
-        full as in the PaLM paper's appendix B.
-        """
-        t = seq_len or self.max_seq_len
-        n_matmul = self.num_params(embedding=False) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
-        return 6.0 * n_matmul + 12.0 * self.n_layers * self.d_model * t
-
-
-# One or two dials per family; everything else follows from them (nanochat's way).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
-    "mini": dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
-    "small": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=256),
-    "medium": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512),
-    "gpt2-124m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
-    "llama3-1b": dict(
-        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True,
-    ),
-    "llama3-8b": dict(
-        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
-        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False,
-    ),
-    "llama3-70b": dict(
-        vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672,
-        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False,
-    ),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """The named preset with `overrides` applied (e.g. a tokenizer's vocab size)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+from kiln.model.config import PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 
 
 # ---- layers ----------------------------------------------------------------------------------
