@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_TRAIN, kiln
 from kiln.config import SampleConfig
 from kiln.data.tokenizer import BOS
+from kiln.errors import KilnError
 from kiln.serve.engine import Engine, sample_next
 
 
@@ -57,9 +58,56 @@ def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     assert int(sample_next(logits, 0.0, 0, 1.0, gen)) == 1
 
 
-def test_generate_cli_streams_the_completion(trained, capsys):
-    assert kiln("generate", f"out={trained}", "prompt=def fibonacci(", "max_new_tokens=8", "seed=0") == 0
-    assert capsys.readouterr().out.startswith("def fibonacci(")
+def test_generate_cli_streams_what_the_engine_generates(trained, capsys):
+    assert kiln("generate", f"out={trained}", "prompt=def fibonacci(n):", "max_new_tokens=8", "temperature=0") == 0
+    printed = capsys.readouterr().out
+    sc = SampleConfig(prompt="def fibonacci(n):", max_new_tokens=8, temperature=0.0)
+    (want,) = Engine.from_run(trained, "cpu").generate(sc.prompt, sc)
+    assert want and printed == "def fibonacci(n):" + want + "\n"
+
+
+def test_first_new_tokens_do_not_depend_on_max_new_tokens(trained):
+    """The whole prompt is kept whatever the budget: near and past the context end included."""
+    eng = Engine.from_run(trained, "cpu")
+    ctx = eng.model.cfg.max_seq_len
+    prompt = "import os\n" * 4
+    outs = {}
+    for budget in (10, ctx - 20, ctx + 50):
+        sc = SampleConfig(prompt=prompt, max_new_tokens=budget, temperature=0.0)
+        outs[budget] = eng.generate(prompt, sc)[0]
+        ids = eng.tokenizer.encode(outs[budget], add_special_tokens=False).ids
+        assert len(eng.encode_prompt(prompt)) + len(ids) <= ctx + 2  # never past the context (re-encoding may merge)
+    short = outs[10]
+    assert all(o.startswith(short) for o in outs.values()), outs
+    assert any("context" in n for n in eng.notes)  # the last call ran into the context end and said so
+
+
+def test_a_prompt_longer_than_the_context_is_refused_in_one_line(trained):
+    eng = Engine.from_run(trained, "cpu")
+    with pytest.raises(KilnError, match="shorten the prompt"):
+        eng.generate("x = 1\n" * 400, SampleConfig(max_new_tokens=4))
+
+
+def test_a_split_multibyte_character_streams_whole(trained):
+    from kiln.serve.engine import StreamDecoder
+
+    eng = Engine.from_run(trained, "cpu")
+    text = "naïve — 東京 ✓"
+    ids = eng.tokenizer.encode(text, add_special_tokens=False).ids
+    dec = StreamDecoder(eng.tokenizer)
+    pieces = [dec.push(t) for t in ids] + [dec.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_generate_refuses_a_run_whose_tokenizer_was_replaced(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    tok = run / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|pad|>"', '"<|pad2|>"'))
+    with pytest.raises(KilnError, match="not the tokenizer this checkpoint was trained with"):
+        Engine.from_run(run, "cpu")
 
 
 def test_speedrun_writes_a_report_with_plot_and_samples(tmp_path, corpus_dir):

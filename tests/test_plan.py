@@ -1,8 +1,11 @@
-"""`kiln plan`: published facts (weights, Llama 3 GPU-hours, decode speed), measured CPU memory, the CLI."""
+"""`kiln plan`: published facts (weights, Llama 3 GPU-hours, decode speed), measured CPU memory, MFU vs
+HFU, per-workload token budgets, the CLI, and every `kiln plan` figure the README quotes."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +16,12 @@ from kiln.config import TrainConfig
 from kiln.model.transformer import ModelConfig, Transformer, preset
 from kiln.plan import (
     GPUS,
+    Cluster,
     PlanConfig,
-    PlanModelConfig,
+    PlanModelSection,
+    TrainingJob,
     estimate_training_memory,
+    evaluate_layout,
     inference_estimate,
     plan,
 )
@@ -28,14 +34,14 @@ LLAMA3_405B = dict(d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_h
 
 
 def _gpu_hours(model: str, tokens: float, **kw) -> float:
-    cfg = PlanConfig(model=PlanModelConfig(preset=model, **kw.pop("shape", {})), tokens=tokens, gpu="H100", mfu=0.4,
+    cfg = PlanConfig(model=PlanModelSection(preset=model, **kw.pop("shape", {})), tokens=tokens, gpu="H100", mfu=0.4,
                      **kw)
     return plan(cfg)["best"]["gpu_hours"]
 
 
 # ---- published facts -------------------------------------------------------------------------
 def test_70b_fp16_weights_take_140_gb():
-    result = plan(PlanConfig(model=PlanModelConfig(preset="llama3-70b"), workload="inference", precision="fp16"))
+    result = plan(PlanConfig(model=PlanModelSection(preset="llama3-70b"), workload="inference", precision="fp16"))
     h100 = next(r for r in result["by_gpu"] if r["gpu"] == "H100")
     assert h100["weights_per_gpu"] * h100["gpus"] == pytest.approx(140e9, rel=0.02)
 
@@ -117,9 +123,9 @@ def _measure_step(cfg: ModelConfig, batch: int, seq_len: int, checkpointing: boo
         return t
 
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
-    inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    data = {"input_ids": tokens[:, :-1].clone(), "labels": tokens[:, 1:].clone()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = next_token_loss(model, (inputs, targets))
+        loss = next_token_loss(model, data)
     for h in hooks:
         h.remove()
     loss.backward()
@@ -139,7 +145,7 @@ def _measure_step(cfg: ModelConfig, batch: int, seq_len: int, checkpointing: boo
     optimizer.zero_grad(set_to_none=True)
 
     def step() -> None:
-        next_token_loss(model, (inputs, targets)).backward()
+        next_token_loss(model, data).backward()
         optimizer.step()
 
     peak = allocation_peak(step)
@@ -157,8 +163,9 @@ def test_memory_estimate_matches_measured_cpu_run(shape, batch, seq_len):
     cfg = preset(shape.pop("name"), **shape)
     plain = _measure_step(cfg, batch, seq_len, checkpointing=False)
     estimate = estimate_training_memory(cfg, batch, seq_len, "fp32")
-    # The issue asks for 25%; the phase model (see estimate_training_memory) lands within 5%.
-    assert estimate["total"] == pytest.approx(plain["peak"], rel=0.10)
+    # The README quotes this bound ("within 4% over 6 configurations"): the phase model (see
+    # estimate_training_memory) lands within 3.8% here, and the measurement is deterministic.
+    assert estimate["total"] == pytest.approx(plain["peak"], rel=0.04)
     # The parts, too, and much closer: these are counted tensor by tensor.
     for part in ("weights", "grads", "optimizer"):
         assert estimate[part] == pytest.approx(plain[part], rel=0.01), part
@@ -166,9 +173,86 @@ def test_memory_estimate_matches_measured_cpu_run(shape, batch, seq_len):
 
     ckpt = _measure_step(cfg, batch, seq_len, checkpointing=True)
     estimate_ckpt = estimate_training_memory(cfg, batch, seq_len, "fp32", activation_checkpointing=True)
-    assert estimate_ckpt["total"] == pytest.approx(ckpt["peak"], rel=0.10)
+    assert estimate_ckpt["total"] == pytest.approx(ckpt["peak"], rel=0.04)
     assert estimate_ckpt["activations"] + estimate_ckpt["logits"] == pytest.approx(
         ckpt["activations"] + plain["one_block"], rel=0.05)
+
+
+# ---- MFU, HFU and checkpointing ------------------------------------------------------------
+H100_CLUSTER = Cluster(GPUS["H100"], gpus_per_node=8, nvlink_bytes_s=450e9, ib_bytes_s=50e9, price=2.5,
+                       max_memory_fraction=0.9)
+
+
+def _job(checkpointing: str, lora_rank: int = 0) -> TrainingJob:
+    return TrainingJob(preset("llama3-8b"), tokens=1e9, seq_len=8192, precision="bf16", mfu=0.4, micro_batch=1,
+                       global_batch_tokens=2**20, lora_rank=lora_rank, activation_checkpointing=checkpointing)
+
+
+def test_checkpointing_takes_the_same_time_at_the_same_mfu():
+    # MFU counts model FLOPs only, so recomputing the forward costs HFU, not days: the same layout
+    # with checkpointing on and off takes the same compute time, and on needs MFU × 4/3 of HFU
+    # (a training step is forward + backward = 3 forwards; checkpointing adds a fourth).
+    on = evaluate_layout(_job("on"), H100_CLUSTER, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    off = evaluate_layout(_job("off"), H100_CLUSTER, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    assert on.checkpointing and not off.checkpointing
+    assert on.compute_s == pytest.approx(off.compute_s)
+    assert on.days == pytest.approx(off.days)
+    assert off.hfu == pytest.approx(0.4) and off.recompute_flops == 0
+    assert on.hfu == pytest.approx(0.4 * 4 / 3)
+    # 8B model FLOPs on 1e9 tokens at 8192 context: 6·N·D + attention ≈ 5.8e19; a third of it recomputed.
+    assert on.recompute_flops == pytest.approx(5.8e19 / 3, rel=0.02)
+
+
+def test_lora_recompute_is_a_larger_share():
+    # LoRA skips the frozen weights' gradient, so its backward is cheaper and the recomputed
+    # forward is a larger share of the step: HFU between MFU × 4/3 and MFU × 3/2.
+    on = evaluate_layout(_job("on", lora_rank=16), H100_CLUSTER, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    off = evaluate_layout(_job("off", lora_rank=16), H100_CLUSTER, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    assert on.compute_s == pytest.approx(off.compute_s)
+    assert 0.4 * 4 / 3 < on.hfu < 0.4 * 3 / 2
+
+
+def test_plan_reports_hfu_in_table_and_json(capsys):
+    args = ["plan", "model.preset=llama3-8b", "gpus=64", "tokens=1e9", "activation_checkpointing=on"]
+    assert cli.main([*args, "json=true"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    assert best["checkpointing"] and best["hfu"] == pytest.approx(0.4 * 4 / 3)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "so MFU 40% takes HFU 53%" in out
+    assert re.search(r"^  layout .* compute +HFU +days", out, re.M)
+
+
+def test_unreachable_hfu_is_flagged():
+    result = plan(PlanConfig(tokens=1e9, gpus=64, mfu=0.9, activation_checkpointing="on"))
+    assert "needs HFU 120% for MFU 90%" in result["note"]
+
+
+# ---- token budgets ---------------------------------------------------------------------------
+@pytest.mark.parametrize("workload, tokens", [
+    ("pretrain", 15e12), ("finetune-full", 1e9), ("finetune-lora", 1e9), ("inference", 1e9)])
+def test_each_workload_has_its_own_default_token_budget(workload, tokens):
+    result = plan(PlanConfig(workload=workload, model=PlanModelSection(preset="small"), seq_len=256,
+                             global_batch_tokens=65536, gpus=8))
+    assert result["tokens"] == tokens and result["tokens_default"]
+
+
+def test_70b_lora_on_8_gpus_takes_days_not_decades(capsys):
+    assert cli.main(["plan", "model.preset=llama3-70b", "workload=finetune-lora", "gpus=8"]) == 0
+    out = capsys.readouterr().out
+    assert "1B tokens (default for finetune-lora; set tokens=)" in out
+    days = float(re.search(r"^ +([\d.]+) days,", out, re.M).group(1))
+    assert 0.5 < days < 5, days
+    assert cli.main(["plan", "model.preset=llama3-70b", "workload=finetune-lora", "gpus=8", "tokens=2e9"]) == 0
+    out = capsys.readouterr().out
+    assert "— 2B tokens, seq_len" in out and "default for" not in out
+    assert float(re.search(r"^ +([\d.]+) days,", out, re.M).group(1)) == pytest.approx(2 * days, rel=0.05)
+
+
+def test_inference_cost_column_says_what_it_costs(capsys):
+    assert cli.main(["plan", "workload=inference", "model.preset=llama3-8b", "tokens=5e9"]) == 0
+    out = capsys.readouterr().out
+    assert "serving 5B tokens;" in out and "$ for 5B tokens" in out and "15T" not in out
 
 
 # ---- the verb --------------------------------------------------------------------------------
@@ -192,7 +276,7 @@ def test_cli_prints_tables_for_training_and_inference(capsys):
 
 
 def test_lora_needs_less_memory_than_full_fine_tuning():
-    base = dict(model=PlanModelConfig(preset="llama3-8b"), tokens=1e9, seq_len=4096, gpus=8)
+    base = dict(model=PlanModelSection(preset="llama3-8b"), tokens=1e9, seq_len=4096, gpus=8)
     full = plan(PlanConfig(workload="finetune-full", **base))["best"]
     lora = plan(PlanConfig(workload="finetune-lora", **base))["best"]
     assert lora["memory"]["optimizer"] < full["memory"]["optimizer"] / 20
@@ -201,7 +285,12 @@ def test_lora_needs_less_memory_than_full_fine_tuning():
 
 @pytest.mark.parametrize("args, message", [
     (["gpu=V100"], "choose one of A100, H100, H200, B200"),
-    (["tokens=0"], "tokens=0 must be positive"),
+    (["tokens=-1"], "'tokens' = -1.0 is out of range: it must be ≥ 0"),
+    (["mfu=1.5"], "'mfu' = 1.5 is out of range: it must be > 0 and ≤ 1"),
+    (["lora.rank=0"], "'lora.rank' = 0 is out of range: it must be ≥ 1"),
+    (["inference.context=0"], "'inference.context' = 0 is out of range"),
+    (["gpus=12"], "gpus=12 is not a whole number of nodes"),
+    (["model.preset=llama9"], "'llama9'"),  # one line naming the bad preset (at load or at build)
     (["model.preset=llama3-70b", "gpus=8"], "does not fit on 8 × H100"),
     (["precision=fp8", "gpu=A100"], "no fp8"),
 ])
@@ -209,3 +298,59 @@ def test_bad_input_is_one_line(capsys, args, message):
     assert cli.main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# ---- the README ------------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_plan_examples() -> list[tuple[str, list[str]]]:
+    """(arguments, quoted output lines) for each `kiln plan` command in the README.
+
+    An indented `$ kiln plan ARGS  # comment` line is followed by the lines of its output it
+    quotes; "…" marks a cut. An inline `kiln plan ARGS` code span quotes nothing but must run.
+    """
+    text = README.read_text()
+    lines = text.splitlines()
+    examples = []
+    for i, line in enumerate(lines):
+        m = re.match(r" {4}\$ kiln plan ([^#]*)", line)
+        if m:
+            quoted = []
+            for nxt in lines[i + 1:]:
+                if not nxt.startswith("    ") or nxt.lstrip().startswith("$ "):
+                    break
+                quoted.append(nxt)
+            examples.append((m.group(1).strip(), quoted))
+    examples += [(m.group(1).strip(), []) for m in re.finditer(r"`kiln plan ([^`]*)`", text)]
+    return examples
+
+
+def _squash(line: str) -> str:
+    return " ".join(line.split())
+
+
+def _in_order(line: str, pieces: list[str]) -> bool:
+    at = 0
+    for piece in pieces:
+        at = line.find(piece, at)
+        if at < 0:
+            return False
+        at += len(piece)
+    return True
+
+
+def test_readme_quotes_plan_output():
+    assert sum(1 for _, quoted in _readme_plan_examples() if quoted) >= 5
+
+
+@pytest.mark.parametrize("args, quoted", _readme_plan_examples(), ids=lambda x: x if isinstance(x, str) else "")
+def test_readme_plan_figures_are_what_plan_prints(capsys, args, quoted):
+    # Every figure the README quotes from `kiln plan` is regenerated here from the command it
+    # quotes: each quoted line, spaces squashed and cut at "…", must be in one output line, in order.
+    assert cli.main(["plan", *args.split()]) == 0, capsys.readouterr().err
+    out = [_squash(line) for line in capsys.readouterr().out.splitlines()]
+    for line in quoted:
+        pieces = [p for p in (_squash(x) for x in line.split("…")) if p]
+        assert any(_in_order(o, pieces) for o in out), (
+            f"README quotes {line.strip()!r}; `kiln plan {args}` does not print it")

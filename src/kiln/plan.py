@@ -7,6 +7,11 @@ the run takes; how much each parallel dimension communicates per step and over w
 which layout is the cheapest that fits. It does the same for fine-tuning (full and LoRA) and for
 inference economics (weights + KV cache, bandwidth-bound decode speed, $ per million tokens).
 
+Time is model FLOPs (`kiln.model.config.ModelConfig.flops_per_token`) at an assumed MFU, which by
+PaLM's definition counts model FLOPs only: activation checkpointing's recomputed forward does not
+slow a layout down at the same MFU, it raises the hardware FLOPs utilization (HFU) that MFU takes,
+and the plan reports that HFU beside the time.
+
 The activation count is not a textbook constant: it is the exact list of tensors kiln's
 transformer (`kiln.model.transformer`) saves for backward, checked against a measured CPU run
 in tests/test_plan.py.
@@ -20,71 +25,73 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kiln.config import model_section, ranged
 from kiln.errors import KilnError
-from kiln.model.transformer import PRESETS, ModelConfig, preset
+from kiln.model.config import ModelConfig
 
 GB = 1e9  # datasheets count memory and bandwidth in powers of ten
 
 
 # ---- the config ------------------------------------------------------------------------------
-@dataclass
-class PlanModelConfig:
-    preset: str = "llama3-8b"  # a kiln model preset: tiny, mini, small, medium, gpt2-124m, llama3-1b, llama3-8b, llama3-70b
-    d_model: int | None = None  # None = the preset's value
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None
-    vocab_size: int | None = None
-    tie_embeddings: bool | None = None
+PlanModelSection = model_section("llama3-8b")  # model.preset plus any ModelConfig field as an override
+
+# What tokens=0 means, per workload: assumptions to replace with your own budget (tokens=).
+DEFAULT_TOKENS = {
+    "pretrain": 15e12,  # Llama 3's pretraining corpus
+    "finetune-full": 1e9,  # a large fine-tuning set seen for a few epochs
+    "finetune-lora": 1e9,
+    "inference": 1e9,  # tokens served, for the cost column
+}
 
 
 @dataclass
 class InterconnectConfig:
-    nvlink_gbps: float = 0.0  # NVLink GB/s per GPU, both directions as datasheets quote it; 0 = the GPU's
-    ib_gbits: float = 400.0  # InfiniBand Gb/s per GPU (one NIC per GPU), each direction
+    nvlink_gbps: float = ranged(0.0, ge=0)  # NVLink GB/s per GPU, both directions as datasheets quote it; 0 = the GPU's
+    ib_gbits: float = ranged(400.0, gt=0)  # InfiniBand Gb/s per GPU (one NIC per GPU), each direction
 
 
 @dataclass
 class PricesConfig:
     # $ per GPU-hour: assumptions (typical 2025 cloud on-demand rates), not quotes.
-    a100: float = 1.8
-    h100: float = 2.5
-    h200: float = 3.5
-    b200: float = 5.5
+    a100: float = ranged(1.8, ge=0)
+    h100: float = ranged(2.5, ge=0)
+    h200: float = ranged(3.5, ge=0)
+    b200: float = ranged(5.5, ge=0)
 
 
 @dataclass
 class LoraPlanConfig:
-    rank: int = 16  # adapters on all seven projections of every block (wq wk wv wo w1 w3 w2)
+    rank: int = ranged(16, ge=1)  # adapters on all seven projections of every block (wq wk wv wo w1 w3 w2)
 
 
 @dataclass
 class InferencePlanConfig:
-    batch: int = 1  # sequences decoded together
-    context: int = 8192  # tokens held in the KV cache per sequence
+    batch: int = ranged(1, ge=1)  # sequences decoded together
+    context: int = ranged(8192, ge=1)  # tokens held in the KV cache per sequence
 
 
 @dataclass
 class PlanConfig:
-    model: PlanModelConfig = field(default_factory=PlanModelConfig)
+    model: PlanModelSection = field(default_factory=PlanModelSection)
     workload: Literal["pretrain", "finetune-full", "finetune-lora", "inference"] = "pretrain"
-    tokens: float = 15e12  # training tokens (or tokens served, for inference)
-    seq_len: int = 0  # training sequence length; 0 = the model's max_seq_len
-    micro_batch: int = 1  # sequences per GPU per forward/backward
-    global_batch_tokens: int = 4_194_304  # tokens per optimizer step (Llama 3 started at 4M)
+    tokens: float = ranged(0.0, ge=0)  # training tokens (or tokens served, for inference); 0 = DEFAULT_TOKENS[workload]
+    seq_len: int = ranged(0, ge=0)  # training sequence length; 0 = the model's max_seq_len
+    micro_batch: int = ranged(1, ge=1)  # sequences per GPU per forward/backward
+    global_batch_tokens: int = ranged(4_194_304, ge=1)  # tokens per optimizer step (Llama 3 started at 4M)
     gpu: str = "H100"  # A100, H100, H200 or B200
-    gpus: int = 0  # 0 = choose the count: the cheapest that finishes within max_days
-    gpus_per_node: int = 8
-    max_gpus: int = 32768  # the largest count tried when gpus=0
-    max_days: float = 90.0  # wall-clock target when gpus=0
-    max_pp: int = 16  # largest pipeline degree tried
+    gpus: int = ranged(0, ge=0)  # 0 = choose the count: the cheapest that finishes within max_days
+    gpus_per_node: int = ranged(8, ge=1)
+    max_gpus: int = ranged(32768, ge=1)  # the largest count tried when gpus=0
+    max_days: float = ranged(90.0, gt=0)  # wall-clock target when gpus=0
+    max_pp: int = ranged(16, ge=1)  # largest pipeline degree tried
     interconnect: InterconnectConfig = field(default_factory=InterconnectConfig)
     precision: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
-    mfu: float = 0.4  # assumed model-FLOPs utilization (Llama 3 405B reported 38-43%)
+    # Assumed model-FLOPs utilization (Llama 3 405B reported 38-43%): model FLOPs only, so time does
+    # not depend on checkpointing; its recomputed forward shows up as the HFU a layout needs instead.
+    mfu: float = ranged(0.4, gt=0, le=1)
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto = only where a layout needs it to fit
-    max_memory_fraction: float = 0.9  # the rest of HBM is CUDA context, NCCL buffers, fragmentation
-    price_per_gpu_hour: float = 0.0  # 0 = prices.<gpu>
+    max_memory_fraction: float = ranged(0.9, gt=0, le=1)  # the rest of HBM is CUDA context, NCCL buffers, fragmentation
+    price_per_gpu_hour: float = ranged(0.0, ge=0)  # 0 = prices.<gpu>
     prices: PricesConfig = field(default_factory=PricesConfig)
     lora: LoraPlanConfig = field(default_factory=LoraPlanConfig)
     inference: InferencePlanConfig = field(default_factory=InferencePlanConfig)
@@ -141,13 +148,6 @@ def _state_bytes(precision: str) -> tuple[int, int, int]:
     with an fp32 master and no persistent bf16 copy needs 16, so this errs on the safe side.
     """
     return (4, 4, 8) if precision == "fp32" else (2, 4, 12)
-
-
-def layer_params(model: ModelConfig) -> int:
-    """Parameters in one transformer block: attention, SwiGLU MLP and two RMSNorm weights."""
-    d, hd = model.d_model, model.head_dim
-    attn = d * (model.n_heads + 2 * model.n_kv_heads) * hd + model.n_heads * hd * d
-    return attn + 3 * d * model.ffn_hidden + 2 * d
 
 
 def lora_layer_params(model: ModelConfig, rank: int) -> int:
@@ -212,7 +212,7 @@ def estimate_training_memory(
     each block's input and recomputes one block at a time. `lora_rank` > 0 freezes the base.
     """
     d, vocab = model.d_model, model.vocab_size
-    per_layer, vd = layer_params(model), vocab * d
+    per_layer, vd = model.layer_params(), vocab * d
     layers = model.n_layers / pp
     w_b, g_b, o_b = _state_bytes(precision)
     act_b = _ACT_BYTES[precision]
@@ -255,17 +255,18 @@ def estimate_training_memory(
 
 
 def training_flops_per_token(model: ModelConfig, seq_len: int, lora: bool = False) -> dict[str, float]:
-    """FLOPs per trained token: {"dense", "attention", "forward", "total"}.
+    """Model FLOPs per trained token: {"dense", "attention", "forward", "total"}.
 
-    dense is 6·N over every matmul weight (the LM head included, the embedding lookup not);
-    attention is 12·L·d·seq_len (QKᵀ and AV, counted in full as PaLM does). LoRA skips the
-    frozen weights' gradient: 4·N instead of 6·N (the adapters' own FLOPs are negligible).
+    From `ModelConfig.flops_per_token` (6·N over every matmul weight plus attention's
+    12·L·d·seq_len); dense is the 6·N part. LoRA skips the frozen weights' gradient: 4·N instead
+    of 6·N (the adapters' own FLOPs are negligible). forward is one forward pass, what activation
+    checkpointing recomputes. None of this counts the recompute: that is hardware, not model, FLOPs.
     """
-    n_matmul = model.num_params(embedding=False) + (model.vocab_size * model.d_model if model.tie_embeddings else 0)
-    dense = (4.0 if lora else 6.0) * n_matmul
-    attention = 12.0 * model.n_layers * model.d_model * seq_len
-    return {"dense": dense, "attention": attention, "forward": 2.0 * n_matmul + attention / 3,
-            "total": dense + attention}
+    n = model.matmul_params()
+    dense = (4.0 if lora else 6.0) * n
+    total = model.flops_per_token(seq_len) - (2.0 * n if lora else 0.0)
+    return {"dense": dense, "attention": total - dense, "forward": model.forward_flops_per_token(seq_len),
+            "total": total}
 
 
 # ---- the layout search -----------------------------------------------------------------------
@@ -314,7 +315,9 @@ class Layout:
     activations_no_ckpt: float
     activations_ckpt: float
     comm: dict[str, dict]  # dimension -> {"bytes", "seconds", "link"} per optimizer step
-    compute_s: float
+    compute_s: float  # model FLOPs at the assumed MFU, plus the pipeline bubble
+    recompute_flops: float  # the whole run's forward recomputed by checkpointing (not model FLOPs); 0 without
+    hfu: float  # hardware FLOPs utilization the assumed MFU implies: MFU × (1 + recompute / model FLOPs)
     step_s: float
     step_tokens: int
     fits: bool
@@ -369,10 +372,12 @@ def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_sh
     mem = ckpt if use_ckpt else plain
     fits = mem["total"] <= cluster.usable_bytes
 
+    # MFU counts model FLOPs only (PaLM's definition), so time is model FLOPs at the assumed MFU
+    # whether or not the layout checkpoints; the recomputed forward raises the HFU it takes instead.
     flops = training_flops_per_token(model, job.seq_len, bool(lora))
     bubble = (m + pp - 1) / m  # 1F1B: pp-1 idle slots per m micro-batches
-    recompute = 1 + flops["forward"] / flops["total"] if use_ckpt else 1.0
-    compute_s = flops["total"] * step_tokens / (gpus * gpu.peak_flops(job.precision) * job.mfu) * bubble * recompute
+    compute_s = flops["total"] * step_tokens / (gpus * gpu.peak_flops(job.precision) * job.mfu) * bubble
+    recompute = flops["forward"] / flops["total"] if use_ckpt else 0.0
 
     # Ranks are laid out tp innermost, then dp_shard, dp_replicate, pp: a group stays on NVLink
     # while its extent fits in a node, and otherwise runs at the InfiniBand rate of one NIC.
@@ -406,8 +411,8 @@ def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_sh
     seconds = job.tokens / step_tokens * step_s
     gpu_hours = gpus * seconds / 3600
     return Layout(dp_replicate, dp_shard, tp, pp, m, use_ckpt, mem, plain["activations"], ckpt["activations"], comm,
-                  compute_s, step_s, step_tokens, fits, comm_s > compute_s, seconds / 86400, gpu_hours,
-                  gpu_hours * cluster.price)
+                  compute_s, recompute * flops["total"] * job.tokens, job.mfu * (1 + recompute), step_s, step_tokens,
+                  fits, comm_s > compute_s, seconds / 86400, gpu_hours, gpu_hours * cluster.price)
 
 
 def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int) -> list[Layout]:
@@ -431,9 +436,10 @@ def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int
 
 
 def _rank(layout: Layout) -> tuple:
-    # Fits first, then not communication-bound, then fastest (rounded so equal compute ties),
-    # then the most communication headroom, then the least memory.
-    return (not layout.fits, layout.comm_bound, float(f"{layout.step_s:.4g}"),
+    # Fits first, then not communication-bound, then the fewest days (per token, not per step: steps
+    # differ in tokens; rounded so equal compute ties), then the lowest HFU the assumed MFU needs (no
+    # recompute), then the most communication headroom, then the least memory.
+    return (not layout.fits, layout.comm_bound, float(f"{layout.days:.4g}"), round(layout.hfu, 4),
             sum(c["seconds"] for c in layout.comm.values()) / layout.compute_s, layout.memory["total"])
 
 
@@ -526,7 +532,7 @@ def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: 
             raise KilnError(f"inference needs {(weights + kv) / GB:.0f} GB of weights and KV cache; too much for "
                             f"{model.n_layers} pipeline stages of {tp} × {gpu.name}; lower inference.batch or context")
     n = tp * pp
-    flops_per_token = training_flops_per_token(model, context)["forward"]
+    flops_per_token = model.forward_flops_per_token(context)
     bandwidth_s = (weights + kv) / (tp * gpu.hbm_tbps * 1e12)
     compute_s = flops_per_token * batch / (tp * gpu.peak_flops(precision))
     step_s = max(bandwidth_s, compute_s)
@@ -538,37 +544,8 @@ def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: 
 
 
 # ---- running it ------------------------------------------------------------------------------
-def build_model(section: PlanModelConfig, seq_len: int) -> ModelConfig:
-    """The ModelConfig for a preset plus shape overrides, with max_seq_len = seq_len when given."""
-    if section.preset not in PRESETS:
-        raise KilnError(f"unknown model.preset={section.preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in dataclasses.asdict(section).items() if k != "preset" and v is not None}
-    if seq_len:
-        overrides["max_seq_len"] = seq_len
-    try:
-        return preset(section.preset, **overrides)
-    except ValueError as e:
-        raise KilnError(str(e)) from None
-
-
 def _check(cfg: PlanConfig) -> None:
-    positive = {"tokens": cfg.tokens, "mfu": cfg.mfu, "micro_batch": cfg.micro_batch,
-                "global_batch_tokens": cfg.global_batch_tokens, "gpus_per_node": cfg.gpus_per_node,
-                "max_gpus": cfg.max_gpus, "max_days": cfg.max_days, "max_pp": cfg.max_pp,
-                "max_memory_fraction": cfg.max_memory_fraction, "lora.rank": cfg.lora.rank,
-                "inference.batch": cfg.inference.batch, "inference.context": cfg.inference.context,
-                "interconnect.ib_gbits": cfg.interconnect.ib_gbits}
-    for key, value in positive.items():
-        if not value > 0:
-            raise KilnError(f"{key}={value:g} must be positive")
-    for key, value in {"gpus": cfg.gpus, "seq_len": cfg.seq_len, "price_per_gpu_hour": cfg.price_per_gpu_hour,
-                       "interconnect.nvlink_gbps": cfg.interconnect.nvlink_gbps,
-                       **{f"prices.{k}": v for k, v in dataclasses.asdict(cfg.prices).items()}}.items():
-        if value < 0:
-            raise KilnError(f"{key}={value:g} must be ≥ 0")
-    for key, value in {"mfu": cfg.mfu, "max_memory_fraction": cfg.max_memory_fraction}.items():
-        if value > 1:
-            raise KilnError(f"{key}={value:g} is a share: at most 1")
+    """What the per-key ranges (checked at load) cannot say: checks across keys."""
     if cfg.gpus > cfg.gpus_per_node and cfg.gpus % cfg.gpus_per_node:
         raise KilnError(f"gpus={cfg.gpus} is not a whole number of nodes of gpus_per_node={cfg.gpus_per_node}")
 
@@ -583,32 +560,30 @@ def _cluster(cfg: PlanConfig, gpu: GPUSpec, price: float) -> Cluster:
                    cfg.max_memory_fraction)
 
 
-def _model_summary(model: ModelConfig, section: PlanModelConfig) -> dict:
-    reshaped = any(v is not None for k, v in dataclasses.asdict(section).items() if k != "preset")
-    return {"preset": section.preset, "reshaped": reshaped, **model.to_dict(), "params": model.num_params()}
-
-
 def plan(cfg: PlanConfig) -> dict:
     """The whole plan as a JSON-ready dict (what `json=true` prints)."""
     _check(cfg)
     gpu = gpu_spec(cfg.gpu)
-    model = build_model(cfg.model, cfg.seq_len)
+    model = cfg.model.build(**({"max_seq_len": cfg.seq_len} if cfg.seq_len else {}))
     seq_len = cfg.seq_len or model.max_seq_len
     price = cfg.price_per_gpu_hour or _price(cfg, gpu)
-    out: dict = {"workload": cfg.workload, "model": _model_summary(model, cfg.model), "precision": cfg.precision,
-                 "gpu": {**dataclasses.asdict(gpu), "price_per_gpu_hour": price},
+    tokens = cfg.tokens or DEFAULT_TOKENS[cfg.workload]
+    out: dict = {"workload": cfg.workload, "tokens": tokens, "tokens_default": not cfg.tokens,
+                 "model": {"preset": cfg.model.preset, "overrides": cfg.model.overrides(), **model.to_dict(),
+                           "params": model.num_params()},
+                 "precision": cfg.precision, "gpu": {**dataclasses.asdict(gpu), "price_per_gpu_hour": price},
                  "assumptions": {"prices_are_assumptions": True, "mfu": cfg.mfu,
                                  "nvlink_gbps": cfg.interconnect.nvlink_gbps or gpu.nvlink_gbps,
                                  "ib_gbits": cfg.interconnect.ib_gbits,
                                  "max_memory_fraction": cfg.max_memory_fraction}}
     if cfg.workload == "inference":
-        out["batch"], out["context"], out["tokens"] = cfg.inference.batch, cfg.inference.context, cfg.tokens
+        out["batch"], out["context"] = cfg.inference.batch, cfg.inference.context
         out["by_gpu"] = []
         for other in GPUS.values():
             other_price = price if other is gpu else _price(cfg, other)
             row = inference_estimate(model, other, cfg.precision, cfg.inference.batch, cfg.inference.context,
                                      other_price, cfg.gpus_per_node, cfg.max_memory_fraction)
-            row["cost_for_tokens"] = row["usd_per_million_tokens"] * cfg.tokens / 1e6
+            row["cost_for_tokens"] = row["usd_per_million_tokens"] * tokens / 1e6
             out["by_gpu"].append(row)
         return out
 
@@ -618,30 +593,34 @@ def plan(cfg: PlanConfig) -> dict:
         raise KilnError(f"global_batch_tokens={cfg.global_batch_tokens} is smaller than one micro-batch "
                         f"(micro_batch={cfg.micro_batch} × seq_len={seq_len}); raise it")
     lora_rank = cfg.lora.rank if cfg.workload == "finetune-lora" else 0
-    job = TrainingJob(model, cfg.tokens, seq_len, cfg.precision, cfg.mfu, cfg.micro_batch, cfg.global_batch_tokens,
+    job = TrainingJob(model, tokens, seq_len, cfg.precision, cfg.mfu, cfg.micro_batch, cfg.global_batch_tokens,
                       lora_rank, cfg.activation_checkpointing)
     flops = training_flops_per_token(model, seq_len, bool(lora_rank))
-    out.update({"tokens": cfg.tokens, "seq_len": seq_len, "micro_batch": cfg.micro_batch,
+    out.update({"seq_len": seq_len, "micro_batch": cfg.micro_batch,
                 "global_batch_tokens": cfg.global_batch_tokens, "lora_rank": lora_rank,
-                "flops": {k: v * cfg.tokens for k, v in flops.items() if k != "forward"}})
+                "flops": {k: v * tokens for k, v in flops.items() if k != "forward"}})
     found = search(job, _cluster(cfg, gpu, price), cfg.gpus, cfg.max_pp, cfg.max_gpus, cfg.max_days)
-    out["best"] = found["best"].to_dict()
+    best = found["best"]
+    out["best"] = best.to_dict()
     out["note"] = found["note"]
+    if best.hfu > 1:
+        out["note"] = "; ".join(filter(None, [out["note"], f"checkpointing needs HFU {best.hfu:.0%} for MFU "
+                                              f"{cfg.mfu:.0%}, more than the GPU has: lower mfu"]))
     out["layouts"] = [lay.to_dict() for lay in found["layouts"][:10]]
     out["counts"] = [lay.to_dict() for lay in found["counts"]]
     out["by_gpu"] = []
     for other in GPUS.values():
         if other is gpu:
-            best = found["best"]
+            other_best = best
         elif cfg.precision == "fp8" and other.fp8_tflops is None:
             continue
         else:
             try:
-                best = search(job, _cluster(cfg, other, _price(cfg, other)), cfg.gpus, cfg.max_pp, cfg.max_gpus,
-                              cfg.max_days)["best"]
+                other_best = search(job, _cluster(cfg, other, _price(cfg, other)), cfg.gpus, cfg.max_pp,
+                                    cfg.max_gpus, cfg.max_days)["best"]
             except KilnError:
                 continue
-        out["by_gpu"].append({"gpu": other.name, **best.to_dict()})
+        out["by_gpu"].append({"gpu": other.name, **other_best.to_dict()})
     return out
 
 
@@ -672,11 +651,18 @@ def _time(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _tokens(result: dict) -> str:
+    """'15T tokens', saying so when the count is the workload's default rather than the user's."""
+    default = f" (default for {result['workload']}; set tokens=)" if result["tokens_default"] else ""
+    return f"{_si(result['tokens'])} tokens{default}"
+
+
 def _header(result: dict) -> list[str]:
     m, g, a = result["model"], result["gpu"], result["assumptions"]
     fp8 = f" ({g['fp8_tflops']:g} fp8)" if g["fp8_tflops"] else ""
+    changed = ", ".join(f"{k}={v}" for k, v in m["overrides"].items())
     return [
-        f"model   {m['preset']}{' (reshaped)' if m['reshaped'] else ''}: {_si(m['params'])} params, {m['n_layers']} layers, d_model {m['d_model']}, "
+        f"model   {m['preset']}{f' ({changed})' if changed else ''}: {_si(m['params'])} params, {m['n_layers']} layers, d_model {m['d_model']}, "
         f"{m['n_heads']}/{m['n_kv_heads']} heads, ffn {m['ffn_hidden']}, vocab {m['vocab_size']}",
         f"gpu     {g['name']}: {g['memory_gb']:g} GB, {g['bf16_tflops']:g} TFLOPS bf16 dense{fp8}, "
         f"HBM {g['hbm_tbps']:g} TB/s, NVLink {a['nvlink_gbps']:g} GB/s; InfiniBand {a['ib_gbits']:g} Gb/s per GPU",
@@ -689,12 +675,15 @@ def format_training(result: dict) -> str:
     best = result["best"]
     lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
     f = result["flops"]
-    lines = [f"kiln plan: {result['workload']}{lora} — {_si(result['tokens'])} tokens, seq_len {result['seq_len']}, "
+    lines = [f"kiln plan: {result['workload']}{lora} — {_tokens(result)}, seq_len {result['seq_len']}, "
              f"global batch {_si(result['global_batch_tokens'])} tokens, micro-batch {result['micro_batch']}, "
              f"{result['precision']}, AdamW, assumed MFU {result['assumptions']['mfu']:.0%}",
              *_header(result),
-             f"compute {f['total']:.3g} FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
+             f"compute {f['total']:.3g} model FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
              f"+ attention {f['attention']:.3g}", ""]
+    mfu = result["assumptions"]["mfu"]
+    recompute = (f"; checkpointing recomputes {best['recompute_flops']:.3g} FLOPs more, so MFU {mfu:.0%} "
+                 f"takes HFU {best['hfu']:.0%}" if best["checkpointing"] else "")
     mem = best["memory"]
     lines += [
         f"best    {best['gpus']} × {result['gpu']['name']} as dp_replicate {best['dp_replicate']} × dp_shard "
@@ -706,7 +695,8 @@ def format_training(result: dict) -> str:
         f"{_gb(mem['weights'])}, grads {_gb(mem['grads'])}, optimizer {_gb(mem['optimizer'])}, activations "
         f"{_gb(mem['activations'])}, logits {_gb(mem['logits'])} and their gradients {_gb(mem['logit_grads'])}",
         f"        {best['days']:.1f} days, {_si(best['gpu_hours'])} GPU-hours, ${_si(best['cost'])}; step "
-        f"{_time(best['step_s'])} (compute {_time(best['compute_s'])}) for {_si(best['step_tokens'])} tokens", "",
+        f"{_time(best['step_s'])} (compute {_time(best['compute_s'])} at MFU {mfu:.0%}) for {_si(best['step_tokens'])} "
+        f"tokens{recompute}", "",
         f"layouts on {best['gpus']} × {result['gpu']['name']} (dp_rep×dp_shard×tp×pp; memory in GB per GPU, "
         "acts = activations + logits and their gradients, without / with checkpointing; peak < the sum when "
         "gradients fill in as backward frees activations):",
@@ -720,17 +710,18 @@ def format_training(result: dict) -> str:
                      _gb(lay["activations_no_ckpt"] + loss), _gb(lay["activations_ckpt"] + loss),
                      _gb(mm["total"]), "on" if lay["checkpointing"] else "off", "yes" if lay["fits"] else "NO"])
     lines += [_table(["layout", "weights", "grads", "optim", "acts", "acts ckpt", "peak", "ckpt", "fits"], rows), ""]
-    lines.append("communication per step (volume per GPU, time at link rate: NVLink and IB per direction):")
+    lines.append("communication per step (volume per GPU, time at link rate: NVLink and IB per direction); compute "
+                 "at the assumed MFU and the HFU that takes (above MFU where checkpointing recomputes the forward):")
     rows = []
     for lay in result["layouts"]:
         cells = [lay["label"]]
         for dim in ("tp", "fsdp", "dp", "pp"):
             c = lay["comm"][dim]
             cells.append(f"{_gb(c['bytes'])} GB {_time(c['seconds'])} {c['link']}" if c["bytes"] else "-")
-        cells += [_time(lay["compute_s"]), f"{lay['days']:.1f}", f"${_si(lay['cost'])}",
+        cells += [_time(lay["compute_s"]), f"{lay['hfu']:.0%}", f"{lay['days']:.1f}", f"${_si(lay['cost'])}",
                   "COMM-BOUND" if lay["comm_bound"] else ""]
         rows.append(cells)
-    lines += [_table(["layout", "TP", "FSDP", "DP", "PP", "compute", "days", "cost", ""], rows)]
+    lines += [_table(["layout", "TP", "FSDP", "DP", "PP", "compute", "HFU", "days", "cost", ""], rows)]
     if len(result["counts"]) > 1:
         lines += ["", "GPU counts around the choice (best layout each; all counts are in the JSON):"]
         at = [c["gpus"] for c in result["counts"]].index(best["gpus"])
@@ -748,13 +739,14 @@ def format_training(result: dict) -> str:
 def format_inference(result: dict) -> str:
     """The inference plan as a table over GPU types."""
     lines = [f"kiln plan: inference — {result['precision']} weights and KV cache, batch {result['batch']}, "
-             f"context {result['context']} tokens; decode is bound by HBM bandwidth (peak; real kernels reach ~70-85%)",
+             f"context {result['context']} tokens, serving {_tokens(result)}; decode is bound by HBM bandwidth "
+             "(peak; real kernels reach ~70-85%)",
              *_header(result), ""]
     rows = [[r["gpu"], f"{r['gpus']} (tp {r['tp']}, pp {r['pp']})", _gb(r["weights_per_gpu"]), _gb(r["kv_per_gpu"]),
              _gb(r["total_per_gpu"]), f"{r['tokens_per_s']:.0f}", r["bound"], f"{r['price']:.2f}",
              f"{r['usd_per_million_tokens']:.3g}", f"${_si(r['cost_for_tokens'])}"] for r in result["by_gpu"]]
     lines.append(_table(["gpu", "gpus", "weights GB", "KV GB", "total GB", "decode tok/s", "bound", "$/GPU-h",
-                         "$/M tokens", f"{_si(result['tokens'])} tokens"], rows))
+                         "$/M tokens", f"$ for {_si(result['tokens'])} tokens"], rows))
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from kiln.config import Config
 from kiln.data.pipeline import run_prepare
 from kiln.report import write_report
 from kiln.serve.engine import Engine
-from kiln.train.trainer import run_pretrain
+from kiln.workloads.pretrain import run_pretrain
 
 
 def run_speedrun(cfg: Config) -> None:

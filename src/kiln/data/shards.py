@@ -71,20 +71,58 @@ def _memmaps(path: Path, man: dict, split: str) -> list[np.ndarray]:
     return [np.memmap(path / s["file"], dtype=man["dtype"], mode="r") for s in shards]
 
 
-class TokenLoader:
-    """Batches (inputs, targets) of shape (batch_size, seq_len) for one data-parallel rank.
+def _doc_starts(path: Path, man: dict, split: str) -> list[np.ndarray]:
+    """Each shard's document start offsets (`*.idx.npy`), for document masks."""
+    out = []
+    for s in man["splits"].get(split, {}).get("shards", []):
+        f = path / s["file"].replace(".bin", ".idx.npy")
+        if not f.is_file():
+            raise KilnError(f"'{f}' (document offsets) is missing; re-run `kiln prepare`, or set train.document_mask=false")
+        out.append(np.load(f))
+    return out
 
-    Windows are visited in a permutation seeded by (seed, epoch); global batch k takes windows
-    [k·world·B, (k+1)·world·B) of it and rank r its r-th slice, so ranks read disjoint data and
-    every rank can recompute where it is from `state_dict()`.
+
+def window_batch(windows: list[np.ndarray], starts: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """A batch dict from windows of seq_len + 1 tokens: `input_ids`, `labels` (shifted by one) and,
+    given each window's document starts (offsets within the window), `document_ids` and
+    `positions` that restart at every document, so packed documents do not attend to each other."""
+    buf = torch.from_numpy(np.stack(windows).astype(np.int64))
+    batch = {"input_ids": buf[:, :-1], "labels": buf[:, 1:]}
+    if starts is not None:
+        t = buf.shape[1] - 1
+        docs = np.zeros((len(windows), t), dtype=np.int64)
+        for i, st in enumerate(starts):
+            st = st[(st > 0) & (st < t)]
+            docs[i, st] = 1
+        docs = np.cumsum(docs, axis=1)
+        first = np.zeros_like(docs)
+        idx = np.arange(t)[None, :].repeat(len(windows), 0)
+        # position = index - index of the first token of the row's current document
+        boundary = np.where(np.concatenate([np.ones((len(windows), 1), bool), docs[:, 1:] != docs[:, :-1]], 1), idx, 0)
+        first = np.maximum.accumulate(boundary, axis=1)
+        batch["document_ids"] = torch.from_numpy(docs)
+        batch["positions"] = torch.from_numpy(idx - first)
+    return batch
+
+
+class TokenLoader:
+    """Batches of `input_ids` and `labels`, (batch_size, seq_len) each, for one data-parallel rank.
+
+    Implements the loader interface every workload shares (`next_batch`, `state_dict`,
+    `load_state_dict`). Windows are visited in a permutation seeded by (seed, epoch); global
+    batch k takes windows [k·world·B, (k+1)·world·B) of it and rank r its r-th slice, so ranks
+    read disjoint data and every rank can recompute where it is from `state_dict()`. With
+    `document_mask`, batches also carry `document_ids` and `positions` from the shards' document
+    offsets (`*.idx.npy`), so attention stops at document boundaries.
     """
 
     def __init__(self, path: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, document_mask: bool = False) -> None:
         self.path = Path(path)
         self.man = open_data(self.path)
         self.batch_size, self.seq_len, self.seed, self.rank, self.world = batch_size, seq_len, seed, rank, world
         self.maps = _memmaps(self.path, self.man, split)
+        self.starts = _doc_starts(self.path, self.man, split) if document_mask else None
         counts = [max(0, (len(m) - 1) // seq_len) for m in self.maps]
         self.n_windows = sum(counts)
         if self.n_windows < batch_size * world:
@@ -100,20 +138,29 @@ class TokenLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
 
-    def _window(self, w: int) -> np.ndarray:
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray | None]:
         s = self._shard_of[w]
         start = (w - self._first[s]) * self.seq_len
-        return self.maps[s][start : start + self.seq_len + 1]
+        doc_starts = None
+        if self.starts is not None:
+            st = self.starts[s]
+            lo, hi = np.searchsorted(st, [start, start + self.seq_len])
+            doc_starts = st[lo:hi] - start
+        return self.maps[s][start : start + self.seq_len + 1], doc_starts
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         step = self.batch_size * self.world
         if self.pos + step > self.n_windows:
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
         mine = self._perm[self.pos + self.rank * self.batch_size : self.pos + (self.rank + 1) * self.batch_size]
         self.pos += step
-        buf = torch.from_numpy(np.stack([self._window(w) for w in mine]).astype(np.int64))
-        return buf[:, :-1], buf[:, 1:]
+        windows, starts = zip(*(self._window(w) for w in mine))
+        return window_batch(list(windows), list(starts) if self.starts is not None else None)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "world": self.world,
@@ -130,18 +177,28 @@ class TokenLoader:
         self._perm = self._permutation(self.epoch)
 
 
-def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int):
-    """The validation split cut into consecutive windows: the same batches at every evaluation."""
+def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int, rank: int = 0, world: int = 1,
+                 document_mask: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The validation split cut into consecutive windows: the same batches at every evaluation.
+    With several data-parallel ranks each takes every world-th batch (the evaluator sums over ranks)."""
     path = Path(path)
     man = open_data(path)
-    windows = []
-    for m in _memmaps(path, man, "val"):
+    windows, starts = [], []
+    doc_starts = _doc_starts(path, man, "val") if document_mask else None
+    for si, m in enumerate(_memmaps(path, man, "val")):
         n = (len(m) - 1) // seq_len
-        windows.extend(m[i * seq_len : i * seq_len + seq_len + 1] for i in range(n))
-    n_batches = min(max_batches, math.ceil(len(windows) / batch_size)) if max_batches else math.ceil(len(windows) / batch_size)
-    for b in range(n_batches):
-        chunk = windows[b * batch_size : (b + 1) * batch_size]
-        if not chunk:
-            break
-        buf = torch.from_numpy(np.stack(chunk).astype(np.int64))
-        yield buf[:, :-1], buf[:, 1:]
+        for i in range(n):
+            windows.append(m[i * seq_len : i * seq_len + seq_len + 1])
+            if doc_starts is not None:
+                st = doc_starts[si]
+                lo, hi = np.searchsorted(st, [i * seq_len, (i + 1) * seq_len])
+                starts.append(st[lo:hi] - i * seq_len)
+    n_batches = math.ceil(len(windows) / batch_size)
+    if max_batches:
+        n_batches = min(max_batches, n_batches)
+    out = []
+    for b in range(rank, n_batches, world):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        if windows[sl]:
+            out.append(window_batch(windows[sl], starts[sl] if doc_starts is not None else None))
+    return out

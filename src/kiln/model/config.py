@@ -81,7 +81,8 @@ class ModelConfig:
 
     def matmul_params(self) -> int:
         """Weights that take part in a matmul per token: every block, and the LM head (tied or not)."""
-        return self.num_params(embedding=False) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
+        norms = (2 * self.n_layers + 1) * self.d_model  # RMSNorm gains scale, they do not multiply
+        return self.num_params(embedding=False) - norms + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward FLOPs per token: 2·N + 4·L·d·T (attention's QKᵀ and AV over a context of T,

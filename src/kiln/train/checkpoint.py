@@ -46,11 +46,14 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `model`, matching plain names; every weight must be present and fit."""
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, partial: bool = False) -> None:
+    """Copy `tensors` into `model`, matching plain names; every weight must be present (unless
+    `partial`: then only those given) and fit. Sharded (DTensor) weights take their local shard."""
+    from kiln.model.transformer import _copy_into
+
     own = {clean_name(n): p for n, p in model.state_dict(keep_vars=True).items()}
     tied = {n for n in own if n not in tensors and any(own[n] is own[m] for m in tensors if m in own)}
-    missing = sorted(set(own) - set(tensors) - tied)
+    missing = [] if partial else sorted(set(own) - set(tensors) - tied)
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise KilnError(
@@ -59,12 +62,12 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
         )
     with torch.no_grad():
         for name, t in tensors.items():
-            if own[name].shape != t.shape:
+            if tuple(own[name].shape) != tuple(t.shape):
                 raise KilnError(
                     f"{source}: weight '{name}' has shape {tuple(t.shape)}, the model wants {tuple(own[name].shape)}; "
                     "it was saved from a different model: use its model settings or a new out="
                 )
-            own[name].copy_(t)
+            _copy_into(own[name], t.to(own[name].dtype))
 
 
 class CheckpointManager:

@@ -95,14 +95,12 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
 
 
-def consolidate(path: Path, out: Path, tied: bool = True) -> Path:
-    """Gather a sharded checkpoint's weights into one safetensors file with the single-process
-    names (a tied head stored once, as `tok_emb.weight`). Runs in one process, needs the whole
-    model in CPU memory."""
+def read_tensors(path: Path, tied: bool = True) -> dict[str, torch.Tensor]:
+    """Every weight of a sharded checkpoint, gathered in this one process under the single-process
+    names (a tied head once, as `tok_emb.weight`). Needs the whole model in CPU memory."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path, out = Path(path), Path(out)
-    reader = dcp.FileSystemReader(path / "dcp")
+    reader = dcp.FileSystemReader(Path(path) / "dcp")
     meta = reader.read_metadata()
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
           if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
@@ -110,6 +108,13 @@ def consolidate(path: Path, out: Path, tied: bool = True) -> Path:
     tensors = {k.removeprefix("model."): v.contiguous() for k, v in sd.items()}
     if tied and "tok_emb.weight" in tensors:
         tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def consolidate(path: Path, out: Path, tied: bool = True) -> Path:
+    """Gather a sharded checkpoint's weights into one safetensors file with the single-process names."""
+    out = Path(out)
+    tensors = read_tensors(path, tied)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, tmp)
     os.replace(tmp, out)

@@ -29,7 +29,13 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass
 class Pipeline:
-    """This rank's pipeline stage and the schedule (GPipe or 1F1B) that drives it."""
+    """This rank's pipeline stage and the schedule (GPipe or 1F1B) that drives it.
+
+    The last stage computes the objective's `pipeline_loss(logits, labels)`; an objective without
+    one (it needs more than the logits and labels, or frozen models) cannot run pipelined and
+    `bind` says so. Only `input_ids` travel between stages, so a batch carrying positions or
+    masks is refused rather than silently trained without them.
+    """
 
     schedule: object
     stage_index: int
@@ -38,6 +44,8 @@ class Pipeline:
     group: dist.ProcessGroup
     tied_group: dist.ProcessGroup | None = None  # first + last stage, when they hold one tied weight
     loss_scale: float = 1.0
+    objective_loss: object = None
+    workload: str = "pretrain"
 
     @property
     def is_first(self) -> bool:
@@ -47,21 +55,44 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.stage_index == self.n_stages - 1
 
-    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Per-microbatch mean; the schedule does not rescale (scale_grads=False) because
-        # `loss_scale` already folds in 1 / (microbatches × accumulation steps).
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) * self.loss_scale
+    def bind(self, objective, workload: str) -> None:
+        if getattr(objective, "pipeline_loss", None) is None or objective.frozen:
+            raise KilnError(f"{workload}: the {objective.name} objective cannot run under pipeline parallelism "
+                            "(it needs more than one stage's logits and labels); set parallel.pp=1")
+        self.objective_loss, self.workload = objective.pipeline_loss, workload
 
-    def run(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float, train: bool = True) -> torch.Tensor:
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Per-microbatch loss; the schedule does not rescale (scale_grads=False) because
+        # `loss_scale` already folds in 1 / (microbatches × accumulation steps).
+        return self.objective_loss(logits, labels) * self.loss_scale
+
+    def _check(self, batch: dict) -> None:
+        extra = sorted(set(batch) - {"input_ids", "labels"})
+        if extra:
+            raise KilnError(f"{self.workload}: under pipeline parallelism only input_ids pass between stages, but the "
+                            f"batch also carries {', '.join(extra)}; set parallel.pp=1 (or train.document_mask=false)")
+
+    def run(self, batch: dict, scale: float, train: bool = True) -> torch.Tensor:
         """One batch through the pipeline; the last stage returns Σ scaled microbatch losses, others 0."""
+        self._check(batch)
+        inputs = batch["input_ids"]
         self.loss_scale = scale / self.microbatches
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.is_first else ()
-        kwargs = {"target": targets, "losses": losses} if self.is_last else {}
+        kwargs = {"target": batch["labels"], "losses": losses} if self.is_last else {}
         (self.schedule.step if train else self.schedule.eval)(*args, return_outputs=False, **kwargs)
         if not losses:
             return torch.zeros((), device=inputs.device)
         return torch.stack([loss.detach() for loss in losses]).sum()
+
+    def eval_step(self, batch: dict) -> dict[str, tuple[float, float]]:
+        """Validation loss of one batch: (mean loss × labelled tokens, labelled tokens) on the last
+        stage, (0, 0) elsewhere, so a sum over all ranks counts each pipeline once."""
+        loss = self.run(batch, 1.0, train=False)
+        if not self.is_last:
+            return {"val_loss": (0.0, 0.0)}
+        n = float((batch["labels"] != -100).sum())
+        return {"val_loss": (float(loss) * n, n)}
 
 
 @dataclass
@@ -306,18 +337,32 @@ def _tied_group(env: ParallelEnv) -> dist.ProcessGroup | None:
     return mine
 
 
-def parallelize(model: nn.Module, cfg: Config, env: ParallelEnv) -> nn.Module:
+def parallelize(model: nn.Module, cfg: Config, env: ParallelEnv, frozen: bool = False) -> nn.Module:
     """Apply, in a fixed order, PP split, TP, activation checkpointing, compile and FSDP2 / DDP;
-    return this rank's part of the model to train (under PP, its stage; `env.pipeline` drives it)."""
+    return this rank's part of the model to train (under PP, its stage; `env.pipeline` drives it).
+
+    Call it once per model of a run. `frozen=True` places a model the objective holds but does
+    not train (a DPO reference, a distillation teacher) like the trained one: TP and FSDP2
+    sharded the same way, no DDP (it has no gradients to reduce), no activation checkpointing,
+    never a pipeline. A model still on the meta device stays there (see `materialize`).
+    """
     lay = env.layout
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
     tied = model.cfg.tie_embeddings  # under PP its two uses land on different stages
+    on_meta = any(p.is_meta for p in model.parameters())
+    if frozen:
+        model.requires_grad_(False)
+        model.eval()
+        if lay["pp"] > 1:
+            raise KilnError("a frozen reference or teacher model cannot be placed under pipeline parallelism; "
+                            "set parallel.pp=1")
     if lay["pp"] > 1:
         split_for_pipeline(model, env.mesh["pp"].get_local_rank(), lay["pp"])
-    model.to(env.device)
+    if not on_meta:
+        model.to(env.device)
     if lay["tp"] > 1:
         apply_tp(model, env.mesh["tp"], sequence_parallel=lay["pp"] == 1)
-    if cfg.train.activation_checkpointing:
+    if cfg.train.activation_checkpointing and not frozen:
         apply_activation_checkpointing(model)
     if use_compile(cfg, env.device):
         apply_compile(model)
@@ -329,13 +374,39 @@ def parallelize(model: nn.Module, cfg: Config, env: ParallelEnv) -> nn.Module:
         if lay["tp"] > 1:
             raise KilnError("parallel.dp_replicate>1 with tp>1 needs sharded data parallelism: "
                             "set parallel.dp_shard to the data-parallel degree instead (FSDP2 / HSDP)")
-        stage_module = apply_ddp(model, env.mesh["dp_replicate"])
+        if not frozen:
+            stage_module = apply_ddp(model, env.mesh["dp_replicate"])
     if lay["pp"] > 1:
         env.pipeline = build_pipeline(stage_module, cfg, env, tied)
         if tied and env.pipeline.is_last and not env.pipeline.is_first:
             env.dedup_params = {id(model.lm_head.weight)}
         return model
     return stage_module
+
+
+def shards_parameters(env: ParallelEnv) -> bool:
+    """Whether this layout keeps only a shard of each weight per rank (FSDP2 or TP)."""
+    return env.layout["dp_shard"] > 1 or env.layout["tp"] > 1
+
+
+def build_model(make, cfg: Config, env: ParallelEnv, init, frozen: bool = False) -> nn.Module:
+    """Build a model with `make()`, place it with `parallelize` and fill its weights with `init(model)`.
+
+    Where the layout shards weights (FSDP2, TP) the model is built on the meta device, sharded,
+    and only then materialized (`to_empty`) and initialized, so no rank ever holds the whole
+    model: `init` must write DTensor parameters shard by shard, as `Transformer.init_weights`
+    and `checkpoint.load_model_tensors` do. Elsewhere it is built and initialized whole, then placed.
+    """
+    if not shards_parameters(env):
+        model = make()
+        init(model)
+        return parallelize(model, cfg, env, frozen=frozen)
+    with torch.device("meta"):
+        model = make()
+    placed = parallelize(model, cfg, env, frozen=frozen)
+    model.to_empty(device=env.device)
+    init(model)
+    return placed
 
 
 def build_pipeline(stage_module: nn.Module, cfg: Config, env: ParallelEnv, tied: bool) -> Pipeline:

@@ -1,39 +1,42 @@
-"""The training loop: forward → loss → backward → clip → step, for any objective; and `kiln pretrain`."""
+"""The training loop every workload shares: forward → loss → backward → clip → step, for any
+objective and any loader, with accumulation, the spike guard, evaluation, logs, checkpoints and
+exact resume. Workloads (`kiln.workloads.*`) build the models, loader and objective and call
+`Trainer.fit`; nothing here knows which workload it runs beyond its name.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import shutil
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from kiln.config import Config, dump_yaml
-from kiln.data.pipeline import data_dir, tokenizer_path
-from kiln.data.shards import TokenLoader, eval_batches, open_data
-from kiln.data.tokenizer import load_tokenizer
+from kiln.config import Config
 from kiln.errors import KilnError
-from kiln.hardware import tune_cpu_allocator
-from kiln.model.transformer import ModelConfig, Transformer, preset
-from kiln.runs import atomic_write_text, sha256_file
 from kiln.train import distributed_checkpoint, parallel
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.metrics import MetricsLog, peak_flops
-from kiln.train.objectives import next_token_loss
+from kiln.train.metrics import MetricsLog, format_duration, peak_flops
+from kiln.train.objectives import Batch, Objective
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 
 
 @dataclass
 class SpikeGuard:
-    """Skips a step whose loss or gradient norm is not finite, or whose loss jumps far above the recent mean."""
+    """Skips a step whose loss or gradient norm is not finite, or whose loss jumps far above the
+    recent ones.
+
+    A spike is a loss more than `factor - 1` scales above the recent mean, the scale being the
+    larger of |mean|, the recent spread and a small floor. For the positive losses of
+    pretraining this is the familiar "above factor × the mean"; for losses near zero or below
+    (DPO, RL, a reward margin) the spread takes over, so the guard works for any loss.
+    """
 
     factor: float
     window: int
@@ -45,8 +48,12 @@ class SpikeGuard:
     def bad(self, loss: float, grad_norm: float) -> str | None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return "non-finite loss or gradient"
-        if len(self.recent) >= min(10, self.window) and loss > self.factor * (sum(self.recent) / len(self.recent)):
-            return f"loss {loss:.3f} spiked above {self.factor}× the recent mean"
+        if len(self.recent) >= min(10, self.window):
+            mean = sum(self.recent) / len(self.recent)
+            spread = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
+            scale = max(abs(mean), 3 * spread, 1e-3)
+            if loss - mean > (self.factor - 1) * scale:
+                return f"loss {loss:.4g} spiked far above the recent mean {mean:.4g}"
         return None
 
     def record(self, loss: float, reason: str | None, step: int) -> None:
@@ -71,8 +78,18 @@ class SpikeGuard:
         self.recent, self.in_row, self.skipped = deque(s["recent"]), s["in_row"], s["skipped"]
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _scalar(v) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
 class Trainer:
-    """Runs `objective` over batches from `loader`, with accumulation, guard, eval, logs and checkpoints."""
+    """Runs `objective` over batches from `loader` (the loader interface: `next_batch()`,
+    `state_dict()`, `load_state_dict()`, `tokens_per_batch`), with accumulation, the spike guard,
+    evaluation on `eval_batches`, logs, the run's report and checkpoints."""
 
     def __init__(
         self,
@@ -80,23 +97,33 @@ class Trainer:
         model: nn.Module,
         env: parallel.ParallelEnv,
         loader,
-        objective: Callable = next_token_loss,
-        evaluate: Callable[[nn.Module], dict] | None = None,
-        tokens_per_micro_batch: int = 0,
+        objective: Objective,
+        eval_batches: list[Batch] | None = None,
         flops_per_token: float = 0.0,
         meta: dict | None = None,
+        name: str = "pretrain",
+        matmul_shapes: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
         self.cfg, self.tc, self.model, self.env = cfg, cfg.train, model, env
-        self.loader, self.objective, self.evaluate = loader, objective, evaluate
+        self.loader, self.objective, self.eval_batches = loader, objective, eval_batches
+        self.name = name
+        self.matmul_shapes = matmul_shapes  # (m, k, n) of the model's main matmuls, for the MFU peak
+        if env.pipeline is not None:
+            env.pipeline.bind(objective, name)
         self.optimizer = build_optimizer(model, cfg.train)
+        if not self.optimizer.param_groups[0]["params"] and not self.optimizer.param_groups[1]["params"]:
+            raise KilnError(f"{name}: the model has no trainable parameter; check train.freeze")
         self.run_dir = Path(cfg.out)
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
-        self.meta = meta or {}
-        self.tokens_per_micro = tokens_per_micro_batch
+        self.meta = {"workload": name, **(meta or {})}
+        self.tokens_per_micro = getattr(loader, "tokens_per_batch", 0)
         self.flops_per_token = flops_per_token
         self.guard = SpikeGuard(self.tc.spike_factor, self.tc.spike_window, self.tc.max_bad_steps)
         self.step = 0
+        self.tokens = 0  # cumulative over the run, across resumes and layouts
+        self.elapsed = 0.0  # seconds of training, cumulative across resumes
         self.accum = self._accumulation_steps()
+        self.tokens_per_step = self.tokens_per_micro * self.accum * env.dp_world
         self.autocast = (
             torch.autocast(env.device.type, dtype=torch.bfloat16)
             if self._use_bf16() else contextlib.nullcontext()
@@ -110,17 +137,24 @@ class Trainer:
         per_step = self.tokens_per_micro * self.env.dp_world
         if not self.tc.tokens_per_step:
             return 1
-        if self.tc.tokens_per_step % per_step:
+        if not per_step or self.tc.tokens_per_step % per_step:
             raise KilnError(
                 f"train.tokens_per_step={self.tc.tokens_per_step} is not a multiple of one micro-batch across ranks "
                 f"({per_step} = batch_size × seq_len × data-parallel ranks); pick a multiple of {per_step}"
             )
         return self.tc.tokens_per_step // per_step
 
+    def say(self, text: str) -> None:
+        """One line to stdout from the main rank, above the progress bar if there is one."""
+        if self.env.is_main:
+            tqdm.write(f"{self.name}: {text}", file=sys.stdout)
+            sys.stdout.flush()
+
     # ---- state -----------------------------------------------------------------------------
     def state(self) -> dict:
         s = {"step": self.step, "rng_cpu": torch.get_rng_state(), "loader": self.loader.state_dict(),
-             "guard": self.guard.state_dict()}
+             "guard": self.guard.state_dict(), "tokens": self.tokens, "elapsed_s": self.elapsed,
+             "tokens_per_step": self.tokens_per_step, "world": self.env.world}
         if torch.cuda.is_available():
             s["rng_cuda"] = torch.cuda.get_rng_state_all()
         return s
@@ -139,218 +173,195 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        before = int(state.get("tokens_per_step", self.tokens_per_step))
+        self.tokens = int(state.get("tokens", self.step * before))
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.say(f"resumed from {path} (step {self.step}); {self.tokens:,} tokens seen so far")
+        if before != self.tokens_per_step:
+            self.say(f"note: this layout trains {self.tokens_per_step:,} tokens per step, the checkpoint's "
+                     f"{before:,} ({state.get('world', '?')} ranks then, {self.env.world} now); set "
+                     "train.tokens_per_step to keep the global batch")
 
-    def save(self) -> None:
+    def save(self) -> Path:
         if self.env.distributed:  # every rank writes its shards; the last checkpoint also gets one model file
-            distributed_checkpoint.save(self.ckpt, self.step, self.model, self.optimizer, self.state(), self.meta,
-                                        self.env.rank, consolidated=self.step == self.tc.max_steps)
-        elif self.env.is_main:
-            self.ckpt.save(self.step, self.model, self.optimizer, self.state(), self.meta)
+            return distributed_checkpoint.save(self.ckpt, self.step, self.model, self.optimizer, self.state(),
+                                               self.meta, self.env.rank, consolidated=self.step == self.tc.max_steps)
+        if self.env.is_main:
+            return self.ckpt.save(self.step, self.model, self.optimizer, self.state(), self.meta)
+        return self.ckpt.path(self.step)
 
     # ---- the loop --------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (loss, grad norm) before the update."""
+    def train_step(self) -> tuple[float, float, dict]:
+        """One optimizer step over `accum` micro-batches; returns (loss, grad norm, metrics) before the update."""
         env = self.env
         total = torch.zeros((), device=env.device)
+        sums: dict[str, float] = {}
         for i in range(self.accum):
-            inputs, targets = (t.to(env.device, non_blocking=True) for t in self.loader.next_batch())
+            batch = to_device(self.loader.next_batch(), env.device)
             if env.pipeline is not None:  # forward and backward of every microbatch, scheduled across stages
                 with self.autocast:
-                    total += env.pipeline.run(inputs, targets, 1.0 / self.accum)
+                    total += env.pipeline.run(batch, 1.0 / self.accum)
                 continue
             last = i == self.accum - 1
             with contextlib.nullcontext() if last else parallel.no_grad_sync(self.model):
                 with self.autocast:
-                    loss = self.objective(self.model, (inputs, targets)) / self.accum
+                    loss, metrics = self.objective.loss(self.model, batch)
+                    loss = loss / self.accum
                 loss.backward()
             total += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + _scalar(v) / self.accum
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
         if not env.distributed:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            return float(total), float(grad_norm)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+            return float(total), float(grad_norm), sums
         parallel.sync_tied_grads(self.model, env)
         grad_norm = parallel.clip_grad_norm(self.model, clip, env)
-        return float(parallel.mean_loss(total, env)), float(grad_norm)
+        return float(parallel.mean_loss(total, env)), float(grad_norm), sums
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The objective's validation metrics over `eval_batches`, summed over data-parallel ranks."""
+        env, model = self.env, self.model
+        model.eval()
+        totals: dict[str, list[float]] = {}
+        try:
+            for batch in self.eval_batches or []:
+                batch = to_device(batch, env.device)
+                with self.autocast:
+                    if env.pipeline is not None:
+                        parts = env.pipeline.eval_step(batch)
+                    else:
+                        parts = self.objective.eval_step(model, batch)
+                for k, (s, n) in parts.items():
+                    acc = totals.setdefault(k, [0.0, 0.0])
+                    acc[0] += s
+                    acc[1] += n
+            if env.distributed:  # TP copies and pipeline stages without the loss sum and count alike
+                every = [None] * env.world  # a rank may have had no batch: agree on the names first
+                torch.distributed.all_gather_object(every, sorted(totals))
+                keys = sorted(set().union(*every))
+                flat = torch.tensor([totals.get(k, [0.0, 0.0])[j] for k in keys for j in (0, 1)], dtype=torch.float64)
+                if env.device.type != "cpu":
+                    flat = flat.to(env.device)
+                torch.distributed.all_reduce(flat)
+                totals = {k: [float(flat[2 * i]), float(flat[2 * i + 1])] for i, k in enumerate(keys)}
+        finally:
+            model.train()
+        return self.objective.eval_finish({k: (s, n) for k, (s, n) in totals.items()})
+
+    def _progress_bar(self):
+        interactive = self.tc.progress and self.env.is_main and sys.stdout.isatty()
+        if not interactive:
+            return None
+        return tqdm(total=self.tc.max_steps, initial=self.step, desc=self.name, unit="step", leave=True,
+                    dynamic_ncols=True)
+
+    def _log_line(self, r: dict, peak: float, t_left: float) -> str:
+        parts = [f"step {r['step']}/{self.tc.max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+                 f"{r['tokens_per_s']:,.0f} tok/s", f"MFU {100 * r['mfu']:.1f}%"]
+        if r.get("memory_gb"):
+            parts.append(f"mem {r['memory_gb']:.2f} GB")
+        parts += [f"grad norm {r['grad_norm']:.3g}", f"ETA {format_duration(t_left)}"]
+        return " | ".join(parts)
 
     def fit(self) -> dict:
-        tc = self.tc
-        log = MetricsLog(self.run_dir, self.step, tensorboard=tc.tensorboard, enabled=self.env.is_main)
-        peak = peak_flops(self.env.device)
-        tokens_per_step = self.tokens_per_micro * self.accum * self.env.dp_world
-        bar = tqdm(total=tc.max_steps, initial=self.step, desc="pretrain", unit="step",
-                   disable=not (tc.progress and self.env.is_main) or None)
-        t_start = time.perf_counter()
+        tc, env = self.tc, self.env
+        log = MetricsLog(self.run_dir, self.step, tensorboard=tc.tensorboard, enabled=env.is_main)
+        peak, peak_note = peak_flops(env.device, self.matmul_shapes)
+        if env.is_main:
+            self.say(f"MFU is measured against {peak / 1e9:,.0f} GFLOP/s per device ({peak_note})")
+        if tc.warmup_steps >= tc.max_steps:
+            self.say(f"warning: train.warmup_steps={tc.warmup_steps} ≥ train.max_steps={tc.max_steps}: the whole run "
+                     "stays in warmup and the learning rate never decays; lower train.warmup_steps")
+        bar = self._progress_bar()
         t_window, steps_window = time.perf_counter(), 0
+        t_run = time.perf_counter()
+        elapsed0 = self.elapsed
+        start_step = self.step
         last: dict = {}
-        if self.evaluate and self.step == 0:  # the starting point of the validation curve
-            log.log({"step": 0, **self.evaluate(self.model)})
+        if self.eval_batches and self.step == 0:  # the starting point of the validation curve
+            ev = self.evaluate()
+            log.log({"step": 0, **ev})
+            last.update(ev)
+            self.say("step 0 validation: " + _fmt(ev))
         self.model.train()
+        checkpoint = None
         while self.step < tc.max_steps:
             lr = lr_at(self.step, tc)
             set_lr(self.optimizer, lr)
-            loss, grad_norm = self.train_step()
+            loss, grad_norm, extra = self.train_step()
             reason = self.guard.bad(loss, grad_norm)
             if reason is None:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.record(loss, reason, self.step + 1)
             self.step += 1
+            self.tokens += self.tokens_per_step
             steps_window += 1
-            if reason is not None and self.env.is_main:
-                tqdm.write(f"pretrain: step {self.step} skipped: {reason}")
+            if reason is not None:
+                self.say(f"step {self.step} skipped: {reason}")
             record = None
+            now = time.perf_counter()
+            self.elapsed = elapsed0 + (now - t_run)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps or reason is not None:
-                dt = time.perf_counter() - t_window
-                tps = tokens_per_step * steps_window / dt
+                tps = self.tokens_per_step * steps_window / (now - t_window)
                 record = {
+                    **extra,  # the objective's own metrics; the loop's names below win a clash
                     "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
-                    "mfu": tps * self.flops_per_token / peak / self.env.world, "grad_norm": grad_norm,
-                    "elapsed_s": time.perf_counter() - t_start, "tokens": self.step * tokens_per_step,
-                    "skipped_steps": self.guard.skipped,
+                    "mfu": tps * self.flops_per_token / peak / env.world, "grad_norm": grad_norm,
+                    "elapsed_s": self.elapsed, "tokens": self.tokens, "skipped_steps": self.guard.skipped,
                 }
+                mem = _memory_gb(env.device)
+                if mem:
+                    record["memory_gb"] = mem
                 t_window, steps_window = time.perf_counter(), 0
-            if self.evaluate and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
+                rate = (now - t_run) / max(1, self.step - start_step)
+                if bar is None:
+                    self.say(self._log_line(record, peak, rate * (tc.max_steps - self.step)))
+            if self.eval_batches and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
                 t0 = time.perf_counter()
-                ev = self.evaluate(self.model)
-                self.model.train()
+                ev = self.evaluate()
                 record = {**(record or {"step": self.step}), **ev}
+                self.say(f"step {self.step} validation: " + _fmt(ev))
                 t_window += time.perf_counter() - t0
             if record:
                 log.log(record)
                 last.update(record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "val_bpb", "tokens_per_s") if k in record})
+                if bar is not None:
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "val_bpb", "tokens_per_s") if k in record})
             if self.step % tc.ckpt_every == 0 or self.step == tc.max_steps:
                 t0 = time.perf_counter()
-                self.save()
+                checkpoint = self.save()
                 t_window += time.perf_counter() - t0
-            bar.update(1)
-        bar.close()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         log.close()
+        if env.is_main:
+            from kiln.report import write_report
+
+            report = write_report(self.run_dir)
+            where = f"checkpoint {checkpoint}, " if checkpoint else ""
+            summary = _fmt({k: v for k, v in last.items() if k.startswith("val_")})
+            self.say(f"done: {self.step} steps, {self.tokens:,} tokens in {format_duration(self.elapsed)}"
+                     + (f"; {summary}" if summary else "")
+                     + f"; {where}metrics {self.run_dir / 'metrics.jsonl'}, report {report}")
         return last
 
 
-# ---- `kiln pretrain` ---------------------------------------------------------------------------
-def model_config_for(cfg: Config, vocab_size: int) -> ModelConfig:
-    over = cfg.model.overrides()
-    padded = 64 * math.ceil(vocab_size / 64)  # matmul-friendly; the extra rows are never targets
-    over.setdefault("max_seq_len", None)
-    if over["max_seq_len"] is None:
-        base = preset(cfg.model.preset, vocab_size=padded)
-        over["max_seq_len"] = max(base.max_seq_len, cfg.train.seq_len)
-    mc = preset(cfg.model.preset, vocab_size=padded, **over)
-    if cfg.train.seq_len > mc.max_seq_len:
-        raise KilnError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={mc.max_seq_len}; raise model.max_seq_len")
-    return mc
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
-def check_shards_match_tokenizer(ddir: Path, man: dict) -> Path:
-    """The tokenizer the shards were written with, checked against them; returns its path."""
-    tpath = tokenizer_path(ddir, man)
-    tok = load_tokenizer(tpath)
-    if tok.get_vocab_size() != man["vocab_size"] or sha256_file(tpath) != man["tokenizer_sha256"]:
-        raise KilnError(
-            f"token shards in '{ddir}' were written with a different tokenizer (vocab {man['vocab_size']}) than "
-            f"'{tpath}' (vocab {tok.get_vocab_size()}); re-run `kiln prepare` so shards and tokenizer match"
-        )
-    first = man["splits"]["train"]["shards"][0]
-    sample = np.memmap(ddir / first["file"], dtype=man["dtype"], mode="r")[:1_000_000]
-    if len(sample) and int(sample.max()) >= man["vocab_size"]:
-        raise KilnError(
-            f"token shard '{ddir / first['file']}' holds id {int(sample.max())} ≥ the vocab size {man['vocab_size']}; "
-            "the shards do not belong to this tokenizer: re-run `kiln prepare`"
-        )
-    return tpath
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        import resource
 
-
-def make_evaluator(ddir: Path, man: dict, cfg: Config, env: parallel.ParallelEnv) -> Callable[[nn.Module], dict]:
-    """Validation loss and bits per byte (loss in bits × val tokens / val bytes)."""
-    val = man["splits"]["val"]
-    tokens_per_byte = val["tokens"] / max(val["bytes"], 1)
-    batches = list(eval_batches(ddir, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches))
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> dict:
-        model.eval()
-        total, n = 0.0, 0
-        for x, y in batches:
-            x, y = x.to(env.device), y.to(env.device)
-            if env.pipeline is not None:  # the last stage has the loss; every stage reports it
-                loss = env.pipeline.run(x, y, 1.0, train=False)
-                torch.distributed.all_reduce(loss, group=env.pipeline.group)
-            else:
-                loss = next_token_loss(model, (x, y))
-            total += float(loss) * y.numel()
-            n += y.numel()
-        val_loss = total / max(n, 1)
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * tokens_per_byte}
-
-    return evaluate
-
-
-def resolve_resume(cfg: Config, ckpt: CheckpointManager, model_cfg: ModelConfig) -> Path | None:
-    """Which checkpoint to start from, refusing a run directory that holds a different model."""
-    if cfg.resume not in ("auto", "never"):
-        path = Path(cfg.resume)
-        if not (path / "checkpoint.json").is_file():
-            raise KilnError(f"resume={cfg.resume} is not a checkpoint directory (no checkpoint.json); use resume=auto")
-        problem = ckpt.verify(path)
-        if problem:
-            raise KilnError(f"cannot resume from {path}: {problem}")
-    elif ckpt.complete():
-        if cfg.resume == "never":
-            raise KilnError(f"'{cfg.out}' already has checkpoints; pass resume=auto to continue them or choose a new out=")
-        path = ckpt.latest_intact()
-        if path is None:
-            raise KilnError(f"no intact checkpoint in '{ckpt.dir}'; delete it or choose a new out=")
-    else:
-        return None
-    saved = ModelConfig.from_dict(CheckpointManager.info(path).get("model", {}))
-    if saved != model_cfg:
-        diff = {k: (v, getattr(model_cfg, k)) for k, v in asdict(saved).items() if getattr(model_cfg, k) != v}
-        raise KilnError(
-            f"'{cfg.out}' holds a run of a different model ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
-            "choose a new out= or use that run's model settings"
-        )
-    return path
-
-
-def run_pretrain(cfg: Config) -> dict:
-    env = parallel.init_env(cfg)
-    if env.device.type == "cpu":
-        tune_cpu_allocator()
-    ddir = data_dir(cfg)
-    man = open_data(ddir)
-    tpath = check_shards_match_tokenizer(ddir, man)
-    model_cfg = model_config_for(cfg, man["vocab_size"])
-    out = Path(cfg.out)
-    ckpt = CheckpointManager(out, cfg.train.keep_last)
-    start = resolve_resume(cfg, ckpt, model_cfg)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-        if not (out / "tokenizer" / "tokenizer.json").is_file():
-            (out / "tokenizer").mkdir(exist_ok=True)
-            shutil.copy2(tpath, out / "tokenizer" / "tokenizer.json")
-
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(model_cfg)
-    model.init_weights(cfg.train.seed)
-    model = parallel.parallelize(model, cfg, env)
-    loader = TokenLoader(ddir, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
-                         rank=env.dp_rank, world=env.dp_world)
-    trainer = Trainer(
-        cfg, model, env, loader,
-        evaluate=make_evaluator(ddir, man, cfg, env),
-        tokens_per_micro_batch=cfg.train.batch_size * cfg.train.seq_len,
-        flops_per_token=model_cfg.flops_per_token(cfg.train.seq_len),
-        meta={"model": model_cfg.to_dict(), "data": str(ddir), "tokenizer_sha256": man["tokenizer_sha256"]},
-    )
-    if start is not None:
-        trainer.resume_from(start)
-        if env.is_main:
-            print(f"pretrain: resumed from {start} (step {trainer.step})")
-    if env.is_main:
-        print(f"pretrain: {model_cfg.num_params() / 1e6:.1f}M params, {trainer.accum} micro-batches/step, "
-              f"{env.describe()}, {cfg.train.max_steps} steps")
-    with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
-        return trainer.fit()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux: peak resident set
+    except (ImportError, AttributeError):
+        return 0.0
