@@ -80,7 +80,7 @@ def kiln_step_fn(mc: ModelConfig, tc: TrainConfig, compile_blocks: bool = False)
     model.init_weights(0)
     if compile_blocks:
         apply_compile(model)
-    return make_step(model, build_optimizer(model, tc), lambda m, x, y: next_token_loss(m, (x, y)))
+    return make_step(model, build_optimizer(model, tc), lambda m, x, y: next_token_loss(m, {"input_ids": x, "labels": y}))
 
 
 def hf_step_fn(mc: ModelConfig, tc: TrainConfig):

@@ -219,3 +219,17 @@ def test_a_run_of_another_workload_is_not_continued_by_pretrain(run_dir):
     with pytest.raises(KilnError, match="holds a sft run"):
         resolve_resume(cfg, CheckpointManager(run_dir), model_config_for(cfg, 512), "pretrain")
     shutil.rmtree(run_dir / "checkpoints")
+
+
+def test_the_report_calls_an_mfu_above_100_percent_a_measurement_error(tmp_path):
+    from kiln.report import write_report
+
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"step": s, "loss": 3.0, "tokens_per_s": 1000.0, "mfu": 1.05, "peak_flops": 1e11} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(run).read_text()
+    assert "MFU median 105.0% of 100 GFLOP/s" in text and "measurement error, not a result" in text
+    rows = [{**r, "mfu": 0.8} for r in rows]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "measurement error" not in write_report(run).read_text()

@@ -38,6 +38,22 @@ def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -
     return True
 
 
+def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -> str:
+    """Median throughput and MFU, with the peak the MFU was measured against. An MFU above 100%
+    cannot be true: it means the peak was measured low, and the line says so instead of
+    reporting it as a result."""
+    if not (speed and mfu):
+        return "- throughput: not logged"
+    med = statistics.median(mfu)
+    peak = f" of {statistics.median(peaks) / 1e9:,.0f} GFLOP/s per device" if peaks else ""
+    line = (f"- throughput: median {statistics.median(speed):,.0f} tokens/s; MFU median {100 * med:.1f}%{peak} "
+            "(model FLOPs 6N + attention; the measured fp32 matmul peak on CPU, the bf16 datasheet peak on GPU)")
+    if med > 1.0:
+        line += ("\n- **MFU above 100% is a measurement error, not a result**: the matmul peak was timed while the "
+                 "host was busy and read low; rerun on a quiet machine for a meaningful MFU")
+    return line
+
+
 def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = None) -> Path:
     run = Path(run_dir)
     data = read_manifest(run / "data") or {}
@@ -84,9 +100,7 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
             )
         lines += [
             f"- steps: {last['step']}, tokens seen: {last.get('tokens', 0):,}, wall time {last.get('elapsed_s', 0):.0f} s",
-            f"- throughput: median {statistics.median(speed):,.0f} tokens/s; MFU median {100 * statistics.median(mfu):.1f}% "
-            "(of this device's measured fp32 matmul peak on CPU, of the bf16 datasheet peak on GPU)"
-            if speed and mfu else "- throughput: not logged",
+            _throughput_line(speed, mfu, [m["peak_flops"] for m in metrics if "peak_flops" in m]),
         ]
         if final:
             f = final[-1]

@@ -1,7 +1,7 @@
 """Everything applied to the model from outside: process group and device mesh, pipeline stages,
 tensor parallelism, activation checkpointing, compile, FSDP2 / DDP.
 
-The model file stays plain single-device PyTorch (DESIGN.md principle 2); this module wraps it, in
+The model file stays plain single-device PyTorch (docs/architecture.md); this module wraps it, in
 torchtitan's fixed order: split into pipeline stages → TP → activation checkpointing → compile →
 FSDP2 (or DDP) → `PipelineStage`. The mesh is ("pp", "dp_replicate", "dp_shard", "tp"), TP
 innermost so that its heavy traffic stays on the fastest links (within a node).

@@ -310,7 +310,7 @@ class Trainer:
                 record = {
                     **extra,  # the objective's own metrics; the loop's names below win a clash
                     "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
-                    "mfu": tps * self.flops_per_token / peak / env.world, "grad_norm": grad_norm,
+                    "mfu": tps * self.flops_per_token / peak / env.world, "peak_flops": peak, "grad_norm": grad_norm,
                     "elapsed_s": self.elapsed, "tokens": self.tokens, "skipped_steps": self.guard.skipped,
                 }
                 mem = _memory_gb(env.device)
