@@ -73,8 +73,12 @@ def test_missing_input_path(tmp_path, capsys):
 
 
 def test_pretrain_without_prepared_data(tmp_path, capsys):
-    assert kiln("pretrain", f"out={tmp_path / 'run'}", *TINY_TRAIN) == 2
-    assert "run `kiln prepare` first" in error_of(capsys)
+    """pretrain prepares data.input itself when nothing is prepared; a data.path it is pointed at must exist."""
+    assert kiln("pretrain", f"out={tmp_path / 'run'}", f"data.path={tmp_path / 'none'}", *TINY_TRAIN) == 2
+    assert f"'{tmp_path / 'none'}' holds no prepared data" in error_of(capsys)
+    assert kiln("pretrain", f"out={tmp_path / 'run'}", f"data.input={tmp_path / 'nowhere'}", *TINY_TRAIN) == 2
+    assert "matches no files" in error_of(capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_generate_without_a_checkpoint(run_dir, capsys):

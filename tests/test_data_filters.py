@@ -65,9 +65,20 @@ def test_code_filters_keep_the_stdlib_and_drop_generated_and_data_files():
 
 
 def test_language_filter_offline():
-    assert isinstance(LanguageFilter().process(doc(prose(5))), Document)
+    kept = LanguageFilter().process(doc(prose(5)))
+    assert kept.meta["language"] == "en" and 0 < kept.meta["language_score"] <= 1200
     german = "Der schnelle braune Fuchs springt über den faulen Hund und die Katze schläft im Garten. " * 5
-    assert LanguageFilter().process(doc(german)) == "language_de"
+    assert LanguageFilter().process(d := doc(german)) == "language_de" and d.meta["language"] == "de"
+
+
+def test_language_id_leaves_short_texts_alone():
+    # detect_fast calls these English lines German and French: too short to judge, so they pass.
+    for text in ("Home improvement ideas for a modern kitchen.", "Premium mobile phone cases and accessories."):
+        assert LanguageFilter(min_chars=0).process(doc(text)).startswith("language_")
+        kept = LanguageFilter().process(doc(text))
+        assert isinstance(kept, Document) and "language" not in kept.meta
+    with pytest.raises(KilnError, match="min_chars must be ≥ 0"):
+        build_stage("language", {"min_chars": -1}, DataConfig())
 
 
 def test_blocklists_and_classifier_hook(tmp_path):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 from test_data_helpers import html_page, prose, write_jsonl, write_parquet, write_warc
@@ -55,11 +59,14 @@ def test_parquet_streamed_by_row_groups(tmp_path):
     assert [d.text for d in docs] == [r["text"] for r in recs] and docs[44].id == "44"
 
 
-def test_parquet_without_text_column_is_skipped_with_its_name(tmp_path):
-    write_parquet(tmp_path / "b.parquet", [{"content": "x"}])
+def test_parquet_without_text_column_counts_its_rows(tmp_path):
+    write_parquet(tmp_path / "b.parquet", [{"content": f"row {i}"} for i in range(30)], row_group_size=10)
     docs, stats, bad = read_all(tmp_path / "b.parquet")
-    assert not docs and stats.dropped["missing_text_column"] == 1
-    assert "b.parquet" in bad.messages[0][1] and "content" in bad.messages[0][1]
+    assert not docs and stats.dropped["missing_text_column"] == 30 and stats.docs_out == 0
+    assert len(bad.messages) == 1 and "b.parquet" in bad.messages[0][1] and "content" in bad.messages[0][1]
+    # Split into one task per row group, the tasks count their own rows.
+    docs, stats, bad = read_all(tmp_path / "b.parquet", ReaderConfig(task_bytes=1), target=1)
+    assert stats.dropped["missing_text_column"] == 30
     with pytest.raises(KilnError, match="no column 'text'.*data.strict=false"):
         read_all(tmp_path / "b.parquet", strict=True)
 
@@ -79,26 +86,62 @@ def test_warc_reads_http_responses_and_charsets(tmp_path):
     assert prose(0).split(".")[0] in text and "Copyright" not in text and "Contact" not in text
 
 
-def test_extractor_time_limit(monkeypatch):
-    # An extractor that never returns (and swallows ordinary exceptions, as some do): counted, not hung.
-    import time
-
-    import kiln.data.extract as extract
-
-    def hangs(html, extractor):
-        while True:
-            try:
-                time.sleep(0.01)
-            except Exception:
-                pass
-
-    monkeypatch.setattr(extract, "html_to_text", hangs)
-    doc = Document("<html><body><p>page</p></body></html>", "slow", {"html": True})
+def test_extract_stops_a_page_that_hangs_the_c_extractor():
+    # Divs nested 40,000 deep, never closed: resiliparse's C extractor needs minutes on this page (its
+    # time grows faster than the square of the depth), and no signal handler can interrupt C code. The
+    # stage kills the process extracting it once the limit passes, and the next page gets a new one.
+    hostile = Document("<html><body>" + "<div>" * 40000 + "never closed", "deep", {"html": True})
+    ex = ExtractHtml(timeout_s=1.0)
+    assert prose(1).split(".")[0] in ex.process(Document(html_page(prose(1)), "a", {"html": True})).text
+    pid = ex.worker.proc.pid
     t0 = time.perf_counter()
-    assert ExtractHtml("trafilatura", timeout_s=0.2).process(doc) == "extract_timeout"
-    assert time.perf_counter() - t0 < 5
-    monkeypatch.undo()
-    assert ExtractHtml(timeout_s=5).process(Document("<html></html>", "e", {"html": True})) == "extract_empty"
+    assert ex.process(hostile) == "extract_timeout"
+    assert time.perf_counter() - t0 < 5 and ex.worker.proc is None
+    with pytest.raises(ProcessLookupError):  # killed, not left running
+        os.kill(pid, 0)
+    assert prose(2).split(".")[0] in ex.process(Document(html_page(prose(2)), "b", {"html": True})).text
+    assert ex.worker.proc.pid != pid
+    assert ex.process(Document("<html></html>", "e", {"html": True})) == "extract_empty"
+    ex.worker.close()
+
+
+def test_extract_worker_dies_with_its_parent(tmp_path):
+    # A prepare killed (or a pool worker terminated) while its extractor is stuck in C code must not leave
+    # that extractor running for hours.
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys\n"
+        "from kiln.data.document import Document\n"
+        "from kiln.data.extract import ExtractHtml\n"
+        "ex = ExtractHtml(timeout_s=600)\n"
+        "ex.process(Document('<p>warm</p>', 'w', {'html': True}))\n"
+        "print(ex.worker.proc.pid, flush=True)\n"
+        "ex.process(Document('<html><body>' + '<div>' * 40000, 'deep', {'html': True}))\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(0.3)  # the child is now inside the C extractor
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited; its parent (init) reaps it
+    except FileNotFoundError:
+        return False
+
+
+def test_json_error_messages_name_the_column_once(tmp_path):
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "a control \x01 character"}\n{"text": "fine"}\n')
+    docs, stats, bad = read_all(tmp_path / "c.jsonl")
+    assert [d.text for d in docs] == ["fine"] and stats.dropped["malformed_json"] == 1
+    line = bad.messages[0][1]
+    assert "c.jsonl' line 1: not valid JSON (Invalid control character at column 21)" in line and "at at" not in line
 
 
 def test_bad_files_are_skipped_counted_and_named(tmp_path):

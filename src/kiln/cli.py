@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kiln import config as C
 from kiln.errors import KilnError
+
+# Set in the processes `--nproc-per-node` starts: they leave their errors to the launcher, which prints one.
+LAUNCHED_ENV = "KILN_LAUNCHED"
+# Under torchrun, how long a quiet rank waits before exiting with an error, so that rank 0, meeting the
+# same error, prints it before torchrun stops every rank as soon as the first one exits.
+QUIET_RANK_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,12 @@ class Verb:
     sections: tuple[str, ...] = ()  # which keys `--help` lists (prefixes); empty = all
     shorthand: str | None = None  # section whose keys may be given bare
     flags: tuple[str, ...] = ()  # boolean keys also accepted as --KEY
+    # A training verb: continues the run in `out` from its config.yaml, runs under torchrun, and
+    # takes --nproc-per-node N to start N processes itself. Its schema has `out` and `resume`.
+    trains: bool = False
+    # Sub-commands, (name, summary): `kiln VERB MODE key=value ...`; `target` names the function as `{mode}`.
+    modes: tuple[tuple[str, str], ...] = ()
+    positional: str | None = None  # key a bare first argument sets (`kiln import PATH` = hf_import.path=PATH)
 
 
 VERBS: dict[str, Verb] = {
@@ -29,9 +45,66 @@ VERBS: dict[str, Verb] = {
         sections=("out", "data"),
     ),
     "pretrain": Verb(
-        "kiln.train.trainer:run_pretrain",
-        "train a language model on prepared token shards (runs unchanged under torchrun)",
-        sections=("out", "resume", "device", "data.path", "model", "train", "parallel"),
+        "kiln.workloads.pretrain:run_pretrain",
+        "train a language model on prepared token shards (runs unchanged under torchrun; prepares data.input "
+        "first if nothing is prepared)",
+        sections=("out", "resume", "init_from", "device", "data", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "sft": Verb(
+        "kiln.workloads.sft:run_sft",
+        "supervised fine-tuning on conversations, full or LoRA, from a pretrained run (init_from=)",
+        sections=("out", "resume", "init_from", "device", "data.tokenizer.path", "sft", "lora", "model", "train",
+                  "parallel"),
+        trains=True,
+    ),
+    "reward": Verb(
+        "kiln.workloads.reward:run_reward",
+        "train a reward model (backbone + scalar head, Bradley–Terry) on preference pairs, from a run (init_from=)",
+        sections=("out", "resume", "init_from", "device", "preference", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "dpo": Verb(
+        "kiln.workloads.dpo:run_dpo",
+        "direct preference optimization against the frozen init_from model, on preference pairs",
+        sections=("out", "resume", "init_from", "device", "preference", "dpo", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "rl": Verb(
+        "kiln.workloads.rl:run_rl",
+        "GRPO: sample groups of completions, score them (verifiable reward in a sandbox, or a reward model), update",
+        sections=("out", "resume", "init_from", "device", "rl", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "vision": Verb(
+        "kiln.workloads.vision:run_vision",
+        "train an image classifier (ViT on the shared Transformer, or a CNN) on prepared image shards",
+        sections=("out", "resume", "init_from", "device", "data", "vision", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "encoder": Verb(
+        "kiln.workloads.encoder:run_encoder",
+        "pretrain a bidirectional encoder (BERT-class) with masked language modelling on prepared token shards",
+        sections=("out", "resume", "init_from", "device", "data.path", "encoder", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "classify": Verb(
+        "kiln.workloads.encoder:run_classify",
+        "fine-tune an encoder run (init_from=) with a classification head on labelled text; compare with baselines",
+        sections=("out", "resume", "init_from", "device", "classify", "encoder.export", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "distill": Verb(
+        "kiln.workloads.distill:run_distill",
+        "train a smaller student (model.*) on a frozen teacher run's token distributions (distill.teacher=)",
+        sections=("out", "resume", "init_from", "device", "data.path", "distill", "model", "train", "parallel"),
+        trains=True,
+    ),
+    "quantize": Verb(
+        "kiln.post.quantize:run_quantize",
+        "weight-only INT8 / INT4 (round-to-nearest or GPTQ) of a run: kiln quantize source=RUN out=NEW format=int4",
+        sections=("out", "data.path", "quantize"),
+        shorthand="quantize",
     ),
     "generate": Verb(
         "kiln.serve.engine:run_generate",
@@ -39,9 +112,47 @@ VERBS: dict[str, Verb] = {
         sections=("out", "device", "sample"),
         shorthand="sample",
     ),
+    "serve": Verb(
+        "kiln.serve.api:run_serve",
+        "an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) for the run's latest checkpoint",
+        sections=("out", "device", "serve"),
+        shorthand="serve",
+    ),
     "speedrun": Verb(
         "kiln.speedrun:run_speedrun",
         "every stage in one command: prepare, pretrain, sample, report",
+    ),
+    "label": Verb(
+        "kiln.serve.label.cli:run_{mode}",
+        "human preference labelling: sample pairs, serve the labelling page, export preference JSONL",
+        sections=("out", "device", "label", "sample"),
+        shorthand="label",
+        modes=(
+            ("generate", "sample pairs of completions from the run in out= into the label database"),
+            ("serve", "serve the labelling page (127.0.0.1 by default) to invited labellers"),
+            ("invite", "add a labeller (name=...) or renew their link, and print the invite link"),
+            ("report", "progress, per-labeller counts, agreement (kappa) and position bias"),
+            ("export", "write preference JSONL (prompt, chosen, rejected) for kiln reward / kiln dpo"),
+        ),
+    ),
+    "export": Verb(
+        "kiln.post.export:run_export",
+        "write a run's checkpoint as a Hugging Face Llama directory (format=hf) or a GGUF file (format=gguf)",
+        sections=("out", "export"),
+        shorthand="export",
+    ),
+    "import": Verb(
+        "kiln.post.export:run_import",
+        "turn a Llama-architecture Hugging Face directory into a kiln run: kiln import PATH out=runs/NAME",
+        sections=("out", "hf_import"),
+        shorthand="hf_import",
+        positional="hf_import.path",
+    ),
+    "eval": Verb(
+        "kiln.evaluate:run_eval",
+        "bits per byte, code task metrics and samples for a run, checkpoint or export; eval.json and the report",
+        sections=("out", "device", "eval"),
+        shorthand="eval",
     ),
     "plan": Verb(
         "kiln.plan:run_plan",
@@ -69,26 +180,143 @@ def _options_help(verb: Verb) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kiln's one-line errors (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _process_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process count; write e.g. --nproc-per-node 2")
+    return int(text)
+
+
+def _mode_of(name: str, verb: Verb):
+    modes = [m for m, _ in verb.modes]
+
+    def check(text: str) -> str:
+        if text not in modes:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a sub-command; write kiln {name} {'|'.join(modes)} ...")
+        return text
+
+    return check
+
+
 def make_parser(help_for: str | None = None) -> argparse.ArgumentParser:
     """The parser; `help_for` names the verb whose option table goes into its --help."""
-    parser = argparse.ArgumentParser(prog="kiln", description="kiln trains AI models end to end.")
+    parser = _Parser(prog="kiln", description="kiln trains AI models end to end.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, verb in VERBS.items():
         p = sub.add_parser(
             name,
             help=verb.summary,
-            description=verb.summary,
+            description=verb.summary + "".join(
+                f"\n  kiln {name} {m:<9} {text}" for m, text in verb.modes),
             epilog=_options_help(verb) if name == help_for else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if verb.modes:
+            p.add_argument("mode", nargs="?", type=_mode_of(name, verb), metavar="MODE",
+                           help="the sub-command: " + ", ".join(m for m, _ in verb.modes))
         p.add_argument("-c", "--config", metavar="RECIPE.yaml", help="YAML recipe (see recipes/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any recipe key")
         for flag in verb.flags:
             p.add_argument(f"--{flag}", action="store_true", help=f"same as {flag}=true")
+        if verb.trains:
+            p.add_argument("--nproc-per-node", type=_process_count, metavar="N",
+                           help="start N processes on this machine (as torchrun --standalone does); "
+                                "a failure ends in one line")
     return parser
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _prints_errors(e: KilnError | None = None) -> bool:
+    """Whether this process reports an error itself. Every rank of a distributed run meets the same
+    config and data errors, so rank 0 speaks for all; a lost peer is each rank's own news. Under
+    `--nproc-per-node` the launcher prints the first failure instead."""
+    if os.environ.get(LAUNCHED_ENV):
+        return False
+    return _rank() == 0 or (e is not None and e.hard_exit)
+
+
+def _leave_error_for_launcher(message: str) -> None:
+    """Write the error where torch's elastic agent looks (TORCHELASTIC_ERROR_FILE, set per worker by
+    torchrun and by `--nproc-per-node`), so the launcher names the root cause with kiln's line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    try:
+        Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+    except OSError:
+        pass
+
+
+def _left_message(failure) -> str | None:
+    """The line a failed worker left with `_leave_error_for_launcher`, if any."""
+    detail = failure.error_file_data.get("message")
+    return detail.get("message") if isinstance(detail, dict) else None
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout is gone (`kiln generate | head`): send the rest, and the final flush, nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def launch(verb: str, nproc: int, argv: list[str]) -> int:
+    """`kiln VERB --nproc-per-node N ...`: torchrun's elastic launch (standalone rendezvous) run in this
+    process, so that a failed worker ends the launch with its one-line error, not ChildFailedError's dump."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"kiln-{uuid.uuid4().hex}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    saved = dict(os.environ)
+    os.environ[LAUNCHED_ENV] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        elastic_launch(config, sys.executable)("-m", "kiln", verb, *argv)
+        return 0
+    except ChildFailedError as e:
+        # The first failure, leaving out ranks the agent itself stopped (SIGTERM) once another had
+        # failed; within the same second (the timestamps' grain), one that left kiln's line.
+        causes = {r: f for r, f in e.failures.items() if f.exitcode != -signal.SIGTERM} or e.failures
+        rank = min(causes, key=lambda r: (causes[r].timestamp, _left_message(causes[r]) is None, r))
+        failure = causes[rank]
+        if _left_message(failure):
+            line = _left_message(failure)
+        elif failure.exitcode < 0:
+            line = f"rank {rank} was killed by {failure.signal_name()}; its output is above"
+        else:
+            line = f"rank {rank} exited with code {failure.exitcode}; its output is above"
+        print(f"kiln {verb}: error: {line}", file=sys.stderr)
+        return 2 if failure.exitcode == 2 else 1
+    except SignalException:
+        print(f"kiln {verb}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the process ends when this returns
     argv = sys.argv[1:] if argv is None else argv
     wants_help = any(a in ("-h", "--help") for a in argv)
     parser = make_parser(help_for=argv[0] if argv and wants_help else None)
@@ -99,18 +327,44 @@ def main(argv: list[str] | None = None) -> int:
     verb = VERBS[args.verb]
     try:
         overrides = args.overrides + [f"{f}=true" for f in verb.flags if getattr(args, f)]
-        cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand)
-        result = _resolve(verb.target)(cfg)
+        bare = [o for o in overrides if "=" not in o]
+        if verb.positional and bare:  # the first bare argument; any other stays an error
+            overrides[overrides.index(bare[0])] = f"{verb.positional}={bare[0]}"
+        cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand, continue_run=verb.trains,
+                     scope=verb.sections)
+        nproc = getattr(args, "nproc_per_node", None)
+        if nproc is not None:  # the config is good: start the processes, each loads it again
+            return launch(args.verb, nproc, (["-c", args.config] if args.config else []) + overrides)
+        saved = C.run_config_path(cfg.out, cfg.resume) if verb.trains else None
+        if saved and _rank() == 0:
+            print(f"{args.verb}: continuing the run in {cfg.out}: settings read from {saved}, "
+                  "then the recipe and overrides")
+        target = verb.target
+        if verb.modes:
+            if args.mode is None:
+                raise KilnError(f"say what to do: kiln {args.verb} {'|'.join(m for m, _ in verb.modes)} ...; "
+                                f"see `kiln {args.verb} --help`")
+            target = target.format(mode=args.mode)
+        result = _resolve(target)(cfg)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's final flush
         return result if isinstance(result, int) else 0
     except KilnError as e:
-        print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        _leave_error_for_launcher(str(e))
+        if _prints_errors(e):
+            print(f"kiln {args.verb}: error: {e}", file=sys.stderr)
+        elif as_program and not os.environ.get(LAUNCHED_ENV):
+            time.sleep(QUIET_RANK_GRACE_S)
         if e.hard_exit:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
         return 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except KeyboardInterrupt:
-        print(f"kiln {args.verb}: interrupted", file=sys.stderr)
+        if _prints_errors():
+            print(f"kiln {args.verb}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -68,6 +68,10 @@ class LoraPlanConfig:
 class InferencePlanConfig:
     batch: int = ranged(1, ge=1)  # sequences decoded together
     context: int = ranged(8192, ge=1)  # tokens held in the KV cache per sequence
+    # Stored weights: auto = `precision`; int8 / int4 are `kiln quantize`'s weight-only formats (the KV cache and
+    # the matmuls stay in `precision`).
+    weights: Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "auto"
+    group_size: int = ranged(64, ge=1)  # int4: weights sharing one fp16 scale and minimum
 
 
 @dataclass
@@ -137,6 +141,16 @@ def gpu_spec(name: str) -> GPUSpec:
 # ---- sizes -----------------------------------------------------------------------------------
 _STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stored weight or KV entry (inference, frozen LoRA base)
 _ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 training keeps activations in bf16 between matmuls
+
+
+def weight_bytes(fmt: str, group_size: int = 64) -> float:
+    """Bytes per stored weight: a float format, or `kiln quantize`'s int8 (one byte; the fp32 scale
+    per output row is negligible) and int4 (half a byte, plus an fp16 scale and minimum per group)."""
+    if fmt == "int8":
+        return 1.0
+    if fmt == "int4":
+        return 0.5 + 4 / group_size
+    return _STORE_BYTES[fmt]
 
 
 def _state_bytes(precision: str) -> tuple[int, int, int]:
@@ -509,17 +523,19 @@ def search(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int, max_gpus:
 
 # ---- inference -------------------------------------------------------------------------------
 def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: int, context: int, price: float,
-                       gpus_per_node: int = 8, max_memory_fraction: float = 0.9) -> dict:
+                       gpus_per_node: int = 8, max_memory_fraction: float = 0.9, weights: str = "auto",
+                       group_size: int = 64) -> dict:
     """Serving on `gpu`: the fewest GPUs that hold weights + KV cache, decode tokens/s and $ per million tokens.
 
     Decode reads every weight and the whole KV cache once per step, so a step takes
     bytes / (tp × HBM bandwidth) unless the 2·N FLOPs per token of the batch take longer. Pipeline
     stages across nodes add memory, not speed (a batch visits them in turn). Peak bandwidth is
-    an upper bound; real kernels reach roughly 70-85% of it.
+    an upper bound; real kernels reach roughly 70-85% of it. `weights` (auto = `precision`) is the
+    stored format: int8 / int4 shrink the bytes read per step; the KV cache stays in `precision`.
     """
     store = _STORE_BYTES[precision]
-    weights = model.num_params() * store
     kv = 2 * model.n_layers * model.n_kv_heads * model.head_dim * context * batch * store
+    weights = model.num_params() * weight_bytes(precision if weights == "auto" else weights, group_size)
     usable = gpu.memory_gb * GB * max_memory_fraction
     tp, pp = 1, 1
     tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node and model.n_kv_heads % t == 0]
@@ -578,11 +594,13 @@ def plan(cfg: PlanConfig) -> dict:
                                  "max_memory_fraction": cfg.max_memory_fraction}}
     if cfg.workload == "inference":
         out["batch"], out["context"] = cfg.inference.batch, cfg.inference.context
+        out["weights"] = cfg.precision if cfg.inference.weights == "auto" else cfg.inference.weights
         out["by_gpu"] = []
         for other in GPUS.values():
             other_price = price if other is gpu else _price(cfg, other)
             row = inference_estimate(model, other, cfg.precision, cfg.inference.batch, cfg.inference.context,
-                                     other_price, cfg.gpus_per_node, cfg.max_memory_fraction)
+                                     other_price, cfg.gpus_per_node, cfg.max_memory_fraction,
+                                     cfg.inference.weights, cfg.inference.group_size)
             row["cost_for_tokens"] = row["usd_per_million_tokens"] * tokens / 1e6
             out["by_gpu"].append(row)
         return out
@@ -738,7 +756,10 @@ def format_training(result: dict) -> str:
 
 def format_inference(result: dict) -> str:
     """The inference plan as a table over GPU types."""
-    lines = [f"kiln plan: inference — {result['precision']} weights and KV cache, batch {result['batch']}, "
+    stored = result.get("weights", result["precision"])
+    held = f"{result['precision']} weights and KV cache" if stored == result["precision"] else \
+        f"{stored} weights, {result['precision']} KV cache"
+    lines = [f"kiln plan: inference — {held}, batch {result['batch']}, "
              f"context {result['context']} tokens, serving {_tokens(result)}; decode is bound by HBM bandwidth "
              "(peak; real kernels reach ~70-85%)",
              *_header(result), ""]

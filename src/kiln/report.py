@@ -31,7 +31,8 @@ def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -
         b.axhline(baseline_bpb, color="gray", ls="--", label=f"unigram baseline {baseline_bpb:.2f}")
     b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
     b.grid(alpha=0.3)
-    b.legend()
+    if val or baseline_bpb:  # a run without bits per byte (sft) has nothing to label
+        b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -61,7 +62,11 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
     baseline = data.get("unigram_bpb")
     lines = [f"# kiln run report: `{run}`", ""]
 
-    if data:
+    if data.get("kind") == "images":  # image shards: counts per class, drops, contact sheet
+        from kiln.data.image_prep import data_lines
+
+        lines += data_lines(run, data)
+    elif data:
         tr, va = data["splits"]["train"], data["splits"]["val"]
         lines += [
             "## Data",
@@ -116,10 +121,58 @@ def write_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = No
                       "", "</details>"]
         lines.append("")
 
+    lines += evaluation_section(run)
+    # Stages that measure more than the loop logs (sft, reward, dpo, ...) write their own section here.
+    for part in sorted((run / "report.d").glob("*.md")):
+        lines += [part.read_text().rstrip(), ""]
+
     if samples:
         lines += ["## Samples", ""]
         for prompt, completion in samples:
             lines += ["```python", prompt + completion, "```", ""]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def evaluation_section(run: Path) -> list[str]:
+    """The "Evaluation" section from the run's eval.json (written by `kiln eval`), or nothing."""
+    try:
+        results = json.loads((run / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    from kiln.evaluate import summary_lines
+
+    step = f" at step {results['step']}" if results.get("step") is not None else ""
+    lines = ["## Evaluation", "", f"`kiln eval` of `{results['model']}`{step} ({results.get('created', '')}):", ""]
+    lines += [f"- {line}" for line in summary_lines(results)]
+    try:
+        examples = [s for s in map(json.loads, (run / "eval_samples.jsonl").read_text().splitlines())
+                    if s.get("task") == "function_completion"][:3]
+    except (OSError, json.JSONDecodeError):
+        examples = []
+    if examples:
+        lines += ["", "Function completions from held-out headers (greedy):"]
+        for s in examples:
+            lines += ["", f"{'parses' if s.get('parses') else 'does not parse'}:", "", "```python",
+                      s.get("header", "") + s.get("completion", ""), "```"]
+    return lines + ["", "All results: [eval.json](eval.json); every example: [eval_samples.jsonl](eval_samples.jsonl).", ""]
+
+
+def write_evaluation(run_dir: str | Path) -> Path:
+    """Put the "Evaluation" section into the run's report.md, replacing an older one (the rest of
+    the report, including samples only `kiln speedrun` knows, stays as it is)."""
+    run = Path(run_dir)
+    path = run / "report.md"
+    if not path.is_file():
+        return write_report(run)
+    text = path.read_text()
+    start = text.find("\n## Evaluation\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + (text[end + 1 :] if end >= 0 else "")
+    section = "\n".join(evaluation_section(run))
+    at = text.find("\n## Samples\n")
+    text = text[: at + 1] + section + "\n" + text[at + 1 :] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)
     return path

@@ -13,6 +13,11 @@ from kiln.workloads.pretrain import run_pretrain
 
 
 def run_speedrun(cfg: Config) -> None:
+    if cfg.data.kind == "images":  # an image recipe: prepare, the classifier and its comparisons
+        from kiln.workloads.vision import run_vision_speedrun
+
+        run_vision_speedrun(cfg)
+        return
     t0 = time.perf_counter()
     print("== prepare")
     run_prepare(cfg)

@@ -3,10 +3,12 @@
 MinHash: text → lowercase words (punctuation dropped, digits folded) → word n-gram shingles
 hashed to 32 bits → `bands × rows` minimum hashes per document, computed for a whole batch of
 documents at once with numpy (multiply-shift hashing in cache-sized chunks, `np.minimum.reduceat`). Documents whose
-signatures agree on every row of some band are candidate duplicates; candidates are merged into
-clusters with union-find, and each cluster keeps its first document (lowest corpus index).
-Clustering works one band at a time, so its memory is about 40 bytes per document whatever the
-number of bands.
+signatures agree on every row of some band (equal band keys) are candidate duplicates; candidates
+are merged into clusters, and each cluster keeps its first document (lowest corpus index).
+
+`lsh_clusters` clusters a stream in one process (the `minhash_dedup` stage outside `kiln prepare`,
+and the reference the sharded path is tested against); `kiln prepare` runs the same decisions as
+tasks over buckets on disk (`kiln.data.sharded_dedup`), using `band_keys` and `pair_components`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.data.document import Document, Stage, StageStats
+from kiln.data.document import Document, Stage, StageStats, doc_record
 
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 _DIGITS = re.compile(r"\d+")
@@ -29,8 +31,8 @@ _BASE_INV = pow(_BASE, -1, 1 << 64)
 MAX32 = np.uint32(0xFFFFFFFF)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer, element-wise (uint64 arithmetic wraps)."""
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, element-wise (uint64 arithmetic wraps): a well-spread 64-bit hash of z."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))
@@ -72,7 +74,7 @@ def shingle_hashes(texts: Sequence[str], n_grams: int) -> tuple[np.ndarray, np.n
     prefix = np.zeros(len(b) + 1, dtype=np.uint64)
     np.cumsum(b.astype(np.uint64) * _powers(_BASE, len(b)), dtype=np.uint64, out=prefix[1:])
     inv = _powers(_BASE_INV, len(b) + 1)
-    words = _mix((prefix[ends] - prefix[starts]) * inv[starts] + (ends - starts).astype(np.uint64))
+    words = mix64((prefix[ends] - prefix[starts]) * inv[starts] + (ends - starts).astype(np.uint64))
     # which text each word belongs to: texts are separated by newlines in `joined`
     text_starts = np.concatenate([[0], np.cumsum([len(t.encode("utf-8", "surrogatepass")) + 1 for t in norm])[:-1]])
     doc_of_word = np.searchsorted(text_starts, starts, side="right") - 1
@@ -83,7 +85,7 @@ def shingle_hashes(texts: Sequence[str], n_grams: int) -> tuple[np.ndarray, np.n
     for j in range(n_grams):
         g = g * np.uint64(0x9E3779B97F4A7C15) + words[j : j + m]
     valid = doc_of_word[:m] == doc_of_word[n_grams - 1 :]
-    sh = (_mix(g[valid]) >> np.uint64(32)).astype(np.uint32)
+    sh = (mix64(g[valid]) >> np.uint64(32)).astype(np.uint32)
     counts = np.bincount(doc_of_word[:m][valid], minlength=len(texts)).astype(np.int64)
     return sh, counts
 
@@ -159,24 +161,54 @@ class UnionFind:
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
 
 
+def band_multipliers(rows: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed + 1).integers(1, 1 << 63, size=rows, dtype=np.uint64) | np.uint64(1)
+
+
+def band_keys(columns: np.ndarray, band: int, mult: np.ndarray) -> np.ndarray:
+    """One 64-bit key per document for band `band` from its (n, rows) signature columns: equal
+    columns give equal keys (distinct columns collide with probability 2**-64)."""
+    return mix64((np.asarray(columns).astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+
+
 def lsh_clusters(band_columns, n_docs: int, bands: int, rows: int, valid: np.ndarray, seed: int = 1) -> np.ndarray:
-    """Each document's cluster root (its own index when it has no near duplicate).
+    """Each document's cluster root (its own index when it has no near duplicate), in one process.
 
     `band_columns(b)` returns the (n_docs, rows) signature columns of band b, so a caller can
     stream them from disk one band at a time.
     """
     uf = UnionFind(n_docs)
-    mult = np.random.default_rng(seed + 1).integers(1, 1 << 63, size=rows, dtype=np.uint64) | np.uint64(1)
+    mult = band_multipliers(rows, seed)
     idx = np.flatnonzero(valid)
     for band in range(bands):
-        cols = np.asarray(band_columns(band))[idx].astype(np.uint64)
-        keys = _mix((cols * mult).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+        keys = band_keys(np.asarray(band_columns(band))[idx], band, mult)
         order = np.argsort(keys, kind="stable")
         sk = keys[order]
         same = np.flatnonzero(sk[1:] == sk[:-1])
         for i in same:
             uf.union(int(idx[order[i]]), int(idx[order[i + 1]]))
     return uf.roots()
+
+
+def pair_components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the documents named in `pairs` (k, 2), sorted; each one's root: the smallest document of its
+    connected component). Vectorized label propagation with pointer jumping: memory is a few
+    arrays the size of the pairs, however large the corpus they come from."""
+    docs = np.unique(pairs)
+    a, b = np.searchsorted(docs, pairs[:, 0]), np.searchsorted(docs, pairs[:, 1])
+    label = np.arange(len(docs))
+    while True:
+        # Each label is a member of its document's component no larger than it; lower both ends
+        # of every pair to their smaller label, then follow labels to their own labels.
+        low = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, low)
+        np.minimum.at(new, b, low)
+        while not np.array_equal(jumped := new[new], new):
+            new = jumped
+        if np.array_equal(new, label):
+            return docs, docs[label]
+        label = new
 
 
 def cluster_sizes(roots: np.ndarray) -> dict[int, int]:
@@ -227,7 +259,7 @@ class MinhashDedup(Stage):
                              self.rows, valid, self.seed)
         for i, d in enumerate(docs):
             if roots[i] != i:
-                stats.drop(d.id, "near_duplicate")
+                stats.drop(d.id, "near_duplicate", doc_record(d))
             else:
                 yield d
 

@@ -14,14 +14,22 @@ from kiln.errors import KilnError
 class Document:
     text: str
     id: str
-    meta: dict = field(default_factory=dict)  # source, path, url, ...
+    meta: dict = field(default_factory=dict)  # source, path, url, ... and what stages measure (language, score, pii_*)
+
+
+def doc_record(doc: Document) -> dict:
+    """What a user reads about a document after the run: where it came from (url, path, encoding) and
+    what stages measured (language and its score, a classifier score, PII counts)."""
+    return {k: v for k, v in doc.meta.items() if k != "html"}
 
 
 @dataclass
 class StageStats:
     """Counts for one stage: documents in and out, bytes in and out, drops by reason, seconds.
 
-    `excluded`, when a list, collects (document id, reason) for every drop (`data.exclusions`).
+    `excluded`, when a list, collects a record of every drop (`data.exclusions`): the document's
+    id, this stage, the reason, and what `doc_record` keeps of it (its URL, source file, and what
+    earlier stages measured, such as the language score that made this stage drop it).
     """
 
     name: str
@@ -33,10 +41,12 @@ class StageStats:
     dropped: Counter = field(default_factory=Counter)
     excluded: list | None = None
 
-    def drop(self, doc_id: str, reason: str) -> None:
-        self.dropped[reason] += 1
+    def drop(self, doc_id: str, reason: str, record: dict | None = None, n: int = 1) -> None:
+        """Count `n` documents dropped for `reason` (n > 1: a whole unreadable file or column at once)."""
+        self.dropped[reason] += n
         if self.excluded is not None:
-            self.excluded.append((doc_id, reason))
+            self.excluded.append({"id": doc_id, "stage": self.name, "reason": reason, **(record or {}),
+                                  **({"docs": n} if n != 1 else {})})
 
     def merge(self, other: dict) -> None:
         """Add the counts of another task's `to_dict()` for the same stage."""
@@ -73,7 +83,7 @@ class Stage:
             out = self.process(doc)
             stats.seconds += time.perf_counter() - t0
             if isinstance(out, str):
-                stats.drop(doc.id, out)
+                stats.drop(doc.id, out, doc_record(doc))
                 continue
             yield out
 
@@ -112,13 +122,16 @@ class BadInput:
     def __init__(self, stats: StageStats, strict: bool = False, max_messages: int = 3) -> None:
         self.stats, self.strict, self.max_messages = stats, strict, max_messages
         self.messages: list[list[str]] = []  # [reason, line]
+        self.reported: Counter = Counter()  # bad-input skips per reason (a file counts once)
 
-    def skip(self, reason: str, where: str, what: str, fix: str = "", bad: bool = True) -> None:
-        self.stats.drop(where, reason)
+    def skip(self, reason: str, where: str, what: str, fix: str = "", bad: bool = True, docs: int = 1) -> None:
+        """Count `docs` documents (the records of an unusable file, e.g. a Parquet file without the text column)."""
+        self.stats.drop(where, reason, n=docs)
         if not bad:
             return
         line = f"{where}: {what} [{reason}]" + (f"; {fix}" if fix else "")
         if self.strict:
             raise KilnError(f"{line} (data.strict=true stops at bad input; set data.strict=false to skip and count it)")
-        if self.stats.dropped[reason] <= self.max_messages:
+        self.reported[reason] += 1
+        if self.reported[reason] <= self.max_messages:
             self.messages.append([reason, line])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable
 
 from tqdm import tqdm
@@ -21,6 +22,9 @@ def _init_worker() -> None:
     # One tokenizer thread per worker process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
+    # Ctrl-C reaches the whole process group: the driver alone handles it (and terminates the pool),
+    # so workers print no "Process ForkPoolWorker-1:" traceback of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call(args):

@@ -263,19 +263,28 @@ class CodeQuality(Stage):
 
 class LanguageFilter(Stage):
     """Keep documents in `languages`, identified offline by resiliparse's `detect_fast` (a trigram
-    profile model shipped in the package). Its score is an out-of-place distance: lower is surer."""
+    profile model shipped in the package). Its score is an out-of-place distance: lower is surer.
+
+    On a sentence or two the profiles are unreliable (a short English line can come out as `pt`),
+    so documents shorter than `min_chars` pass unjudged. The language and score of every judged
+    document go into its metadata (exclusions.jsonl, metadata.jsonl) to tune `max_score` by.
+    """
 
     name = "language"
 
-    def __init__(self, languages: list | None = None, max_score: int = 1200) -> None:
+    def __init__(self, languages: list | None = None, max_score: int = 1200, min_chars: int = 200) -> None:
+        if min_chars < 0:
+            raise ValueError(f"min_chars must be ≥ 0, not {min_chars}")
         self.languages = set(languages if languages is not None else ["en"])
-        self.max_score = max_score
+        self.max_score, self.min_chars = max_score, min_chars
 
     def process(self, doc: Document) -> Document | str:
+        if len(doc.text) < self.min_chars:
+            return doc
         from resiliparse.parse.lang import detect_fast
 
         lang, score = detect_fast(doc.text[:20_000])
-        doc.meta["language"] = lang
+        doc.meta["language"], doc.meta["language_score"] = lang, score
         if lang not in self.languages:
             return f"language_{lang}"
         if score > self.max_score:

@@ -67,18 +67,29 @@ def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
         order.remove("max_docs")
         after = max([i for i, n in enumerate(order) if n in ("exact_dedup", "minhash_dedup")], default=len(order) - 1)
         order.insert(after + 1, "max_docs")
-    tr, va = man["splits"]["train"], man["splits"]["val"]
     read = stages.get("read", {})
     lines = [
         "# kiln prepare report",
         "",
         f"- input: `{man['config'].get('input')}`: {man.get('files', '?')} files in {man.get('tasks', '?')} tasks, "
         f"executor {man.get('executor', '?')}",
-        f"- documents: {read.get('docs_in', 0):,} read → {tr['docs'] + va['docs']:,} kept "
-        f"({tr['docs']:,} train, {va['docs']:,} validation); bytes {read.get('bytes_out', 0):,} → "
-        f"{tr['bytes'] + va['bytes']:,}",
-        f"- tokens out: {tr['tokens']:,} train, {va['tokens']:,} validation; vocab {man['vocab_size']} "
-        f"({man['dtype']}); unigram baseline {man.get('unigram_bpb', float('nan')):.3f} bits/byte",
+    ]
+    if man.get("stopped"):  # stopped before writing shards: the stage counts say what removed the corpus
+        lines += [f"- **stopped**: {man['stopped']}; no data was written",
+                  f"- documents: {read.get('docs_in', 0):,} read"]
+    else:
+        tr, va = man["splits"]["train"], man["splits"]["val"]
+        vocab = f"vocab {man['vocab_size']} ({man['dtype']})"
+        if man.get("vocab_size_requested", man["vocab_size"]) > man["vocab_size"]:
+            vocab += (f", not the {man['vocab_size_requested']} asked for: the corpus had no more pairs to merge")
+        lines += [
+            f"- documents: {read.get('docs_in', 0):,} read → {tr['docs'] + va['docs']:,} kept "
+            f"({tr['docs']:,} train, {va['docs']:,} validation); bytes {read.get('bytes_out', 0):,} → "
+            f"{tr['bytes'] + va['bytes']:,}",
+            f"- tokens out: {tr['tokens']:,} train, {va['tokens']:,} validation; {vocab}; "
+            f"unigram baseline {man.get('unigram_bpb', float('nan')):.3f} bits/byte",
+        ]
+    lines += [
         "- seconds: " + ", ".join(f"{k} {v}" for k, v in man.get("seconds", {}).items()),
         "",
         "## Stages",
@@ -104,14 +115,23 @@ def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
             "",
             f"{mh['n_grams']}-word shingles, {mh['bands']} bands × {mh['rows']} rows. "
             f"{sum(sizes.values()):,} clusters of two or more documents; each keeps its first document.",
-            f"Signatures on disk: {mh['signature_bytes'] / 1e6:.1f} MB; clustering holds about "
-            f"{mh['bytes_per_doc_clustering']} bytes per document (one band at a time); measured peak of the "
-            f"global dedup step: {man['dedup'].get('peak_memory_bytes', 0) / 1e6:.1f} MB.",
+            f"Signatures on disk: {mh['signature_bytes'] / 1e6:.1f} MB; band-key records partitioned into "
+            f"{man['dedup']['buckets']['minhash_dedup']} buckets: {mh['record_bytes'] / 1e6:.1f} MB; "
+            f"{mh['pairs']:,} candidate pairs over {mh['docs_in_clusters']:,} documents, clustered in the driver.",
             "",
             "| cluster size | clusters |",
             "|---:|---:|",
             *[f"| {k} | {v:,} |" for k, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))],
         ]
+    driver = man.get("driver") or {}
+    if driver.get("steps"):
+        lines += ["", "## Driver memory per step", "",
+                  f"Measured: {driver['method']}. The global steps run as tasks, so the driver's memory follows "
+                  "the number of tasks and of duplicates, not of documents; with `data.executor.workers=1` the "
+                  "tasks run inside the driver and count here too.", "",
+                  "| step | seconds | resident at start (MB) | peak (MB) |", "|---|---:|---:|---:|",
+                  *[f"| {k} | {v['seconds']:.2f} | {v['rss_start_mb']:,.1f} | {v['rss_peak_mb']:,.1f} |"
+                    for k, v in driver["steps"].items()]]
     if _plot_lengths(man, run / "prepare_lengths.png"):
         lines += ["", "## Document lengths", "", "![document length distribution](prepare_lengths.png)"]
     if _plot_stages(man, order, run / "prepare_stages.png"):
@@ -119,8 +139,13 @@ def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
     if man.get("messages"):
         lines += ["", "## Skipped input (first messages)", "", *[f"- {m}" for m in man["messages"][:20]]]
     if man.get("exclusions") is not None:
-        lines += ["", f"Every dropped document with its stage and reason: `data/exclusions.jsonl` "
+        lines += ["", f"Every dropped document with its stage, reason, URL or source file and what the stages "
+                      f"measured (e.g. its language score): `exclusions.jsonl` in the data directory "
                       f"({man['exclusions']:,} lines)."]
+    if man.get("metadata") is not None:
+        lines += ["", f"Every kept document's id, split, source and what the stages measured (language and "
+                      f"score, classifier score, PII counts): `metadata.jsonl` in the data directory "
+                      f"({man['metadata']:,} lines)."]
     path = run / "prepare_report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -20,7 +20,9 @@ from kiln.runs import read_manifest
 
 
 class TokenShardWriter:
-    """Appends documents' token ids to numbered shard files of about `shard_tokens` tokens each."""
+    """Appends documents' token ids to numbered shard files of at most `shard_tokens` tokens each
+    (a single longer document makes a shard of its own): one by one with `add`, or a shard at
+    a time with `add_shard` along the cuts `bounds` gives, which are the cuts `add` makes."""
 
     def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int) -> None:
         self.dir, self.split, self.dtype, self.shard_tokens = Path(directory), split, np.dtype(dtype), shard_tokens
@@ -29,6 +31,17 @@ class TokenShardWriter:
         self._starts: list[int] = []
         self._n = 0
 
+    @staticmethod
+    def bounds(lengths: np.ndarray, shard_tokens: int) -> np.ndarray:
+        """Indices where shards start (and the end) for documents of `lengths` written in order."""
+        ends = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        out, i = [0], 0
+        while i < len(lengths):
+            # the most documents from i whose tokens fit, and at least one
+            i = max(i + 1, int(np.searchsorted(ends, ends[i] + shard_tokens, side="right")) - 1)
+            out.append(i)
+        return np.asarray(out, dtype=np.int64)
+
     def add(self, ids: np.ndarray) -> None:
         if self._n and self._n + len(ids) > self.shard_tokens:
             self._flush()
@@ -36,14 +49,21 @@ class TokenShardWriter:
         self._parts.append(ids.astype(self.dtype, copy=False))
         self._n += len(ids)
 
+    def add_shard(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        """Write one whole shard: its tokens and each document's first offset in them."""
+        self._flush()
+        self._write(tokens.astype(self.dtype, copy=False), np.asarray(starts, dtype=np.int64))
+
+    def _write(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        name = f"{self.split}_{len(self.shards):05d}"
+        tokens.tofile(self.dir / f"{name}.bin")
+        np.save(self.dir / f"{name}.idx.npy", starts)
+        self.shards.append({"file": f"{name}.bin", "tokens": int(len(tokens)), "docs": len(starts)})
+
     def _flush(self) -> None:
         if not self._parts:
             return
-        name = f"{self.split}_{len(self.shards):05d}"
-        tokens = np.concatenate(self._parts)
-        tokens.tofile(self.dir / f"{name}.bin")
-        np.save(self.dir / f"{name}.idx.npy", np.asarray(self._starts, dtype=np.int64))
-        self.shards.append({"file": f"{name}.bin", "tokens": int(len(tokens)), "docs": len(self._starts)})
+        self._write(np.concatenate(self._parts), np.asarray(self._starts, dtype=np.int64))
         self._parts, self._starts, self._n = [], [], 0
 
     def close(self) -> list[dict]:
@@ -95,7 +115,6 @@ def window_batch(windows: list[np.ndarray], starts: list[np.ndarray] | None = No
             st = st[(st > 0) & (st < t)]
             docs[i, st] = 1
         docs = np.cumsum(docs, axis=1)
-        first = np.zeros_like(docs)
         idx = np.arange(t)[None, :].repeat(len(windows), 0)
         # position = index - index of the first token of the row's current document
         boundary = np.where(np.concatenate([np.ones((len(windows), 1), bool), docs[:, 1:] != docs[:, :-1]], 1), idx, 0)
@@ -196,8 +215,13 @@ def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: i
     n_batches = math.ceil(len(windows) / batch_size)
     if max_batches:
         n_batches = min(max_batches, n_batches)
+    # Every data-parallel rank must run the same number of batches (FSDP gathers weights in each
+    # forward): each takes an equal share, or, with fewer batches than ranks, all of them (the
+    # evaluator divides summed losses by summed counts, so copies do not change the result).
+    per = n_batches // world
+    mine = range(n_batches) if per == 0 else range(rank, per * world, world)
     out = []
-    for b in range(rank, n_batches, world):
+    for b in mine:
         sl = slice(b * batch_size, (b + 1) * batch_size)
         if windows[sl]:
             out.append(window_batch(windows[sl], starts[sl] if doc_starts is not None else None))

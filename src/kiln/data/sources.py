@@ -294,7 +294,9 @@ def _json_record(line: bytes, where: str, f: Path, reader: ReaderConfig, bad: Ba
     try:
         rec = json.loads(text_line)
     except json.JSONDecodeError as e:
-        bad.skip("malformed_json", where, f"not valid JSON ({e.msg} at column {e.colno})", "fix or remove the line")
+        # json's own message may end in "at" ("Invalid control character at"): name the place once.
+        msg = e.msg.removesuffix(" at")
+        bad.skip("malformed_json", where, f"not valid JSON ({msg} at column {e.colno})", "fix or remove the line")
         return
     if not isinstance(rec, dict):
         bad.skip("malformed_json", where, f"a JSON {type(rec).__name__}, not an object", "write one object per line")
@@ -325,13 +327,14 @@ def read_parquet(f: Path, reader: ReaderConfig, bad: BadInput, start: int = 0, e
                  "re-write the file")
         return
     names = pf.schema_arrow.names
+    groups = list(range(start, end if end >= 0 else pf.metadata.num_row_groups))
+    rows = [pf.metadata.row_group(g).num_rows for g in groups]
     if reader.text_field not in names:
         bad.skip("missing_text_column", f"'{f}'", f"no column '{reader.text_field}' (columns: {', '.join(names[:10])})",
-                 "set data.reader.text_field to the column holding the text")
+                 "set data.reader.text_field to the column holding the text", docs=sum(rows))
         return
     cols = [c for c in (reader.text_field, reader.id_field, reader.url_field) if c and c in names]
-    groups = list(range(start, end if end >= 0 else pf.metadata.num_row_groups))
-    row = sum(pf.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+    row = first = sum(pf.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
     try:
         for g in groups:
             table = pf.read_row_group(g, columns=cols).to_pydict()
@@ -352,8 +355,9 @@ def read_parquet(f: Path, reader: ReaderConfig, bad: BadInput, start: int = 0, e
                     doc_id = ids[i] if ids and ids[i] is not None else f"{f.name}#{row}"
                     yield Document(text, str(doc_id), meta)
                 row += 1
-    except Exception as e:
-        bad.skip("corrupt_parquet", f"'{f}' row {row}", f"unreadable ({str(e).splitlines()[0]})", "re-write the file")
+    except Exception as e:  # the rows not read yet are lost with it
+        bad.skip("corrupt_parquet", f"'{f}' row {row}", f"unreadable ({str(e).splitlines()[0]})", "re-write the file",
+                 docs=max(1, first + sum(rows) - row))
 
 
 def read_warc(f: Path, reader: ReaderConfig, bad: BadInput) -> Iterator[Document]:

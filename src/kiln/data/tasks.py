@@ -5,13 +5,15 @@ and finishes by writing `NNNNN.json` (its counts): that file is the task's compl
 a rerun after a crash or kill skips finished tasks and redoes only the missing ones. Steps:
 
 1. `filter_task`: read → stages before dedup → documents + dedup keys (exact hashes, MinHash signatures)
-2. (the driver clusters duplicates over the whole corpus and writes one keep-mask per task)
-3. `post_task`: apply the keep-mask → stages after dedup → final documents
+2. the global dedup as partition / bucket / mask tasks (`kiln.data.sharded_dedup`): a keep-mask per task
+3. `post_task`: apply the keep-mask → stages after dedup → final documents, their split and sizes
 4. `tokenize_task`: final documents → token ids (BOS first) with HF tokenizers' batch encoding
+5. the shuffle into shards as scatter / bucket tasks (`kiln.data.shuffle`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import time
@@ -25,7 +27,7 @@ from kiln.data.dedup import ExactDedup, MinhashDedup, exact_key
 from kiln.data.document import BadInput, Document, StageStats, run_stages
 from kiln.data.sources import Task, read_task
 from kiln.data.stages import build_stage, split_at_dedup
-from kiln.runs import atomic_write
+from kiln.runs import atomic_write, sha256_file
 
 LENGTH_BINS = np.logspace(0, 8, 33)  # document length histograms (characters), summed over tasks
 
@@ -38,6 +40,23 @@ class Job:
     work: str
     tokenizer: str = ""  # tokenize_task: the tokenizer.json to use
     dtype: str = "uint16"
+    keep_first: int = -1  # post_task: keep only the first this many documents the dedup kept (data.max_docs)
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Split by document id (a file's path for text inputs), so no document lands in both splits."""
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+def val_mask(work: str | Path, name: str) -> np.ndarray:
+    """Which of a task's final documents are validation: by id (`post_task`), with the driver's one
+    flip (`split.json`) for a corpus where every document, or none, fell into validation."""
+    val = np.load(Path(work) / "post" / f"{name}.val.npy")
+    flip = json.loads((Path(work) / "split.json").read_text())
+    if flip.get("task") == name:
+        val[flip["doc"]] = flip["val"]
+    return val
 
 
 def save_json(path: Path, obj) -> None:
@@ -87,8 +106,8 @@ def _stats(stats: dict[str, StageStats]) -> dict:
     return {k: v.to_dict() for k, v in stats.items()}
 
 
-def _excluded(stats: dict[str, StageStats]) -> list:
-    return [[i, name, r] for name, st in stats.items() for i, r in (st.excluded or [])]
+def _excluded(stats: dict[str, StageStats]) -> list[dict]:
+    return [e for st in stats.values() for e in (st.excluded or [])]
 
 
 def filter_task(job: Job) -> dict:
@@ -134,6 +153,7 @@ def filter_task(job: Job) -> dict:
         "key_seconds": key_seconds,
         "hist_before": np.histogram(before, LENGTH_BINS)[0].tolist(),
         "messages": bad.messages,
+        "reported": dict(bad.reported),
         "excluded": _excluded(stats),
     }
     save_json(d / f"{name}.json", result)
@@ -147,16 +167,21 @@ def post_task(job: Job) -> dict:
         return done
     _, _, post = _stages(job)
     docs = load_docs(Path(job.work) / "filter" / f"{name}.docs")
-    keep = np.load(Path(job.work) / "dedup" / f"{name}.keep.npy")
+    keep = np.load(Path(job.work) / "dedup" / "mask" / f"{name}.keep.npy")
+    if job.keep_first >= 0:
+        keep[np.flatnonzero(keep)[job.keep_first :]] = False
     docs = [doc for doc, k in zip(docs, keep) if k]
     stats = {s.name: StageStats(s.name, excluded=[] if job.data.exclusions else None) for s in post}
     docs = list(run_stages(docs, post, stats))
     save_docs(d / f"{name}.docs", docs)
+    val = np.asarray([is_validation(doc.id, job.data.val_fraction) for doc in docs], dtype=bool)
+    save_npy(d / f"{name}.val.npy", val)
+    save_npy(d / f"{name}.bytes.npy", np.asarray([len(doc.text.encode("utf-8", "surrogatepass")) for doc in docs],
+                                                 dtype=np.int64))
     result = {
         "task": name,
         "docs": len(docs),
-        "ids": [doc.id for doc in docs],
-        "bytes": [len(doc.text.encode("utf-8", "surrogatepass")) for doc in docs],
+        "val": int(val.sum()),
         "stages": _stats(stats),
         "hist_after": np.histogram([len(doc.text) for doc in docs], LENGTH_BINS)[0].tolist(),
         "excluded": _excluded(stats),
@@ -175,10 +200,11 @@ def tokenize_task(job: Job, batch: int = 4096) -> dict:
     d, name, done = _step(job, "tokens")
     if done is not None:
         return done
-    if job.tokenizer not in _TOKENIZER:
+    key = sha256_file(job.tokenizer)  # not the path: a rerun in this process may train another one there
+    if key not in _TOKENIZER:
         _TOKENIZER.clear()
-        _TOKENIZER[job.tokenizer] = load_tokenizer(job.tokenizer)
-    tok = _TOKENIZER[job.tokenizer]
+        _TOKENIZER[key] = load_tokenizer(job.tokenizer)
+    tok = _TOKENIZER[key]
     bos = tok.token_to_id(BOS)
     texts = [doc.text for doc in load_docs(Path(job.work) / "post" / f"{name}.docs")]
     parts, lens = [], []
@@ -189,8 +215,11 @@ def tokenize_task(job: Job, batch: int = 4096) -> dict:
             parts.append(np.asarray([bos, *doc_ids], dtype=job.dtype))
             lens.append(len(doc_ids) + 1)
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=job.dtype)
+    lens = np.asarray(lens, dtype=np.int64)
     save_npy(d / f"{name}.ids.npy", ids)
-    save_npy(d / f"{name}.lens.npy", np.asarray(lens, dtype=np.int64))
-    result = {"task": name, "docs": len(lens), "tokens": int(len(ids))}
+    save_npy(d / f"{name}.lens.npy", lens)
+    val = val_mask(job.work, name)
+    result = {"task": name, "docs": len(lens), "tokens": int(len(ids)), "val_docs": int(val.sum()),
+              "val_tokens": int(lens[val].sum())}
     save_json(d / f"{name}.json", result)
     return result

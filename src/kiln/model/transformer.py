@@ -85,9 +85,15 @@ class KVCache:
         offsets = torch.arange(t, device=start.device)
         slots = start[:, None] + offsets  # (B, t)
         used = int(start.max()) + t
-        # query (b, i) sees slot j of its row iff j <= start[b] + i: its past and itself
-        visible = torch.arange(used, device=start.device)[None, None, :] <= slots[:, :, None]  # (B, t, used)
-        self._step = (slots, used, visible[:, None])
+        first = int(start[0])
+        if attention_mask is None and bool((start == first).all()) and (t == 1 or first == 0):
+            # every row at the same length: one new token sees every used slot, a first chunk is plain
+            # causal, so the fused kernels run without an explicit mask
+            mask = None if t == 1 else "causal"
+        else:
+            # query (b, i) sees slot j of its row iff j <= start[b] + i: its past and itself
+            mask = (torch.arange(used, device=start.device)[None, None, :] <= slots[:, :, None])[:, None]
+        self._step = (slots, used, mask)
         n_new = attention_mask.sum(-1).long() if attention_mask is not None else torch.full_like(start, t)
         self._new_lengths = start + n_new
         return slots
@@ -150,15 +156,16 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, nkv, hd).transpose(1, 2)
         v = self.wv(x).view(b, t, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = self.causal
         if cache is not None:
             k, v, mask = cache.update(self.layer, k, v)
-        if nq != nkv:
-            k = k.repeat_interleave(nq // nkv, dim=1)
-            v = v.repeat_interleave(nq // nkv, dim=1)
+            causal = isinstance(mask, str)  # "causal": a first chunk on every row
+            mask = None if causal else mask
+        gqa = nq != nkv  # grouped-query heads share K/V without copying the cache per query head
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(b, t, nq * hd))
 
 

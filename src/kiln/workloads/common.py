@@ -47,6 +47,9 @@ def resolve_resume(cfg: Config, ckpt: CheckpointManager, model_cfg: ModelConfig,
             f"'{cfg.out}' holds a run of a different model ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
             "choose a new out= or use that run's model settings"
         )
+    if info.get("workload", workload) == "import":
+        raise KilnError(f"'{cfg.out}' holds a model made by `kiln import`; train from it in a new run: "
+                        f"`kiln {workload} init_from={cfg.out} out=runs/NEW`")
     if info.get("workload", workload) != workload:
         raise KilnError(f"'{cfg.out}' holds a {info['workload']} run; continue it with `kiln {info['workload']}` "
                         f"or start this {workload} run in a new out= (init_from={cfg.out} starts from its weights)")
@@ -161,32 +164,37 @@ def prepare_run_dir(cfg: Config, env: ParallelEnv, tokenizer: Path, workload: st
                         "checkpoints; use the data prepared with the run's tokenizer, or a new out=")
 
 
-def ensure_data(cfg: Config, env: ParallelEnv, ddir: Path, workload: str) -> None:
+def ensure_data(cfg: Config, ddir: Path, workload: str) -> None:
     """With no prepared data where the run looks (and no data.path given), prepare `data.input`
-    first: once, on the main rank, the others waiting. An explicit data.path must already exist."""
+    first. Call it before joining the process group: under torchrun rank 0 prepares (its worker
+    processes must not be forked from a process that holds a collective library's threads) and the
+    other ranks wait for the manifest to appear, or for rank 0's one-line error. An explicit
+    data.path must already exist."""
+    import os
+    import time
+
     if read_manifest(ddir) is not None:
         return
     if cfg.data.path:
         raise KilnError(f"'{ddir}' holds no prepared data (manifest.json missing or unreadable); "
                         f"run `kiln prepare data.path={ddir}` first")
-    error = None
-    if env.is_main:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    failed = ddir.parent / f".{ddir.name}.prepare-failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)
         print(f"{workload}: no prepared data in '{ddir}'; preparing data.input={cfg.data.input} first", flush=True)
         from kiln.data.pipeline import run_prepare
 
         try:
             run_prepare(cfg)
-        except KilnError as e:
-            if not env.distributed:
-                raise
-            error = str(e)
-    if env.distributed:  # the others wait, on a group whose timeout allows for a long preparation
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=group)
-        if box[0]:
-            raise KilnError(box[0])
+        except (KilnError, KeyboardInterrupt) as e:
+            if world > 1:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(str(e) or "interrupted")
+            raise
+        return
+    started = time.time()
+    while read_manifest(ddir) is None:
+        if failed.is_file() and failed.stat().st_mtime >= started - 5:
+            raise KilnError(failed.read_text())
+        time.sleep(0.5)

@@ -85,11 +85,11 @@ def matmul_shapes(mc: ModelConfig, tokens: int) -> tuple[tuple[int, int, int], .
 
 
 def run_pretrain(cfg: Config) -> dict:
+    ddir = data_dir(cfg)
+    ensure_data(cfg, ddir, WORKLOAD)  # before the process group: rank 0 may fork data workers
     env = parallel.init_env(cfg)
     if env.device.type == "cpu":
         tune_cpu_allocator()
-    ddir = data_dir(cfg)
-    ensure_data(cfg, env, ddir, WORKLOAD)
     man = open_data(ddir)
     tpath = check_shards_match_tokenizer(ddir, man)
     source = find_checkpoint(cfg.init_from) if cfg.init_from else None

@@ -1,0 +1,156 @@
+"""Generation speed: kiln's engine vs `transformers` `generate` on the same weights.
+
+The run's checkpoint is exported with `kiln.post.export` and loaded as `LlamaForCausalLM` (SDPA
+attention); both decode the same prompt greedily for `--new-tokens` tokens (end tokens do not
+stop either side), at batch 1 and 8, alternating in one process so host noise hits both alike.
+Prints prefill and decode tokens/s, the ratio, whether the greedy tokens are identical, and the
+memory-bandwidth bound: the bytes one decode step must read (weights + KV cache) against this
+machine's measured copy bandwidth.
+
+    python -P bench/generate.py                              # a fresh `small` run (prepare + 3 steps)
+    python -P bench/generate.py --run runs/quickstart --batches 1,8 --rounds 3
+    python -P bench/generate.py --device cuda --preset llama3-1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kiln import cli
+from kiln.post.export import export_hf
+from kiln.serve.engine import Batch, Engine, SamplingParams, Sequence
+
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def make_run(root: Path, preset: str) -> Path:
+    """A run with a real tokenizer and a checkpoint of `preset` (a few steps: speed does not need a good model)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for pkg in ("json", "email", "http", "logging"):
+        for f in sorted((stdlib / pkg).glob("*.py")):
+            (corpus / f"{pkg}_{f.name}").write_bytes(f.read_bytes())
+    run = root / "run"
+    assert cli.main(["prepare", f"out={run}", f"data.input={corpus}", "data.tokenizer.vocab_size=4096"]) == 0
+    assert cli.main(["pretrain", f"out={run}", f"model.preset={preset}", "train.max_steps=3", "train.seq_len=128",
+                     "train.batch_size=2", "train.eval_batches=1", "train.tensorboard=false",
+                     "train.progress=false", "train.warmup_steps=1"]) == 0
+    return run
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def kiln_generate(engine: Engine, ids: list[int], batch: int, new: int) -> tuple[list[list[int]], float, float]:
+    """Tokens per row, prefill seconds, decode seconds (end tokens do not stop, as for the peer)."""
+    b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), batch, len(ids) + new)
+    seqs = [Sequence(ids, SamplingParams(max_new_tokens=new, temperature=0.0), engine.tokenizer) for _ in range(batch)]
+    sync(engine.device)
+    t0 = time.perf_counter()
+    b.add(seqs)
+    sync(engine.device)
+    t1 = time.perf_counter()
+    while b.running:
+        b.step()
+    sync(engine.device)
+    return [s.tokens for s in seqs], t1 - t0, time.perf_counter() - t1
+
+
+@torch.inference_mode()
+def hf_generate(model, ids: list[int], batch: int, new: int, device) -> tuple[list[list[int]], float, float]:
+    x = torch.tensor([ids] * batch, device=device)
+    mask = torch.ones_like(x)
+    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(x, max_new_tokens=1, **kw)
+    sync(device)
+    t1 = time.perf_counter()
+    out = model.generate(x, max_new_tokens=new, **kw)
+    sync(device)
+    t2 = time.perf_counter()
+    prefill = t1 - t0
+    return out[:, len(ids):].tolist(), prefill, (t2 - t1) - prefill
+
+
+def copy_bandwidth(device: torch.device, mb: int = 256) -> float:
+    """Bytes per second read and written by a large tensor copy."""
+    src = torch.ones(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def step_bytes(engine: Engine, batch: int, context: int) -> int:
+    """Bytes one decode step reads: every weight matrix (one embedding row per token) and the KV cache."""
+    m = engine.model
+    elem = next(m.parameters()).element_size()
+    weights = sum(p.numel() for n, p in m.named_parameters() if n != "tok_emb.weight" or m.cfg.tie_embeddings)
+    cfg = m.cfg
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * batch
+    return (weights + kv) * elem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="a kiln run with a checkpoint (default: make one of --preset)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(args.run) if args.run else make_run(Path(tmp), args.preset)
+        engine = Engine.from_run(run, args.device)
+        dtype = next(engine.model.parameters()).dtype
+        hf = LlamaForCausalLM.from_pretrained(export_hf(run, Path(tmp) / "hf"), dtype=dtype,
+                                              attn_implementation="sdpa").to(engine.device).eval()
+        ids = engine.encode_prompt(PROMPT)
+        new = min(args.new_tokens, engine.context - len(ids))
+        bw = copy_bandwidth(engine.device)
+        cfg = engine.model.cfg
+        print(f"model: d_model {cfg.d_model}, {cfg.n_layers} layers, {sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M "
+              f"params, {dtype}, {engine.device}; prompt {len(ids)} tokens, {new} new; copy bandwidth {bw / 1e9:.1f} GB/s")
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows = {"kiln": [], "hf": []}
+            for _ in range(args.rounds):  # alternate, so both see the same host noise
+                rows["kiln"].append(kiln_generate(engine, ids, batch, new))
+                rows["hf"].append(hf_generate(hf, ids, batch, new, engine.device))
+            same = all(r[0] == rows["hf"][0][0] for r in rows["kiln"])
+            best = {k: (min(r[1] for r in v), min(r[2] for r in v)) for k, v in rows.items()}
+            dec = {k: batch * (new - 1) / d for k, (_, d) in best.items()}
+            pre = {k: batch * len(ids) / p for k, (p, _) in best.items()}
+            bound = bw / step_bytes(engine, batch, len(ids) + new // 2) * batch
+            print(f"batch {batch}: decode kiln {dec['kiln']:,.0f} vs transformers {dec['hf']:,.0f} tokens/s "
+                  f"({dec['kiln'] / dec['hf']:.2f}x); prefill {pre['kiln']:,.0f} vs {pre['hf']:,.0f} tokens/s "
+                  f"({pre['kiln'] / pre['hf']:.2f}x); greedy tokens identical: {same}; "
+                  f"bandwidth bound {bound:,.0f} tokens/s, kiln at {dec['kiln'] / bound:.0%}")
+            if not same:
+                k, h = rows["kiln"][0][0][0], rows["hf"][0][0][0]
+                first = next((i for i, (a, b) in enumerate(zip(k, h)) if a != b), None)
+                print(f"  first difference at new token {first} (of {len(k)}); median decode times "
+                      f"{statistics.median(r[2] for r in rows['kiln']):.3f} vs {statistics.median(r[2] for r in rows['hf']):.3f} s")
+
+
+if __name__ == "__main__":
+    main()

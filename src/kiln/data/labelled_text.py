@@ -1,0 +1,275 @@
+"""Labelled text for encoder fine-tuning: the embedded stdlib tasks or a JSONL of {text, label},
+split by seed, tokenized, and served in padded batches; plus the masked-LM loader over token shards.
+
+Embedded tasks (no download), from the functions of `classify.packages` in this interpreter's
+standard library:
+
+- `stdlib-order`: a function's source as written (`original`), or with its first ORDER_LINES lines
+  (about what 128 tokens show) in a random order (`shuffled`). Both texts hold the same words, so
+  a bag of words cannot tell them apart; reading in order can (the quickest cue: whether the text
+  starts with its `def` line; README, Encoders).
+- `stdlib-packages`: a function's source, labelled with the package it comes from: a lexical task.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.config import ClassifyConfig
+from kiln.data.sources import stdlib_root
+from kiln.errors import KilnError
+
+STDLIB_TASKS = ("stdlib-order", "stdlib-packages")
+SPLITS = ("train", "val", "test")
+MIN_FUNCTION_CHARS = 80
+ORDER_LINES = 12  # lines stdlib-order may shuffle: about what 128 tokens show
+
+
+@dataclass
+class Example:
+    text: str
+    label: int
+
+
+def _functions(package: str) -> list[str]:
+    """The source of every function of a stdlib package, tests left out, in file order."""
+    root = stdlib_root() / package
+    files = sorted(root.rglob("*.py")) if root.is_dir() else [root.with_suffix(".py")]
+    out = []
+    for f in files:
+        if "test" in f.parts or "tests" in f.parts or not f.is_file():
+            continue
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                seg = _segment(lines, node)
+                if len(seg) >= MIN_FUNCTION_CHARS:
+                    out.append(seg)
+    return out
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """The node's source text (ast.get_source_segment re-splits the whole file on every call)."""
+    part = lines[node.lineno - 1 : node.end_lineno]
+    if len(part) == 1:
+        return part[0].encode()[node.col_offset : node.end_col_offset].decode(errors="replace")
+    first = part[0].encode()[node.col_offset :].decode(errors="replace")
+    last = part[-1].encode()[: node.end_col_offset].decode(errors="replace")
+    return first + "".join(part[1:-1]) + last
+
+
+def stdlib_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
+    """The embedded task named by `classify.input`: examples and class names."""
+    if not cc.packages:
+        raise KilnError("classify.packages is empty; name stdlib packages, e.g. classify.packages=json,email,http")
+    missing = [p for p in cc.packages if not (stdlib_root() / p).exists() and not (stdlib_root() / f"{p}.py").exists()]
+    if missing:
+        raise KilnError(f"classify.packages names {missing} which this Python's standard library lacks; "
+                        "choose packages under " + str(stdlib_root()))
+    rng = random.Random(cc.seed)
+    if cc.input == "stdlib-packages":
+        classes = list(cc.packages)
+        examples = [Example(seg, k) for k, p in enumerate(classes) for seg in _functions(p)]
+    else:
+        classes = ["original", "shuffled"]
+        examples = []
+        for p in cc.packages:
+            for seg in _functions(p):
+                lines = seg.splitlines()
+                head = lines[:ORDER_LINES]
+                if len(set(head)) < 4:
+                    continue
+                shuffled = head[:]
+                label = int(rng.random() < 0.5)
+                while label and shuffled == head:
+                    rng.shuffle(shuffled)
+                examples.append(Example("\n".join(shuffled + lines[ORDER_LINES:]), label))
+    return _capped(_deduplicated(examples), len(classes), cc.max_per_class, rng), classes
+
+
+def jsonl_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
+    """{text, label} rows of a JSONL file; a row without text or label is a one-line error naming it."""
+    path = Path(cc.input)
+    if not path.is_file():
+        raise KilnError(f"classify.input '{cc.input}' is neither a JSONL file nor one of {', '.join(STDLIB_TASKS)}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise KilnError(f"{path}:{n} is not valid JSON; each line is one {{text, label}} object") from None
+            text = row.get(cc.text_field) if isinstance(row, dict) else None
+            label = row.get(cc.label_field) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip() or label is None or str(label).strip() == "":
+                raise KilnError(f"{path}:{n} lacks a non-empty '{cc.text_field}' or '{cc.label_field}'; "
+                                "fix the row or set classify.text_field / classify.label_field")
+            rows.append((text, str(label)))
+    classes = sorted({lab for _, lab in rows})
+    if len(classes) < 2:
+        raise KilnError(f"'{path}' has {len(classes)} distinct label(s); classification needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    examples = [Example(t, index[lab]) for t, lab in rows]
+    return _capped(_deduplicated(examples), len(classes), cc.max_per_class, random.Random(cc.seed)), classes
+
+
+def _deduplicated(examples: list[Example]) -> list[Example]:
+    seen, out = set(), []
+    for e in examples:
+        if e.text not in seen:
+            seen.add(e.text)
+            out.append(e)
+    return out
+
+
+def _capped(examples: list[Example], n_classes: int, cap: int, rng: random.Random) -> list[Example]:
+    if not cap:
+        return examples
+    out = []
+    for k in range(n_classes):
+        mine = [e for e in examples if e.label == k]
+        rng.shuffle(mine)
+        out += mine[:cap]
+    return out
+
+
+def split_examples(examples: list[Example], n_classes: int, val: float, test: float, seed: int) -> dict[str, list[Example]]:
+    """Stratified: each class shuffled by `seed`, its test and validation shares cut off first."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for k in range(n_classes):
+        mine = [examples[i] for i in rng.permutation([i for i, e in enumerate(examples) if e.label == k])]
+        n_test, n_val = round(test * len(mine)), round(val * len(mine))
+        out["test"] += mine[:n_test]
+        out["val"] += mine[n_test : n_test + n_val]
+        out["train"] += mine[n_test + n_val :]
+    for s in SPLITS:
+        out[s].sort(key=lambda e: (e.label, e.text))
+    return out
+
+
+def load_examples(cc: ClassifyConfig) -> tuple[dict[str, list[Example]], list[str]]:
+    examples, classes = stdlib_examples(cc) if cc.input in STDLIB_TASKS else jsonl_examples(cc)
+    splits = split_examples(examples, len(classes), cc.val_fraction, cc.test_fraction, cc.seed)
+    empty = [s for s in SPLITS if not splits[s]]
+    if empty:
+        raise KilnError(f"the {', '.join(empty)} split(s) of classify.input={cc.input} are empty ({len(examples)} "
+                        "examples); give more examples or raise classify.val_fraction / classify.test_fraction")
+    return splits, classes
+
+
+def class_counts(examples: list[Example], n_classes: int) -> list[int]:
+    c = Counter(e.label for e in examples)
+    return [c[k] for k in range(n_classes)]
+
+
+# ---- batches -------------------------------------------------------------------------------------
+def encode(examples: list[Example], tokenizer, bos_id: int, seq_len: int) -> list[np.ndarray]:
+    """BOS + the text's token ids, cut to `seq_len` tokens."""
+    encoded = tokenizer.encode_batch([e.text for e in examples])
+    return [np.asarray([bos_id, *enc.ids[: seq_len - 1]], dtype=np.int64) for enc in encoded]
+
+
+def padded_batch(ids: list[np.ndarray], labels: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` (1 = token) and `labels`."""
+    t = max(len(x) for x in ids)
+    out = np.full((len(ids), t), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), t), dtype=np.int64)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    return {"input_ids": torch.from_numpy(out), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+class ClassificationLoader:
+    """Padded batches of labelled sequences for one data-parallel rank, in a permutation seeded by
+    (seed, epoch); the loader interface every workload shares, resumable from two integers."""
+
+    def __init__(self, ids: list[np.ndarray], labels: list[int], batch_size: int, seq_len: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if len(ids) < batch_size * world:
+            raise KilnError(f"the training split has {len(ids)} examples, fewer than one global batch "
+                            f"({batch_size}×{world}); lower train.batch_size or give more examples")
+        self.ids, self.labels, self.pad_id = ids, labels, pad_id
+        self.batch_size, self.seq_len, self.seed, self.rank, self.world = batch_size, seq_len, seed, rank, world
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        step = self.batch_size * self.world
+        if self.pos + step > len(self.ids):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        mine = self._perm[self.pos + self.rank * self.batch_size : self.pos + (self.rank + 1) * self.batch_size]
+        self.pos += step
+        return padded_batch([self.ids[i] for i in mine], [self.labels[i] for i in mine], self.pad_id)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "global_batch": self.batch_size * self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        step = self.batch_size * self.world
+        self.epoch = state["epoch"]
+        self.pos = state["pos"] if state["global_batch"] == step else state["pos"] // step * step
+        self._perm = self._permutation(self.epoch)
+
+
+def ordered_batches(ids: list[np.ndarray], labels: list[int], batch_size: int, pad_id: int, rank: int = 0,
+                    world: int = 1) -> list[dict[str, torch.Tensor]]:
+    """A split in order (the same batches every time); each data-parallel rank takes an equal share."""
+    n = math.ceil(len(ids) / batch_size)
+    per = n // world
+    mine = range(n) if per == 0 else range(rank, per * world, world)
+    return [padded_batch(ids[b * batch_size : (b + 1) * batch_size], labels[b * batch_size : (b + 1) * batch_size],
+                         pad_id) for b in mine]
+
+
+class MaskedTokenLoader:
+    """Masked-LM batches over token shards: the token loader's windows, corrupted by `mask_tokens`
+    with a generator seeded by (seed, batch number, rank), so a resumed run masks alike."""
+
+    def __init__(self, inner, mask, seed: int, rank: int = 0) -> None:
+        self.inner, self.mask, self.seed, self.rank = inner, mask, seed, rank
+        self.count = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = self.inner.next_batch()
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.count, self.rank]).integers(2**62)))
+        self.count += 1
+        batch["input_ids"], batch["labels"] = self.mask(batch["input_ids"], gen)
+        return batch
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.inner.tokens_per_batch
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.count = state["count"]

@@ -1,0 +1,635 @@
+"""`kiln rl`: GRPO on the shared Trainer.
+
+Each rollout takes `rl.prompts_per_step` prompts, samples a group of `rl.group_size` completions
+for each with batched KV-cache generation, scores every completion (a verifiable Python reward
+`module:function`, run with a time limit and, for the default code reward, in the sandbox; or a
+`kiln reward` run), and turns the rewards into group-normalized advantages. The loss is the
+clipped policy-ratio objective with an optional KL penalty to the frozen reference (the
+`init_from` model), normalized by the number of completion tokens. Rewards are computed by the
+same executors as `kiln prepare` (in this process, local worker processes, or Ray tasks);
+generation stays with the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import re
+import signal
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import Config, SandboxConfig
+from kiln.data.chat import check_messages, prompt_ids
+from kiln.data.executor import Executor
+from kiln.data.tokenizer import BOS, END, EOS
+from kiln.errors import KilnError
+from kiln.hardware import tune_cpu_allocator
+from kiln.model.heads import ScalarHeadModel, sequence_scores
+from kiln.model.transformer import KVCache, Transformer
+from kiln.serve.engine import sample_next
+from kiln.train import parallel
+from kiln.train.checkpoint import CheckpointManager, load_model_tensors
+from kiln.train.objectives import Batch, Objective
+from kiln.train.trainer import Trainer
+from kiln.workloads.common import (
+    apply_freeze,
+    check_tokenizer,
+    checkpoint_tensors,
+    find_checkpoint,
+    load_init_weights,
+    prepare_run_dir,
+)
+from kiln.workloads.pretrain import matmul_shapes
+from kiln.workloads.reward import append_report, pad_id, start_point
+
+WORKLOAD = "rl"
+CHAT_AFTER = ("sft", "dpo", "rl")  # init_from workloads whose models speak the chat format
+
+
+# ---- prompts ---------------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    ids: list[int]  # the rendered prompt
+    text: str  # what the reward sees as the prompt (text format: the prompt itself; chat: the last user turn)
+    fields: dict  # the row's other fields, passed to the reward as keyword arguments
+
+
+def read_prompt_rows(path: str, skipped: Counter, limit: int = 0) -> list[dict]:
+    """Rows of a prompt JSONL (`{"prompt": text or messages, ...fields}`); malformed rows skipped and counted."""
+    p = Path(path)
+    if not p.is_file():
+        raise KilnError(f"rl prompts '{path}' do not exist; give a JSONL file of {{\"prompt\": ...}} rows")
+    rows = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if limit and len(rows) >= limit:
+                break
+            try:
+                row = json.loads(line)
+                prompt = row["prompt"]
+                if isinstance(prompt, list):
+                    check_messages(prompt)
+                elif not isinstance(prompt, str) or not prompt.strip():
+                    raise ValueError
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, KilnError):
+                skipped["malformed"] += 1
+                continue
+            rows.append(row)
+    return rows
+
+
+def render_prompts(tokenizer, rows: list[dict], fmt: str, budget: int, skipped: Counter) -> list[Prompt]:
+    """Prompts as token ids in `fmt` ("chat": the chat template, ready for the assistant's turn;
+    "text": BOS + the text). One longer than `budget` tokens is skipped and counted."""
+    out = []
+    for row in rows:
+        prompt = row["prompt"]
+        fields = {k: v for k, v in row.items() if k != "prompt"}
+        if fmt == "chat":
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids, text = prompt_ids(tokenizer, messages), messages[-1]["content"]
+        else:
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+            ids = [tokenizer.token_to_id(BOS), *tokenizer.encode(text, add_special_tokens=False).ids]
+        if len(ids) > budget:
+            skipped["prompt_too_long"] += 1
+            continue
+        out.append(Prompt(ids, text, fields))
+    return out
+
+
+def load_prompts(cfg: Config, tokenizer, fmt: str, budget: int) -> tuple[list[Prompt], list[Prompt], Counter]:
+    rc = cfg.rl
+    skipped: Counter = Counter()
+    if rc.prompts:
+        rows = read_prompt_rows(rc.prompts, skipped, rc.max_prompts)
+        if rc.val_prompts:
+            val_rows = read_prompt_rows(rc.val_prompts, skipped)
+        else:
+            from kiln.data.preference_data import held_out_split
+
+            rows, val_rows = held_out_split(rows, rc.val_fraction, "rl prompts")
+    else:
+        from kiln.data.preference_default import default_prompts
+
+        rows, val_rows = default_prompts(rc.max_prompts or 2000, rc.val_fraction, cfg.data.seed, rc.sandbox)
+        for r in rows + val_rows:  # the SFT task's wording in chat format, the function's own header in text
+            chat = r.pop("chat_prompt")
+            r["prompt"] = chat if fmt == "chat" else r["prompt"]
+    train = render_prompts(tokenizer, rows, fmt, budget, skipped)
+    val = render_prompts(tokenizer, val_rows, fmt, budget, skipped)
+    if not train:
+        raise KilnError(f"rl: no usable prompt ({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none given'}); "
+                        f"prompts must fit train.seq_len - rl.max_new_tokens = {budget} tokens")
+    return train, val, skipped
+
+
+def body_end(text: str) -> int | None:
+    """Where a function body completed in plain-text format ends: at the first line that starts at
+    column 0 (the model has moved on to the next top-level statement), or None."""
+    m = re.search(r"\n(?=\S)", text)
+    return m.start() if m else None
+
+
+# ---- generation ------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                       top_k: int, top_p: float, stop_ids: set[int], generator: torch.Generator | None,
+                       device: torch.device, vocab: int, stop_text=None) -> list[list[int]]:
+    """Completion ids of each prompt, all rows decoding together with a per-row KV cache: the
+    prompts are right-padded into one prefill (each row's first token comes from its own last
+    prompt position), then every row appends at its own length. A row ends at a stop id (kept,
+    it is the policy's choice too), when `stop_text(ids)` says so, or at `max_new_tokens`."""
+    cfg = unwrap(model).cfg
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    cache = KVCache(cfg, b, longest + max_new_tokens, device=device)
+    ids = torch.zeros((b, longest), dtype=torch.long)
+    mask = torch.zeros((b, longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+    lengths = mask.sum(-1).to(device)
+    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache)
+    last = logits[torch.arange(b, device=device), lengths - 1]
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for step in range(max_new_tokens):
+        nxt = sample_next(last[:, :vocab], temperature, top_k, top_p, generator)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            out[i].append(t)
+            if t in stop_ids or (stop_text is not None and stop_text(out[i])):
+                done[i] = True
+        finished = all(done)
+        if distributed:  # sharded weights: every rank runs the same number of forward passes
+            flag = torch.tensor([0.0 if finished else 1.0], device=device)
+            torch.distributed.all_reduce(flag)
+            finished = flag.item() == 0
+        if finished or step == max_new_tokens - 1:
+            break
+        last = model(nxt[:, None].to(device), cache=cache)[:, -1]
+    return out
+
+
+# ---- rewards ---------------------------------------------------------------------------------
+class RewardTimeout(BaseException):
+    """Raised in a reward call that ran past its time (a BaseException: `except Exception` in the
+    reward does not swallow it)."""
+
+
+def _resolve_reward(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise KilnError(f"rl.reward={spec!r} cannot be imported ({e}); give module:function, e.g. "
+                        "kiln.data.preference_default:code_reward") from None
+    if not callable(fn):
+        raise KilnError(f"rl.reward={spec!r} is not a function")
+    return fn
+
+
+def _call_with_timeout(fn, timeout_s: float, kwargs: dict):
+    """`fn(**kwargs)`, stopped after `timeout_s` (SIGALRM on the main thread; elsewhere a helper
+    thread is abandoned to finish on its own)."""
+    if threading.current_thread() is threading.main_thread():
+        def on_alarm(signum, frame):
+            raise RewardTimeout
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            return fn(**kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(_capture(fn, kwargs)), daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not box:
+        raise RewardTimeout
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _capture(fn, kwargs):
+    try:
+        return True, fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        return False, e
+
+
+def score_job(job: dict) -> tuple[float, str]:
+    """One reward: (value, reason). A reward that raises, hangs past its time or returns something
+    that is not a finite number scores 0 with the reason counted; the run goes on."""
+    fn = _resolve_reward(job["reward"])
+    kwargs = {**job["fields"], "prompt": job["prompt"], "completion": job["completion"],
+              "sandbox": SandboxConfig(**job["sandbox"])}
+    try:
+        value = _call_with_timeout(fn, job["timeout_s"], kwargs)
+    except RewardTimeout:
+        return 0.0, "reward_timeout"
+    except Exception:  # noqa: BLE001 - a user's reward function failing on one completion
+        return 0.0, "reward_error"
+    reason = "scored"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+        value, reason = value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0, "reward_not_a_number"
+    if not math.isfinite(value):
+        return 0.0, "reward_nan"
+    return value, reason
+
+
+class Scorer:
+    """Scores completions: the `rl.reward` function through an `Executor` (in this process, local
+    workers or Ray tasks), or a reward model over the token sequences."""
+
+    def __init__(self, cfg: Config, executor: Executor | None, reward_model: nn.Module | None = None,
+                 device: torch.device | None = None, pad: int = 0) -> None:
+        self.rc, self.executor, self.reward_model, self.device, self.pad = cfg.rl, executor, reward_model, device, pad
+
+    def __call__(self, prompts: list[Prompt], completions: list[str], sequences: list[list[int]]
+                 ) -> tuple[list[float], list[str]]:
+        if self.reward_model is not None:
+            return self._model_scores(sequences), ["reward_model"] * len(sequences)
+        jobs = [{"reward": self.rc.reward, "prompt": p.text, "completion": c, "fields": p.fields,
+                 "timeout_s": self.rc.reward_timeout_s, "sandbox": asdict(self.rc.sandbox)}
+                for p, c in zip(prompts, completions, strict=True)]
+        results = self.executor.map(score_job, jobs, "rl: rewards") if self.executor else [score_job(j) for j in jobs]
+        return [r for r, _ in results], [why for _, why in results]
+
+    @torch.no_grad()
+    def _model_scores(self, sequences: list[list[int]]) -> list[float]:
+        longest = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        return sequence_scores(self.reward_model, ids.to(self.device), mask.to(self.device)).float().tolist()
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(P, G) rewards -> (P, G) advantages: each reward minus its group's mean, divided by the
+    group's standard deviation (sample, n − 1) when `scale`. A group whose rewards are all equal
+    gets zero advantages (it teaches nothing)."""
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centered
+    std = rewards.std(-1, keepdim=True)
+    return torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
+
+
+# ---- rollouts as a loader --------------------------------------------------------------------
+class RolloutLoader:
+    """The RL "loader": each new batch is a fresh rollout (sample, score, advantages) made with
+    the current policy; with `rl.updates_per_rollout` > 1 the same rollout serves that many steps,
+    carrying the log-probabilities it was sampled with (the ratio's denominator)."""
+
+    def __init__(self, cfg: Config, policy: nn.Module, prompts: list[Prompt], scorer: Scorer, tokenizer,
+                 fmt: str, env: parallel.ParallelEnv, autocast) -> None:
+        self.cfg, self.rc, self.policy, self.prompts, self.scorer = cfg, cfg.rl, policy, prompts, scorer
+        self.tok, self.fmt, self.env, self.autocast = tokenizer, fmt, env, autocast
+        self.seed = cfg.train.seed
+        if len(prompts) < self.rc.prompts_per_step * env.dp_world:
+            raise KilnError(f"{len(prompts)} training prompts are fewer than one rollout "
+                            f"(rl.prompts_per_step={self.rc.prompts_per_step} × {env.dp_world} ranks); "
+                            "give more prompts or lower rl.prompts_per_step")
+        self.stop_ids = {tokenizer.token_to_id(t) for t in (BOS, EOS, END)}
+        self.pad = pad_id(tokenizer)
+        self.epoch, self.pos, self.rollouts = 0, 0, 0
+        self.cached: dict | None = None
+        self.uses = 0
+        self.reasons: Counter = Counter()
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.rc.prompts_per_step * self.rc.group_size * self.cfg.train.seq_len
+
+    def _next_prompts(self) -> list[Prompt]:
+        step = self.rc.prompts_per_step * self.env.dp_world
+        if self.pos + step > len(self.prompts):
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.prompts))
+        start = self.pos + self.env.dp_rank * self.rc.prompts_per_step
+        self.pos += step
+        return [self.prompts[i] for i in order[start : start + self.rc.prompts_per_step]]
+
+    def _stop_text(self):
+        if self.fmt != "text":
+            return None
+        return lambda ids: body_end(self.tok.decode(ids)) is not None
+
+    def completion_text(self, ids: list[int]) -> str:
+        text = self.tok.decode([t for t in ids if t not in self.stop_ids])
+        if self.fmt == "text":
+            cut = body_end(text)
+            text = text[:cut] if cut is not None else text
+        return text
+
+    def next_batch(self) -> Batch:
+        if self.cached is not None and self.uses < self.rc.updates_per_rollout:
+            self.uses += 1
+            return self.cached
+        self.cached, self.uses = self.rollout(), 1
+        return self.cached
+
+    def rollout(self) -> Batch:
+        rc, env = self.rc, self.env
+        prompts = [p for p in self._next_prompts() for _ in range(rc.group_size)]
+        gen = torch.Generator(device=env.device).manual_seed(hash((self.seed, self.rollouts, env.dp_rank)) % 2**62)
+        self.rollouts += 1
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.autocast:
+                completions = sample_completions(
+                    self.policy, [p.ids for p in prompts], rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p,
+                    self.stop_ids, gen, env.device, self.tok.get_vocab_size(), self._stop_text())
+        finally:
+            self.policy.train(was_training)
+        texts = [self.completion_text(c) for c in completions]
+        rewards, reasons = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        self.reasons.update(reasons)
+        r = torch.tensor(rewards, dtype=torch.float32).view(rc.prompts_per_step, rc.group_size)
+        adv = group_advantages(r, rc.scale_rewards).flatten()
+        batch = sequences_batch([p.ids for p in prompts], completions, self.pad)
+        batch["advantages"] = adv
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        stats = {"reward_mean": r.mean(), "reward_std": r.std(-1).mean(), "zero_variance_groups":
+                 (r.std(-1) == 0).float().mean(), "completion_tokens": lengths.mean(),
+                 **{f"reason_{k}": torch.tensor(float(v)) for k, v in Counter(reasons).items()}}
+        batch.update({f"stat_{k}": v for k, v in stats.items()})
+        if rc.updates_per_rollout > 1:
+            with torch.no_grad(), self.autocast:
+                batch["old_logp"] = token_logps(self.policy, _on(batch, env.device)).cpu()
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "rollouts": self.rollouts, "uses": self.uses,
+                "reasons": dict(self.reasons), "cached": self.cached}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self.rollouts = int(state["epoch"]), int(state["pos"]), int(state["rollouts"])
+        self.uses, self.cached, self.reasons = int(state["uses"]), state["cached"], Counter(state["reasons"])
+
+
+def _on(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sequences_batch(prompts: list[list[int]], completions: list[list[int]], pad: int) -> Batch:
+    """Prompt + completion rows, right-padded; next-token labels only on completion tokens."""
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        seq = p + c
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+        if c:
+            labels[i, len(p) - 1 : len(seq) - 1] = torch.tensor(c)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, T) log-probability of each label token under `model` (0 where the label is -100)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0
+              ) -> tuple[torch.Tensor, dict]:
+    """The clipped policy-ratio loss with group advantages, token-level normalized:
+    Σ_tokens −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β·KL  /  number of completion tokens,
+    with ρ = exp(logp − old_logp) and KL the k3 estimate exp(ref − logp) − (ref − logp) − 1."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    metrics = {"clip_fraction": (((ratio - 1).abs() > clip_eps).float() * m).sum() / n}
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_coef * kl
+        metrics["kl"] = (kl.detach() * m).sum() / n
+    return (per_token * m).sum() / n, metrics
+
+
+class GRPO(Objective):
+    """Group-relative policy optimization on rollout batches; evaluation generates greedily for
+    held-out prompts and reports their mean reward (for the default reward: the share that parse
+    and pass their doctests)."""
+
+    name = "GRPO"
+
+    def __init__(self, rc, reference: nn.Module | None, scorer: Scorer, eval_prompts: list[Prompt],
+                 loader: RolloutLoader | None = None) -> None:
+        super().__init__()
+        self.rc, self.scorer, self.eval_prompts, self.loader = rc, scorer, eval_prompts, loader
+        if reference is not None:
+            self.frozen["reference"] = reference
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        logp = token_logps(model, batch)
+        old = batch["old_logp"] if "old_logp" in batch else logp.detach()
+        ref = None
+        if "reference" in self.frozen:
+            with torch.no_grad():
+                ref = token_logps(self.frozen["reference"], batch)
+        mask = batch["labels"] != -100
+        loss, metrics = grpo_loss(logp, old, batch["advantages"], mask, self.rc.clip_eps, ref, self.rc.kl_coef)
+        metrics.update({k[5:]: v for k, v in batch.items() if k.startswith("stat_")})
+        return loss, metrics
+
+    def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
+        prompts = [self.eval_prompts[i] for i in batch["prompt_index"].tolist()]
+        loader = self.loader
+        completions = sample_completions(model, [p.ids for p in prompts], self.rc.max_new_tokens, 0.0, 0, 1.0,
+                                         loader.stop_ids, None, loader.env.device,
+                                         loader.tok.get_vocab_size(), loader._stop_text())
+        texts = [loader.completion_text(c) for c in completions]
+        rewards, _ = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        n = float(len(prompts))
+        return {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(map(len, completions))), n)}
+
+
+def eval_prompt_batches(prompts: list[Prompt], batch_size: int, rank: int, world: int) -> list[Batch]:
+    """Index batches over this rank's share of the held-out prompts (every rank gets as many)."""
+    usable = len(prompts) - len(prompts) % world
+    mine = list(range(rank, usable, world))
+    return [{"prompt_index": torch.tensor(mine[i : i + batch_size])} for i in range(0, len(mine), batch_size)]
+
+
+def load_reward_model(spec: str, tokenizer_sha: str, env: parallel.ParallelEnv, cfg: Config) -> nn.Module:
+    """A `kiln reward` run's model, frozen, placed like the policy; its tokenizer must be the policy's."""
+    path = find_checkpoint(spec, "rl.reward_model")
+    info = CheckpointManager.info(path)
+    if info.get("head") != "scalar":
+        raise KilnError(f"rl.reward_model={spec} is a {info.get('workload', '?')} run, not a reward model; "
+                        "train one with `kiln reward` and name that run")
+    check_tokenizer(path.parent.parent / "tokenizer" / "tokenizer.json", info, f"rl.reward_model={spec}")
+    if info.get("tokenizer_sha256") != tokenizer_sha:
+        raise KilnError(f"rl.reward_model={spec} was trained with a different tokenizer than the policy (init_from); "
+                        "train the reward model from the same base run")
+    from kiln.model.config import ModelConfig
+
+    mc = ModelConfig.from_dict(info["model"])
+
+    def init(model: ScalarHeadModel) -> None:
+        model.init_buffers()
+        load_model_tensors(model, checkpoint_tensors(path), str(path))
+
+    return parallel.build_model(lambda: ScalarHeadModel(mc), cfg, env, init, frozen=True)
+
+
+def run_rl(cfg: Config) -> dict:
+    rc = cfg.rl
+    if cfg.train.compile == "on":
+        raise KilnError("rl: rollouts decode through the model with a KV cache, which the compiled blocks do not "
+                        "take; set train.compile=off (or auto)")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="off"))  # the caller's cfg stays as it was
+    if cfg.parallel.tp > 1:
+        raise KilnError("rl: rollouts decode with a KV cache that does not run under tensor parallelism yet; set "
+                        "parallel.tp=1 (parallel.dp_shard shards the policy instead)")
+    if cfg.train.seq_len <= rc.max_new_tokens:
+        raise KilnError(f"train.seq_len={cfg.train.seq_len} leaves no room for a prompt before rl.max_new_tokens="
+                        f"{rc.max_new_tokens}; raise train.seq_len or lower rl.max_new_tokens")
+    executor = Executor(rc.executor) if not rc.reward_model else None
+    if executor is not None:
+        executor.__enter__()  # worker processes start before this process has threads (see Executor)
+    try:
+        return _run(cfg, executor)
+    finally:
+        if executor is not None:
+            executor.__exit__(None, None, None)
+
+
+def _run(cfg: Config, executor: Executor | None) -> dict:
+    rc = cfg.rl
+    env = parallel.init_env(cfg)
+    if env.device.type == "cpu":
+        tune_cpu_allocator()
+    sp = start_point(cfg, WORKLOAD)
+    fmt = rc.format if rc.format != "auto" else ("chat" if sp.info.get("workload") in CHAT_AFTER else "text")
+    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
+    train, val, skipped = load_prompts(cfg, sp.tokenizer, fmt, cfg.train.seq_len - rc.max_new_tokens)
+    mc = sp.model_cfg
+    notes = []
+
+    def init(model: Transformer) -> None:
+        model.init_weights(cfg.train.seed)
+        if sp.resume is None:
+            notes.append(load_init_weights(model, sp.source, WORKLOAD))
+        apply_freeze(model, cfg.train.freeze, WORKLOAD)
+
+    def init_reference(model: Transformer) -> None:
+        model.init_weights(cfg.train.seed)
+        load_init_weights(model, sp.source, WORKLOAD)
+
+    torch.manual_seed(cfg.train.seed)
+    model = parallel.build_model(lambda: Transformer(mc), cfg, env, init)
+    reference = (parallel.build_model(lambda: Transformer(mc), cfg, env, init_reference, frozen=True)
+                 if rc.kl_coef > 0 else None)
+    reward_model = load_reward_model(rc.reward_model, sp.tokenizer_sha256, env, cfg) if rc.reward_model else None
+    if reward_model is None:
+        _resolve_reward(rc.reward)  # a wrong name fails now, not at the first rollout
+    scorer = Scorer(cfg, executor, reward_model, env.device, pad_id(sp.tokenizer))
+    eval_prompts = val[: rc.eval_prompts]
+    objective = GRPO(rc, reference, scorer, eval_prompts)
+    loader = RolloutLoader(cfg, model, train, scorer, sp.tokenizer, fmt, env, autocast=contextlib.nullcontext())
+    objective.loader = loader
+    trainer = Trainer(
+        cfg, model, env, loader, objective,
+        eval_batches=eval_prompt_batches(eval_prompts, cfg.train.batch_size, env.dp_rank, env.dp_world) or None,
+        flops_per_token=mc.flops_per_token(cfg.train.seq_len),
+        meta={"model": mc.to_dict(), "tokenizer_sha256": sp.tokenizer_sha256, "init_from": str(sp.source),
+              "format": fmt, **({"reward_model": rc.reward_model} if rc.reward_model else {"reward": rc.reward})},
+        name=WORKLOAD, matmul_shapes=matmul_shapes(mc, loader.tokens_per_batch),
+    )
+    loader.autocast = trainer.autocast  # generate with the precision the Trainer trains in
+    for note in notes:
+        trainer.say(f"init_from: {note}")
+    trainer.say(f"{len(train):,} training prompts, {len(eval_prompts):,} held out for evaluation ({fmt} format)"
+                + (f"; skipped: {', '.join(f'{k} {v}' for k, v in skipped.items())}" if skipped else ""))
+    trainer.say(f"rollouts: {rc.prompts_per_step} prompts × {rc.group_size} completions of up to "
+                f"{rc.max_new_tokens} tokens; rewards from "
+                + (f"the reward model {rc.reward_model}" if rc.reward_model else f"{rc.reward} ({executor.label})"))
+    if not rc.reward_model:
+        from kiln.train.sandbox import describe_isolation
+
+        trainer.say(f"sandbox: {describe_isolation(rc.sandbox)}")
+    if sp.resume is not None:
+        trainer.resume_from(sp.resume)
+    with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
+        last = trainer.fit()
+    trainer.say("reward reasons over the run: " + ", ".join(f"{k} {v:,}" for k, v in loader.reasons.most_common()))
+    if env.is_main:
+        report_rl(cfg, loader, skipped, fmt)
+    return last
+
+
+def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str) -> None:
+    """The report's GRPO section: the held-out reward curve (a plot) and the run's reward reasons."""
+    from kiln.train.metrics import read_metrics
+
+    metrics = read_metrics(cfg.out)
+    val = [(m["step"], m["val_reward"]) for m in metrics if "val_reward" in m]
+    train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+    lines = [f"- prompts in {fmt} format; reward: "
+             + (f"reward model `{cfg.rl.reward_model}`" if cfg.rl.reward_model else f"`{cfg.rl.reward}`")]
+    if skipped:
+        lines.append("- prompts skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    lines.append("- completions by reward reason: " + ", ".join(f"{k} {v:,}" for k, v in loader.reasons.most_common()))
+    if val:
+        lines.append(f"- held-out mean reward (greedy): **{val[0][1]:.3f} at step {val[0][0]} → {val[-1][1]:.3f} at "
+                     f"step {val[-1][0]}**")
+    if train and _plot_rewards(train, val, Path(cfg.out) / "rl_reward.png"):
+        lines += ["", "![rollout and held-out reward](rl_reward.png)"]
+    append_report(cfg.out, "GRPO", lines)
+
+
+def _plot_rewards(train: list, val: list, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), lw=1, alpha=0.6, label="rollout mean reward (sampled)")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="held-out reward (greedy)")
+    ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

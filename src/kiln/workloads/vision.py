@@ -1,0 +1,349 @@
+"""`kiln vision`: an image classifier (ViT on the shared Transformer, or the CNN baseline) trained on
+prepared image shards with the shared Trainer; then the test split (accuracy, confusion matrix),
+scikit-learn baselines on the same split, and the run's report. `kiln speedrun` with an image
+recipe runs `run_vision_speedrun`: prepare, the recipe's model, and the `vision.compare` variants
+(without augmentation, the CNN) side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import Config, dump_yaml
+from kiln.data.images import ImageLoader, open_image_data, read_split, split_batches
+from kiln.data.pipeline import data_dir
+from kiln.errors import KilnError
+from kiln.hardware import tune_cpu_allocator
+from kiln.model.config import ModelConfig
+from kiln.model.vision import VisionSpec, build_vision_model
+from kiln.report import write_report
+from kiln.runs import atomic_write_text, read_manifest, write_json
+from kiln.train import parallel
+from kiln.train.checkpoint import CheckpointManager
+from kiln.train.objectives import Batch, Objective
+from kiln.train.trainer import Trainer, to_device
+from kiln.workloads.common import apply_freeze, ensure_data, find_checkpoint, load_init_weights, resolve_resume
+
+WORKLOAD = "vision"
+REPORT_SECTION = Path("report.d") / "vision.md"
+EVAL_FILE = "vision_eval.json"
+BASELINE_MAX_TRAIN = 10_000  # scikit-learn's SVC is quadratic in the training set: fit on at most this many
+
+
+class Classification(Objective):
+    """Cross-entropy over classes of a model that maps the batch's `inputs` to (B, classes) logits;
+    logs accuracy, and validation loss and accuracy summed over every example."""
+
+    name = "classification cross-entropy"
+
+    def __init__(self, inputs: tuple[str, ...] = ("pixel_values",), label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.inputs, self.label_smoothing = inputs, label_smoothing
+
+    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**{k: batch[k] for k in self.inputs if k in batch}).float()
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(model, batch)
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        return loss, {"accuracy": (logits.detach().argmax(-1) == batch["labels"]).float().mean()}
+
+    def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
+        logits = self.logits(model, batch)
+        n = float(batch["labels"].numel())
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        return {"val_loss": (float(loss), n), "val_accuracy": (float((logits.argmax(-1) == batch["labels"]).sum()), n)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: list[Batch], objective: Classification, env: parallel.ParallelEnv) -> np.ndarray:
+    """Predicted classes of every batch, in order. Every rank runs every batch (sharded models need
+    all ranks in each forward), so every rank returns the same predictions."""
+    model.eval()
+    try:
+        out = [objective.logits(model, to_device(b, env.device)).argmax(-1).cpu() for b in batches]
+    finally:
+        model.train()
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+    """(true, predicted) counts."""
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (labels, predicted), 1)
+    return m
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1 + 0.45 * n))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            if matrix[i, j]:
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=90 if max(map(len, classes)) > 2 else 0)
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(metrics: list[dict], path: Path) -> bool:
+    train = [(m["step"], m["accuracy"]) for m in metrics if "accuracy" in m]
+    val = [(m["step"], m["val_accuracy"]) for m in metrics if "val_accuracy" in m]
+    if not (train or val):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if train:
+        ax.plot(*zip(*train), lw=1, label="training batches")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pixel_baselines(ddir: Path, man: dict) -> dict[str, float]:
+    """Test accuracy of the majority class and of scikit-learn classifiers on raw pixels (scaled to
+    [0, 1]), fitted on (at most BASELINE_MAX_TRAIN of) the same training split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    def flat(split: str) -> tuple[np.ndarray, np.ndarray]:
+        maps, labels = read_split(ddir, man, split)
+        x = np.concatenate([np.asarray(m) for m in maps]).reshape(len(labels), -1).astype(np.float32) / 255.0
+        return x, labels
+
+    xtr, ytr = flat("train")
+    xte, yte = flat("test")
+    if len(ytr) > BASELINE_MAX_TRAIN:
+        keep = np.random.default_rng(0).permutation(len(ytr))[:BASELINE_MAX_TRAIN]
+        xtr, ytr = xtr[keep], ytr[keep]
+    majority = np.bincount(ytr).argmax()
+    out = {"majority class": float((yte == majority).mean())}
+    for name, clf in (("SVC (RBF kernel) on pixels", SVC(kernel="rbf", C=10.0, gamma="scale")),
+                      ("logistic regression on pixels", LogisticRegression(max_iter=2000, C=1.0))):
+        out[name] = float((clf.fit(xtr, ytr).predict(xte) == yte).mean())
+    return out
+
+
+def vision_model_config(cfg: Config, spec: VisionSpec) -> ModelConfig:
+    """The model.* shape with what the task fixes: one output per class, bidirectional, untied,
+    a context of the patch tokens."""
+    over = cfg.model.overrides()
+    fixed = {"vocab_size": spec.classes, "causal": False, "tie_embeddings": False}
+    clash = {k: v for k, v in fixed.items() if k in over and over[k] != v}
+    if clash:
+        raise KilnError(f"kiln vision sets {', '.join(f'model.{k}' for k in clash)} itself "
+                        f"({', '.join(f'{k}={v}' for k, v in fixed.items())}); drop those overrides")
+    over.update(fixed)
+    over.setdefault("max_seq_len", spec.tokens)
+    return cfg.model.build(**over)
+
+
+def describe_spec(spec: VisionSpec, mc: ModelConfig, params: int) -> str:
+    if spec.arch == "cnn":
+        return f"CNN ({mc.n_layers} conv stages up to {mc.d_model} channels), {params:,} parameters"
+    return (f"ViT on the shared Transformer: {mc.n_layers} layers, d_model {mc.d_model}, {mc.n_heads} heads, "
+            f"{spec.patch_size}×{spec.patch_size} patches ({spec.tokens} tokens), {spec.pooling} pooling, "
+            f"{spec.positions} positions; {params:,} parameters")
+
+
+def describe_augment(cfg: Config) -> str:
+    a = cfg.vision.augment
+    if not a.enabled:
+        return "off"
+    parts = [f"random resized crop (area ≥ {a.crop_scale:g}, ratio ≤ {a.crop_ratio:g})", f"rotation ±{a.rotation:g}°"]
+    if a.flip:
+        parts.append("horizontal flip")
+    if a.jitter:
+        parts.append(f"color jitter {a.jitter:g}")
+    return ", ".join(parts)
+
+
+def run_vision(cfg: Config) -> dict:
+    ddir = data_dir(cfg)
+    if cfg.data.kind != "images" and read_manifest(ddir) is None:
+        raise KilnError("kiln vision trains on images: set data.kind=images with data.input=digits, an image folder "
+                        "or a listing (e.g. -c recipes/vision-digits.yaml)")
+    ensure_data(cfg, ddir, WORKLOAD)
+    env = parallel.init_env(cfg)
+    if env.layout["tp"] > 1 or env.layout["pp"] > 1:
+        raise KilnError("kiln vision runs data-parallel only (DDP / FSDP2); set parallel.tp=1 and parallel.pp=1")
+    if env.device.type == "cpu":
+        tune_cpu_allocator()
+    man = open_image_data(ddir)
+    vc = cfg.vision
+    spec = VisionSpec(vc.arch, man["size"], man["channels"], len(man["classes"]), vc.patch_size, vc.pooling,
+                      vc.positions)
+    mc = vision_model_config(cfg, spec)
+    out = Path(cfg.out)
+    ckpt = CheckpointManager(out, cfg.train.keep_last)
+    start = resolve_resume(cfg, ckpt, mc, WORKLOAD)
+    if start is not None and CheckpointManager.info(start).get("vision") != spec.to_dict():
+        raise KilnError(f"'{cfg.out}' holds a vision run of a different model ({CheckpointManager.info(start).get('vision')}"
+                        f" there, {spec.to_dict()} here); choose a new out= or use that run's vision.* settings")
+    source = find_checkpoint(cfg.init_from) if cfg.init_from else None
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+    notes = []
+
+    def init(model: nn.Module) -> None:
+        model.init_weights(cfg.train.seed)
+        if source is not None and start is None:
+            notes.append(load_init_weights(model, source, WORKLOAD))
+        apply_freeze(model, cfg.train.freeze, WORKLOAD)
+
+    torch.manual_seed(cfg.train.seed)
+    model = parallel.build_model(lambda: build_vision_model(mc, spec), cfg, env, init)
+    bare = build_vision_model(mc, spec) if env.distributed else model  # for sizes only
+    loader = ImageLoader(ddir, "train", cfg.train.batch_size, cfg.train.seed, rank=env.dp_rank, world=env.dp_world,
+                         augment=vc.augment, device=env.device)
+    objective = Classification(("pixel_values",), vc.label_smoothing)
+    trainer = Trainer(
+        cfg, model, env, loader, objective,
+        eval_batches=split_batches(ddir, "val", cfg.train.batch_size, cfg.train.eval_batches, env.dp_rank, env.dp_world),
+        flops_per_token=bare.flops_per_image(),
+        meta={"model": mc.to_dict(), "vision": spec.to_dict(), "classes": man["classes"], "data": str(ddir),
+              "mean": man["mean"], "std": man["std"], **({"init_from": str(source)} if source else {})},
+        name=WORKLOAD,
+    )
+    for note in notes:
+        trainer.say(f"init_from: {note}")
+    if start is not None:
+        trainer.resume_from(start)
+    params = sum(p.numel() for p in bare.parameters())
+    trainer.say(f"{describe_spec(spec, mc, params)}; augmentation {describe_augment(cfg)}; batch "
+                f"{cfg.train.batch_size} images × {trainer.accum} micro-batches, {env.describe()}, "
+                f"{cfg.train.max_steps} steps (throughput below counts images as tokens)")
+    with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
+        last = trainer.fit()
+        test = split_batches(ddir, "test", cfg.train.batch_size)
+        predicted = predict(model, test, objective, env)
+    if not env.is_main:
+        return last
+    labels = np.concatenate([b["labels"].numpy() for b in test]) if test else np.zeros(0, dtype=np.int64)
+    matrix = confusion(labels, predicted, len(man["classes"]))
+    result = {
+        "arch": spec.arch, "spec": spec.to_dict(), "model": describe_spec(spec, mc, params),
+        "augment": describe_augment(cfg), "augmented": cfg.vision.augment.enabled, "steps": trainer.step,
+        "elapsed_s": round(trainer.elapsed, 1), "images_per_s": last.get("tokens_per_s"),
+        "val_accuracy": last.get("val_accuracy"), "test_images": int(len(labels)),
+        "test_correct": int(np.trace(matrix)), "test_accuracy": float(np.trace(matrix) / max(1, len(labels))),
+        "confusion": matrix.tolist(), "classes": man["classes"],
+    }
+    if vc.baselines:
+        result["baselines"] = pixel_baselines(ddir, man)
+    write_json(out / EVAL_FILE, result)
+    write_vision_report(out)
+    trainer.say(f"test accuracy {100 * result['test_accuracy']:.2f}% ({result['test_correct']}/{len(labels)}); "
+                f"report {out / 'report.md'}")
+    return {**last, "test_accuracy": result["test_accuracy"]}
+
+
+def write_vision_report(out: Path) -> Path:
+    """report.d/vision.md (test accuracy, confusion matrix, baselines, the speedrun's comparison), then report.md."""
+    from kiln.train.metrics import read_metrics
+
+    r = json.loads((out / EVAL_FILE).read_text())
+    plot_confusion(np.asarray(r["confusion"]), r["classes"], out / "confusion.png",
+                   f"test confusion matrix ({100 * r['test_accuracy']:.1f}% correct)")
+    lines = ["## Vision", "",
+             f"- model: {r['model']}", f"- augmentation (training batches, on the device): {r['augment']}",
+             f"- **test accuracy {100 * r['test_accuracy']:.2f}%** ({r['test_correct']:,}/{r['test_images']:,} "
+             f"held-out images) after {r['steps']:,} steps in {r['elapsed_s']:.0f} s"
+             + (f"; last validation accuracy {100 * r['val_accuracy']:.2f}%" if r.get("val_accuracy") is not None else ""),
+             ""]
+    if plot_accuracy(read_metrics(out), out / "accuracy.png"):
+        lines += ["![accuracy](accuracy.png)", ""]
+    lines += ["![test confusion matrix](confusion.png)", ""]
+    rows = []
+    compare = out / "vision_compare.json"
+    if compare.is_file():
+        for c in json.loads(compare.read_text()):
+            rows.append((c["name"], c["model"], c["augment"], c["test_accuracy"], f"{c['steps']:,} steps, {c['elapsed_s']:.0f} s"))
+    for name, acc in (r.get("baselines") or {}).items():
+        rows.append((name, "scikit-learn", "—", acc, "same training split"))
+    if rows:
+        lines += ["Test accuracy on the same split:", "", "| run | model | augmentation | test accuracy | cost |",
+                  "|---|---|---|---:|---|",
+                  *[f"| {n} | {m} | {a} | {100 * acc:.2f}% | {c} |" for n, m, a, acc, c in rows], ""]
+    (out / REPORT_SECTION).parent.mkdir(exist_ok=True)
+    atomic_write_text(out / REPORT_SECTION, "\n".join(lines) + "\n")
+    return write_report(out)
+
+
+VARIANTS = {
+    "no-augment": ("ViT without augmentation", {"vision.augment.enabled": False, "vision.arch": "vit"}),
+    "augment": ("ViT with augmentation", {"vision.augment.enabled": True, "vision.arch": "vit"}),
+    "cnn": ("CNN baseline", {"vision.arch": "cnn"}),
+    "vit": ("ViT", {"vision.arch": "vit"}),
+}
+
+
+def _with(cfg: Config, out: Path, ddir: Path, changes: dict) -> Config:
+    """`cfg` for a comparison run in `out` on the same prepared data, with dotted `changes`."""
+    new = dataclasses.replace(cfg, out=str(out), data=dataclasses.replace(cfg.data, path=str(ddir)),
+                              vision=dataclasses.replace(cfg.vision, augment=dataclasses.replace(cfg.vision.augment)))
+    for key, value in changes.items():
+        node = new
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    return new
+
+
+def run_vision_speedrun(cfg: Config) -> dict:
+    """prepare → the recipe's model → each `vision.compare` variant on the same split → one report."""
+    from kiln.data.pipeline import run_prepare
+
+    t0 = time.perf_counter()
+    out, ddir = Path(cfg.out), data_dir(cfg)
+    print("== prepare")
+    run_prepare(cfg)
+    print("== vision")
+    main = run_vision(cfg)
+    runs = [{"name": "this run", **_summary(out)}]
+    for variant in cfg.vision.compare:
+        title, changes = VARIANTS[variant]
+        sub = out / f"compare-{variant}"
+        print(f"== vision: {title} ({sub})")
+        run_vision(_with(cfg, sub, ddir, {**changes, "vision.baselines": False}))
+        runs.append({"name": f"[{title}]({sub.name}/report.md)", **_summary(sub)})
+    write_json(out / "vision_compare.json", runs)
+    path = write_vision_report(out)
+    print(f"== done in {time.perf_counter() - t0:.0f} s; test accuracy {100 * main['test_accuracy']:.2f}%; report: {path}")
+    return main
+
+
+def _summary(run: Path) -> dict:
+    r = json.loads((run / EVAL_FILE).read_text())
+    return {k: r[k] for k in ("model", "augment", "test_accuracy", "steps", "elapsed_s")}

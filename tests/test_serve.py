@@ -1,0 +1,500 @@
+"""Serving: continuous batching in the engine, and `kiln serve`'s OpenAI-compatible API driven by the
+official `openai` client and raw HTTP against live servers on 127.0.0.1: streaming, concurrency, limits,
+bad input, API keys, a bounded attack loop, disconnects, and a graceful stop of the real CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import TINY_TRAIN, kiln
+from kiln.config import Config, SampleConfig, ServeConfig
+from kiln.data.chat import prompt_ids
+from kiln.errors import KilnError
+from kiln.serve.api import Server, resolve_api_key
+from kiln.serve.engine import Engine, SamplingParams, Sequence, measure_serving
+from kiln.serve.scheduler import QueueFull, Scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["def f(x):", "import os\nimport sys\n", "class Stack:\n    def __init__(self", "x = 1",
+           "for i in range(10):\n    print(i)\n" * 3, "# a comment", "return None", "if __name__ =="]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared):
+    import shutil
+
+    out = tmp_path_factory.mktemp("serve") / "run"
+    shutil.copytree(prepared, out)
+    assert kiln("pretrain", f"out={out}", *TINY_TRAIN, "train.max_steps=20", "train.lr=1e-2") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(trained):
+    return Engine.from_run(trained, "cpu")
+
+
+def greedy(engine: Engine, prompt: str, n: int) -> str:
+    (text,) = engine.generate(prompt, SampleConfig(prompt=prompt, max_new_tokens=n, temperature=0.0))
+    return text
+
+
+def run_alone(engine: Engine, prompt: list[int], params: SamplingParams) -> Sequence:
+    batch = engine.new_batch(1)
+    seq = Sequence(prompt, params, engine.tokenizer)
+    batch.add([seq])
+    while batch.running:
+        batch.step()
+    return seq
+
+
+def serve(engine: Engine, **limits) -> Server:
+    sv = ServeConfig(**{"port": 0, "max_batch": 4, "max_queue": 64, "max_new_tokens": 64, "max_total_tokens": 200,
+                        "max_n": 4, "max_body_bytes": 65536, "read_timeout_s": 5.0, **limits})
+    return Server(engine, sv, "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with serve(engine) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http():
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+# ---- the engine ------------------------------------------------------------------------------
+def test_continuous_batching_gives_each_request_what_it_gets_alone(engine):
+    """Requests of different lengths join a running batch of 3 rows mid-decode and leave as they
+    finish; each one's greedy tokens are exactly those it gets decoding alone."""
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    alone = [run_alone(engine, engine.encode_prompt(p), params).tokens for p in PROMPTS]
+    with Scheduler(engine, max_batch=3, max_queue=16) as sched:
+        seqs = []
+        for p in PROMPTS:
+            seqs.append(Sequence(engine.encode_prompt(p), params, engine.tokenizer))
+            sched.submit(seqs[-1:])
+            time.sleep(0.005)
+        assert sched.wait(seqs, 60)
+        assert sched.running == 0 and sched.queue_depth == 0
+    assert [s.tokens for s in seqs] == alone
+    assert all(s.ttft_s > 0 and s.latency_s >= s.ttft_s for s in seqs)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_busy_batch(engine):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=40, top_p=0.9, seed=7)
+    alone = run_alone(engine, engine.encode_prompt("def "), params)
+    with Scheduler(engine, max_batch=4, max_queue=8) as sched:
+        others = [Sequence(engine.encode_prompt(p), SamplingParams(max_new_tokens=20, temperature=0.8),
+                           engine.tokenizer) for p in PROMPTS[:3]]
+        mine = Sequence(engine.encode_prompt("def "), params, engine.tokenizer)
+        sched.submit(others[:2])
+        sched.submit([mine])
+        sched.submit(others[2:])
+        assert sched.wait([mine, *others], 60)
+    assert mine.tokens == alone.tokens
+    other_seed = run_alone(engine, engine.encode_prompt("def "), SamplingParams(20, 1.0, 40, 0.9, seed=8))
+    assert other_seed.tokens != alone.tokens
+
+
+def test_a_stop_string_ends_generation_and_never_streams(engine):
+    full = greedy(engine, PROMPTS[4], 40)
+    stop = full[6:9]
+    assert len(stop) == 3 and full.find(stop) >= 0
+    pieces = []
+    seq = run_alone(engine, engine.encode_prompt(PROMPTS[4]),
+                    SamplingParams(max_new_tokens=40, temperature=0.0, stop=("\x00never", stop)))
+    seq2 = Sequence(engine.encode_prompt(PROMPTS[4]), SamplingParams(40, 0.0, stop=(stop,)), engine.tokenizer,
+                    listener=lambda s, t: pieces.append(t))
+    batch = engine.new_batch(1)
+    batch.add([seq2])
+    while batch.running:
+        batch.step()
+    assert seq.text == full[: full.find(stop)] == "".join(pieces)
+    assert seq.finish_reason == "stop" and seq2.finish_reason == "stop"
+
+
+def test_a_repetition_penalty_repeats_fewer_tokens(engine):
+    prompt = engine.encode_prompt("import os\n" * 6)
+    plain = run_alone(engine, prompt, SamplingParams(max_new_tokens=40, temperature=0.0)).tokens
+    penalized = run_alone(engine, prompt, SamplingParams(max_new_tokens=40, temperature=0.0,
+                                                         repetition_penalty=50.0)).tokens
+    assert len(plain) - len(set(plain)) > 5  # the precondition: plain greedy decoding repeats itself
+    assert len(penalized) - len(set(penalized)) < len(plain) - len(set(plain))
+
+
+def test_the_queue_refuses_what_it_cannot_hold_and_cancel_frees_rows(engine):
+    long = SamplingParams(max_new_tokens=64, temperature=0.0)  # PROMPTS[3] runs all 64 (checked below)
+    with Scheduler(engine, max_batch=1, max_queue=1) as sched:
+        a, b, c = (Sequence(engine.encode_prompt(PROMPTS[3]), long, engine.tokenizer) for _ in range(3))
+        sched.submit([a])
+        sched.submit([b])
+        with pytest.raises(QueueFull, match="queue is full"):
+            sched.submit([c])
+        sched.cancel([a, b])
+        assert sched.wait([a, b], 10)
+        assert sched.running == 0 and sched.queue_depth == 0
+    assert a.finish_reason == b.finish_reason == "cancelled" and len(a.tokens) < 64
+
+
+def test_measure_serving_reports_latency_and_cost(trained):
+    cfg = Config(device="cpu", sample=SampleConfig(max_new_tokens=8), serve=ServeConfig(usd_per_hour=3.6))
+    m = measure_serving(trained, cfg)
+    assert m["queries"] == 3 and 0 < m["ttft_s"] <= m["latency_s"]
+    assert m["batched_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
+    assert m["usd_per_query"] == pytest.approx(m["latency_s"] / 1000)  # $3.6/hour = $0.001/second
+    assert m["usd_per_million_tokens"] == pytest.approx(1e9 / m["batched_tokens_per_s"] / 1e6)
+
+
+# ---- the API with the openai client ----------------------------------------------------------
+def test_models_lists_the_served_model(client):
+    (model,) = client.models.list().data
+    assert model.id == "tiny" and model.owned_by == "kiln"
+
+
+def test_completion_matches_the_engine_and_counts_usage(client, engine):
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == greedy(engine, PROMPTS[0], 12)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    prompt_tokens = len(engine.encode_prompt(PROMPTS[0]))
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens and 0 < r.usage.completion_tokens <= 12
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len(chunks) > 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_completion_uses_the_chat_format_and_streams(client, engine):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A stack class"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.usage.prompt_tokens == len(prompt_ids(engine.tokenizer, messages))
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
+    ask = dict(model="tiny", prompt="def ", max_tokens=16, temperature=1.0, n=3, seed=11)
+    a, b = client.completions.create(**ask), client.completions.create(**ask)
+    texts = [c.text for c in sorted(a.choices, key=lambda c: c.index)]
+    assert texts == [c.text for c in sorted(b.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1 and sorted(c.index for c in a.choices) == [0, 1, 2]
+
+
+def test_many_concurrent_clients_each_get_their_own_answer(client, engine, server):
+    """16 clients (streaming and not) on a batch of 4 rows: continuous batching under load."""
+    want = {p: greedy(engine, p, 24) for p in PROMPTS}
+
+    def ask(i: int) -> tuple[str, str]:
+        p = PROMPTS[i % len(PROMPTS)]
+        if i % 2:
+            chunks = client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0, stream=True)
+            return p, "".join(c.choices[0].text for c in chunks)
+        return p, client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text
+
+    before = server.state.scheduler.ttft.count
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert all(text == want[p] for p, text in got)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "kiln_queue_depth 0" in metrics and "kiln_running_sequences 0" in metrics
+    assert server.state.scheduler.ttft.count == before + 16
+    assert 'kiln_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics and "kiln_tokens_per_second" in metrics
+
+
+# ---- bad input -------------------------------------------------------------------------------
+BAD = [
+    # (case, endpoint, body, status, param, fragment of the message)
+    ("max_tokens 0", "completions", {"max_tokens": 0}, 400, "max_tokens", "must be at least 1"),
+    ("max_tokens huge", "completions", {"max_tokens": 10**12}, 400, "max_tokens", "serve.max_new_tokens"),
+    ("max_tokens negative", "chat", {"max_tokens": -5}, 400, "max_tokens", "must be at least 1"),
+    ("n × max_tokens", "completions", {"n": 4, "max_tokens": 60}, 400, "max_tokens", "serve.max_total_tokens"),
+    ("n over the limit", "completions", {"n": 5, "max_tokens": 4}, 400, "n", "serve.max_n"),
+    ("prompt over the context", "completions", {"prompt": "x = 1\n" * 300}, 400, "prompt", "shorten it"),
+    ("chat over the context", "chat", {"messages": [{"role": "user", "content": "y = 2\n" * 300}]}, 400,
+     "messages", "shorten it"),
+    ("wrong type", "completions", {"max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ("temperature out of range", "completions", {"temperature": 9}, 400, "temperature", "less than or equal to 2"),
+    ("unknown field", "completions", {"frobnicate": True}, 400, "frobnicate", "unknown field 'frobnicate'"),
+    ("unsupported field", "completions", {"echo": True}, 400, "echo", "not supported"),
+    ("token ids out of range", "completions", {"prompt": [1, 99999]}, 400, "prompt", "ids in 0.."),
+    ("too many stop strings", "completions", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ("empty messages", "chat", {"messages": []}, 400, "messages", "at least 1"),
+    ("unknown role", "chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "'system'"),
+    ("empty content", "chat", {"messages": [{"role": "user", "content": " "}]}, 400, "messages", "empty"),
+    ("unknown model", "completions", {"model": "../../etc/passwd"}, 404, "model", "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("case", "endpoint", "body", "status", "param", "fragment"), BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_an_openai_error(server, http, case, endpoint, body, status, param, fragment):
+    base = {"model": "tiny", "max_tokens": 4}
+    base |= {"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat" else {"prompt": "x"}
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    r = http.post(server.url + path, json=base | body)
+    err = r.json()["error"]
+    assert r.status_code == status and set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param and fragment in err["message"], err
+
+
+def test_the_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.BadRequestError, match="serve.max_new_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"model": ' + b"[" * 100 + b"]" * 100 + b"}", "nests deeper than 32"),
+    (b"[" * 20000 + b"]" * 20000, "not valid JSON"),
+])
+def test_malformed_json_gets_400(server, http, body, fragment):
+    r = http.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"]
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> bytes:
+    """Send a raw request (maybe only part of its body); return what the server answers before closing."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.encode() + body)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                got += chunk
+    return got
+
+
+def test_a_100_mb_body_is_refused_without_being_read(server):
+    head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000000\r\n\r\n")
+    got = raw_request(server.url, head, b'{"model": "tiny", "prompt": "' + b"x" * 10000)
+    assert got.startswith(b"HTTP/1.1 413") and b"serve.max_body_bytes" in got
+    # the same without a declared length (chunked): refused once the limit is passed
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"x" * 40000
+    got = raw_request(server.url, head, (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * 2)
+    assert got.startswith(b"HTTP/1.1 413")
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row_at_once(server, engine):
+    sched = server.state.scheduler
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    assert len(run_alone(engine, engine.encode_prompt(PROMPTS[3]), params).tokens) == 64  # a long generation
+    cancelled = sched.finished.get("cancelled", 0)
+    body = {"model": "tiny", "prompt": PROMPTS[3], "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    assert wait_until(lambda: sched.finished.get("cancelled", 0) == cancelled + 1, 5)
+    assert sched.running == 0 and server.state.active_requests == 0
+
+
+# ---- limits and keys -------------------------------------------------------------------------
+def open_stream(url: str, key: str | None = None, max_tokens: int = 64):
+    """A streaming request left open after its first event."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    c = httpx.Client(timeout=30)
+    r = c.send(c.build_request("POST", url + "/v1/completions", headers=headers, json={
+        "model": "tiny", "prompt": PROMPTS[3], "max_tokens": max_tokens, "temperature": 0, "stream": True}),
+        stream=True)
+    assert r.status_code == 200
+    next(r.iter_lines())
+    return c, r
+
+
+def test_a_full_queue_gets_429_and_the_server_carries_on(engine, http):
+    with serve(engine, max_batch=1, max_queue=0) as srv:
+        ask = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+        refused = http.post(srv.url + "/v1/completions", json=ask | {"prompt": ["x", "y"]})  # 2 rows, 1 free
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        assert "queue is full" in refused.json()["error"]["message"]
+        assert wait_until(lambda: srv.state.scheduler.running == 0, 5)
+        assert http.post(srv.url + "/v1/completions", json=ask).status_code == 200
+
+
+def test_an_api_key_guards_everything_but_health(engine, http):
+    with serve(engine, api_key="sekret", max_streams_per_key=1) as srv:
+        ask = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
+            for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions")):
+                r = http.request(method, srv.url + path, headers=headers, json=ask if method == "POST" else None)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+        assert http.get(srv.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
+        assert good.completions.create(**ask).usage.completion_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        # one request in flight per key (here one whose body is still on its way): the next gets 429
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            assert wait_until(lambda: srv.state.active_requests == 1, 5)
+            with pytest.raises(openai.RateLimitError, match="serve.max_streams_per_key"):
+                good.completions.create(**ask)
+        assert wait_until(lambda: srv.state.active_requests == 0, 10)
+        assert good.completions.create(**ask).usage.completion_tokens > 0
+
+
+def test_listening_beyond_loopback_needs_a_key(monkeypatch):
+    monkeypatch.delenv("KILN_API_KEY", raising=False)
+    with pytest.raises(KilnError, match="needs an API key; set serve.api_key or the KILN_API_KEY"):
+        resolve_api_key(ServeConfig(host="0.0.0.0"))
+    assert resolve_api_key(ServeConfig(host="127.0.0.1")) == ""
+    assert resolve_api_key(ServeConfig(host="::1")) == ""
+    assert resolve_api_key(ServeConfig(host="0.0.0.0", api_key="k")) == "k"
+    monkeypatch.setenv("KILN_API_KEY", "from-env")
+    assert resolve_api_key(ServeConfig(host="0.0.0.0")) == "from-env"
+
+
+def test_an_attack_loop_neither_crashes_the_server_nor_starves_a_normal_client(engine):
+    """For ~3 s, against 127.0.0.1 only: 150 idle connections, 20 that trickle their headers, 10 that trickle
+    a body, oversized and deeply nested bodies, and streams dropped right after they start. A normal
+    request made meanwhile succeeds; idle and trickling connections are closed by the server."""
+    with serve(engine, read_timeout_s=0.5, max_body_bytes=4096, max_batch=2) as srv:
+        host, port = "127.0.0.1", srv.port
+        stop = time.monotonic() + 3.0
+        idle = [socket.create_connection((host, port)) for _ in range(150)]
+        errors: list[str] = []
+
+        def trickle_head() -> None:
+            s = socket.create_connection((host, port))
+            try:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\n")
+                while time.monotonic() < stop:
+                    s.sendall(b"X")
+                    time.sleep(0.1)
+            except OSError:
+                return  # closed by the server: what should happen
+            finally:
+                s.close()
+            errors.append("a connection trickling its headers stayed open for 3 s")
+
+        def trickle_body() -> None:
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            try:
+                while time.monotonic() < stop:
+                    s.sendall(b" ")
+                    time.sleep(0.1)
+                    s.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError):
+                        if s.recv(4096).startswith(b"HTTP/1.1 408"):
+                            return
+                    s.settimeout(5)
+            except OSError:
+                return
+            finally:
+                s.close()
+            errors.append("a trickled body was never refused")
+
+        def junk() -> None:
+            with httpx.Client(timeout=10) as c:
+                while time.monotonic() < stop:
+                    try:
+                        big = c.post(srv.url + "/v1/completions", content=b"{" + b" " * 10_000 + b"}")
+                        deep = c.post(srv.url + "/v1/completions", content=b"[" * 1000 + b"]" * 1000)
+                    except httpx.TransportError:
+                        continue  # the server closed a connection whose body it refused: fine
+                    if (big.status_code, deep.status_code) != (413, 400):
+                        errors.append(f"junk got {big.status_code}, {deep.status_code}")
+
+        def dropped_streams() -> None:
+            while time.monotonic() < stop:
+                try:
+                    c, r = open_stream(srv.url)
+                    r.close()
+                    c.close()
+                except (httpx.HTTPError, AssertionError):
+                    pass  # 429 when the queue is full is fine
+
+        workers = [threading.Thread(target=f) for f in [trickle_head] * 20 + [trickle_body] * 10 + [junk] * 2
+                   + [dropped_streams] * 2]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        normal = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "def ", "max_tokens": 8},
+                            timeout=30)
+        took = time.monotonic() - t0
+        for w in workers:
+            w.join(20)
+        assert normal.status_code == 200 and normal.json()["usage"]["completion_tokens"] > 0
+        assert took < 10, took
+        assert not errors, errors[:3]
+        for s in idle:  # the server closed every idle connection (read timeout 0.5 s)
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
+            s.close()
+        assert wait_until(lambda: srv.state.scheduler.running == 0 and srv.state.active_requests == 0, 10)
+        assert httpx.get(srv.url + "/health").status_code == 200
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+def test_kiln_serve_stops_gracefully_finishing_the_stream_in_flight(trained):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KILN_API_KEY", None)
+    p = subprocess.Popen([sys.executable, "-m", "kiln", "serve", f"out={trained}", "port=0", "max_batch=2",
+                          "device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("kiln serve: model 'run' on http://127.0.0.1:"), line + p.stderr.read()
+        url = line.split(" on ")[1].split("/v1")[0]
+        body = {"model": "run", "prompt": PROMPTS[3], "max_tokens": 64, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            p.send_signal(signal.SIGTERM)  # mid-stream
+            rest = [ln for ln in lines if ln]
+        events = [json.loads(ln[6:]) for ln in [first, *rest] if ln.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert p.wait(timeout=30) == 0
+        assert p.stdout.read().strip() == "kiln serve: stopped"
+    finally:
+        if p.poll() is None:
+            p.kill()
