@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPE = "recipes/quickstart.yaml"
 TRAIN = ["train.tensorboard=false", "train.progress=false"]
 
 
@@ -68,6 +69,7 @@ def main() -> None:
                     help="the student's model.* overrides, comma-separated")
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=8, help="decode timing rounds (the models take turns)")
     ap.add_argument("--skip-quantize", action="store_true")
     ap.add_argument("--skip-distill", action="store_true")
     args = ap.parse_args()
@@ -78,14 +80,12 @@ def main() -> None:
     results: dict = {"threads": args.threads, "steps": args.steps}
 
     if not done(teacher, args.steps):
-        kiln("pretrain", "-c", "recipes/quickstart.yaml", f"out={teacher}", f"train.max_steps={args.steps}",
+        kiln("pretrain", "-c", RECIPE, f"out={teacher}", f"train.max_steps={args.steps}",
              f"train.ckpt_every={args.steps}", f"train.eval_every={args.steps}", *TRAIN, threads=t)
 
     if not args.skip_quantize:
-        from kiln.post.quantize import format_rows, model_row
-
         from kiln.model.config import ModelConfig
-        from kiln.post.quantize import GROUP_SIZES, matrix_names, matrix_shape
+        from kiln.post.quantize import GROUP_SIZES, compare_decode, format_rows, matrix_names, matrix_shape, model_row
 
         mc = ModelConfig.from_dict(json.loads(
             (teacher / "checkpoints" / f"step_{args.steps:07d}" / "checkpoint.json").read_text())["model"])
@@ -102,20 +102,22 @@ def main() -> None:
             if not (out / "quantize.json").is_file():
                 kiln("quantize", f"source={teacher}", f"out={out}", f"eval_batches={args.eval_batches}", *extra, threads=t)
             figures[name] = json.loads((out / "quantize.json").read_text())
-        print("\n## Quantization (validation bits/byte over the same windows; % of the fp16 bytes on disk)\n")
-        print("| model | % of fp16 | bits/byte | change | seconds |\n|---|---:|---:|---:|---:|")
         first = next(iter(figures.values()))
-        print(f"| fp32 (teacher) | 200.0% | {first['bpb_before']:.4f} | — | — |")
+        print(f"\n## Quantization (validation over the same {first['eval_tokens']:,} tokens; bytes on disk as a share "
+              "of the fp16 weights)\n")
+        print("| model | % of fp16 | bits/byte | change | KL from fp32 (nats/token) | same top token | seconds |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
+        print(f"| fp32 (teacher) | 200.0% | {first['bpb_before']:.4f} | — | — | — | — |")
         for name, f in figures.items():
-            print(f"| {name} | {100 * f['fp16_share']:.1f}% | {f['bpb_after']:.4f} | {100 * f['bpb_increase']:+.2f}% | "
-                  f"{f['seconds']} |")
+            print(f"| {name} | {100 * f['fp16_share']:.1f}% | {f['bpb_after']:.4f} | {100 * f['bpb_increase']:+.3f}% | "
+                  f"{f['kl_to_float']:.2e} | {100 * f['top1_agreement']:.1f}% | {f['seconds']} |")
         results["quantize"] = figures
-        rows = [model_row(teacher, "teacher", eval_batches=0)]
-        for name in ("int8", f"int4-g{groups[0]}-gptq", f"int4-g{groups[-1]}-gptq"):
-            rows.append(model_row(work / name, name, eval_batches=0))
+        runs = {"teacher": teacher, **{n: work / n for n in ("int8", f"int4-g{groups[0]}-gptq", f"int4-g{groups[-1]}-gptq")}}
+        speed = compare_decode(runs, rounds=args.rounds)
+        rows = [model_row(run, name, eval_batches=0, tokens_per_s=speed[name]) for name, run in runs.items()]
         for row in rows:
             row["bpb"] = figures[row["model"]]["bpb_after"] if row["model"] in figures else first["bpb_before"]
-        print(f"\n## Decode at batch 1 on this CPU ({args.threads} threads)\n")
+        print(f"\n## Decode at batch 1 on this CPU ({args.threads} threads; best of {args.rounds} rounds taken in turns)\n")
         print(format_rows(rows))
         base = rows[0]["decode_tokens_per_s"]
         print("\n" + ", ".join(f"{r['model']}: {r['decode_tokens_per_s'] / base:.2f}× fp32" for r in rows[1:]))
@@ -123,7 +125,7 @@ def main() -> None:
 
     if not args.skip_distill:
         student = args.student.split(",")
-        base = [f"data.path={teacher / 'data'}", "-c", "recipes/quickstart.yaml", *student, *TRAIN]
+        base = [f"data.path={teacher / 'data'}", *student, *TRAIN]
 
         def steps(n: int) -> list[str]:
             return [f"train.max_steps={n}", f"train.ckpt_every={n}", f"train.eval_every={n}"]
@@ -131,9 +133,9 @@ def main() -> None:
         common = [*base, *steps(args.steps)]
         scratch, distilled = work / "student-scratch", work / f"student-kd-a{args.alpha:g}-t{args.temperature:g}"
         if not done(scratch, args.steps):
-            kiln("pretrain", f"out={scratch}", *common, threads=t)
+            kiln("pretrain", "-c", RECIPE, f"out={scratch}", *common, threads=t)
         if not done(distilled, args.steps):
-            kiln("distill", f"out={distilled}", f"distill.teacher={teacher}", f"distill.alpha={args.alpha}",
+            kiln("distill", "-c", RECIPE, f"out={distilled}", f"distill.teacher={teacher}", f"distill.alpha={args.alpha}",
                  f"distill.temperature={args.temperature}", *common, threads=t)
         s, d = last_eval(scratch), last_eval(distilled)
         tb = d["val_teacher_bpb"]
@@ -158,7 +160,7 @@ def main() -> None:
         speeds = {"student alone (pretrain)": step_speed(scratch), "teacher logits online": step_speed(distilled)}
         for label, out in (("top-k cache, cold", work / "kd-cache-cold"), ("top-k cache, warm", work / "kd-cache-warm")):
             if not done(out, timing_steps):
-                kiln("distill", f"out={out}", f"distill.teacher={teacher}", "distill.teacher_logits=cached",
+                kiln("distill", "-c", RECIPE, f"out={out}", f"distill.teacher={teacher}", "distill.teacher_logits=cached",
                      f"distill.cache_dir={cache}", *base, *steps(timing_steps), threads=t)
             speeds[label] = step_speed(out)
         per_token = sum(f.stat().st_size for f in cache.glob("*.npy") if f.name != "filled.npy")

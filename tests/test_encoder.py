@@ -20,11 +20,11 @@ from kiln.train.checkpoint import CheckpointManager
 
 QUIET = ["train.tensorboard=false", "train.progress=false", "train.log_every=50", "train.ckpt_every=100000"]
 MLM_ARGS = ["model.preset=tiny", "train.seq_len=128", "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=20",
-            "train.max_steps=150", "train.eval_every=150", "train.eval_batches=4", *QUIET]
+            "train.max_steps=120", "train.eval_every=120", "train.eval_batches=4", *QUIET]
 # The embedded order task, test-sized: 300 functions per label from three packages.
 CLASSIFY_ARGS = ["classify.packages=asyncio,email,logging", "classify.max_per_class=300", "train.seq_len=128",
-                 "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=20", "train.max_steps=200",
-                 "train.eval_every=200", *QUIET]
+                 "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=20", "train.max_steps=160",
+                 "train.eval_every=160", *QUIET]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_the_encoder_learns_masked_tokens_bidirectionally(encoder_run):
     assert info["workload"] == "encoder" and info["model"]["causal"] is False
     assert info["mask_id"] == 512 and info["model"]["vocab_size"] == 576  # 512 tokens + mask, padded to 64
     val = [m for m in _metrics(encoder_run) if "val_loss" in m]
-    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.5
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
     result = json.loads((encoder_run / "encoder_eval.json").read_text())
     assert result["val_accuracy"] > result["frequent_token_accuracy"] + 0.03
     assert "## Masked language model" in (encoder_run / "report.md").read_text()

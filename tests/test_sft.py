@@ -26,6 +26,7 @@ from kiln.data.chat_data import (
     ChatStats,
     PackedChatLoader,
     packed_batch,
+    packed_eval_batches,
     read_conversations,
     tokenize,
 )
@@ -201,6 +202,11 @@ def test_the_loader_resumes_exactly_and_ranks_split_the_global_batch(tok):
     whole = PackedChatLoader(examples, 4, 64, pad, seed=3).next_batch()
     parts = [PackedChatLoader(examples, 2, 64, pad, seed=3, rank=r, world=2).next_batch() for r in range(2)]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+    # held-out batches: every rank as many (under FSDP a forward is a collective), padding carries no loss
+    one = packed_eval_batches(examples[:3], 2, 64, pad)
+    ranks = [packed_eval_batches(examples[:3], 2, 64, pad, rank=r, world=2) for r in range(2)]
+    assert len(one) == 1 and [len(b) for b in ranks] == [1, 1] and torch.equal(ranks[0][0]["labels"], one[0]["labels"])
+    assert (ranks[1][0]["labels"] == IGNORE).all()
 
 
 def test_the_default_task_is_deterministic_and_never_trains_on_a_held_out_function(source, tmp_path):
@@ -218,6 +224,19 @@ def test_the_default_task_is_deterministic_and_never_trains_on_a_held_out_functi
     assert val and not train & val
     doc = next(m for m in rows if m[0]["content"].startswith("Write the docstring"))
     assert doc[0]["content"].count('"""') == 0 and doc[1]["content"] in json.dumps(rows)  # docstring removed from the code
+
+
+def test_the_task_metric_decodes_batched_prompts_as_one_by_one_and_scores_word_overlap(tok):
+    from kiln.workloads.sft import greedy_replies, word_f1
+
+    model = tiny().eval()
+    prompts = [tok.encode(t).ids for t in ("def f(x):", "import os\nimport sys\n", "class A:\n    pass")]
+    end = tok.token_to_id(END)
+    together = greedy_replies(model, prompts, 10, end, tok.get_vocab_size())
+    assert together == [greedy_replies(model, [p], 10, end, tok.get_vocab_size())[0] for p in prompts]
+    assert word_f1("Return the value.", "Return the key") == pytest.approx(2 / 3)
+    assert word_f1("the the the the", "The cat") == pytest.approx(2 * (1 / 4) * (1 / 2) / (1 / 4 + 1 / 2))
+    assert word_f1("", "x") == 0.0 and word_f1("Same words", "same, WORDS") == 1.0
 
 
 # ---- LoRA --------------------------------------------------------------------------------------------
@@ -254,6 +273,14 @@ def test_merged_model_matches_the_adapted_one_and_adapters_load_onto_the_base(tm
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(tiny().state_dict())
     assert (merged(x) - want).abs().max() < 1e-5
+    dropped = apply_lora(tiny(), LoRAConfig(rank=4, dropout=0.5))
+    with torch.no_grad():
+        for name, p in dropped.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.2)
+    eval_out = dropped.eval()(x)
+    assert not torch.equal(dropped.train()(x), eval_out)  # dropout on the adapters' input, while training only
+    assert (merge_lora(dropped).eval()(x) - eval_out).abs().max() < 1e-5
     with pytest.raises(KilnError, match="do not fit this model"):
         load_adapter(apply_lora(tiny(), LoRAConfig(rank=4, targets=["wq"])), tmp_path / ADAPTER_FILE)
 
@@ -387,27 +414,32 @@ def test_bad_setups_get_one_line(base, tmp_path, capsys, prepared):
 
 
 # ---- 2 gloo ranks -----------------------------------------------------------------------------------
-def test_lora_under_fsdp2_and_ddp_on_two_ranks(base, tmp_path):
+def test_lora_under_fsdp2_and_ddp_and_full_sft_under_tp_on_two_ranks(base, tmp_path):
     """One torchrun launch: LoRA under FSDP2 and under DDP train the same (same per-rank batches),
-    leave the sharded base bit-for-bit unchanged, and publish the merged model."""
+    leave the sharded base bit-for-bit unchanged, and publish the merged model; full fine-tuning
+    under TP trains to a single process's losses."""
     from kiln.train import distributed_checkpoint
 
     data = write_jsonl(tmp_path / "data.jsonl", [{"messages": describe_item(i)} for i in range(48)])
-    common = [f"init_from={base}", f"sft.data={data}", *SFT, "lora.rank=4", "train.batch_size=2",
-              "train.max_steps=4", "train.eval_every=4", "train.ckpt_every=4", "sft.eval_prompts=0", "train.lr=2e-2"]
-    runs = [{"name": "fsdp", "args": [f"out={tmp_path / 'fsdp'}", *common, "parallel.dp_shard=2"]},
-            {"name": "ddp", "args": [f"out={tmp_path / 'ddp'}", *common, "parallel.dp_replicate=2",
-                                     "parallel.dp_shard=1"]}]
+    common = [f"init_from={base}", f"sft.data={data}", *SFT, "train.batch_size=2", "train.max_steps=4",
+              "train.eval_every=4", "train.ckpt_every=4", "sft.eval_prompts=0", "train.lr=2e-2"]
+    lora = [*common, "lora.rank=4"]
+    runs = [{"name": "fsdp", "args": [f"out={tmp_path / 'fsdp'}", *lora, "parallel.dp_shard=2"]},
+            {"name": "ddp", "args": [f"out={tmp_path / 'ddp'}", *lora, "parallel.dp_replicate=2", "parallel.dp_shard=1"]},
+            {"name": "tp", "args": [f"out={tmp_path / 'tp'}", *common, "parallel.tp=2"]}]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
                         str(spec)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(spec.with_suffix(".out").read_text())
-    for name in ("fsdp", "ddp"):
+    for name in ("fsdp", "ddp", "tp"):
         assert res[name]["rc"] == 0, res[name]["err"]
     fsdp, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fsdp, ddp) if "loss" in a) < 5e-6
+    assert kiln("sft", f"out={tmp_path / 'single'}", *common) == 0
+    tp, single = metrics(tmp_path / "tp"), metrics(tmp_path / "single")
+    assert len(tp) == len(single) and max(abs(a["loss"] - b["loss"]) for a, b in zip(tp, single) if "loss" in a) < 5e-6
     before = load_file(checkpoint(base, 20) / "model.safetensors")
     ck = checkpoint(tmp_path / "fsdp", 4)
     state = distributed_checkpoint.read_tensors(ck)

@@ -122,6 +122,31 @@ def test_bad_images_are_skipped_with_a_counted_reason(tmp_path):
     assert (out / "data" / "contact_sheet.png").is_file()
 
 
+def test_an_interrupted_prepare_redoes_only_the_tasks_without_a_marker(tmp_path):
+    """A finished task's completion marker stands: the rerun takes its decoded images as they are
+    (here doctored to tell them apart) and decodes only the task that has no marker."""
+    out = tmp_path / "run"
+    args = ["-c", RECIPE, f"out={out}", "data.images.task_images=1000", "data.executor.workers=1"]
+    assert kiln("prepare", *args) == 0
+    inputs = json.loads((out / "data" / "manifest.json").read_text())["inputs"]
+    shutil.rmtree(out / "data")
+    work = out / "data.work"
+    (work / "decode").mkdir(parents=True)
+    (work / "inputs").write_text(inputs)
+    np.savez(work / "decode" / "00000.npz", images=np.full((1000, 1, 16, 16), 7, np.uint8),
+             labels=np.zeros(1000, np.int64))
+    (work / "decode" / "00000.json").write_text(json.dumps({"images": 1000, "dropped": {}, "messages": [],
+                                                            "seconds": 0.0}))
+    assert kiln("prepare", *args) == 0
+    man = json.loads((out / "data" / "manifest.json").read_text())
+    images = np.concatenate([np.load(out / "data" / s["file"]) for n in ("train", "val", "test")
+                             for s in man["splits"][n]["shards"]])
+    per_image = images.reshape(len(images), -1)
+    assert int((per_image == 7).all(1).sum()) == 1000  # the marked task was not decoded again
+    assert man["splits"]["train"]["per_class"][0] > 700  # its doctored labels (all class 0) were used too
+    assert not work.exists()
+
+
 @pytest.mark.parametrize("case", ["empty class folder", "class of only bad images", "no image at all"])
 def test_unusable_inputs_are_one_clear_error_and_write_nothing(tmp_path, capsys, case):
     src = tmp_path / "images"

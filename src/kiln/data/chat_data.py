@@ -278,10 +278,13 @@ class PackedChatLoader:
 def packed_eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int, max_batches: int = 0,
                         rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
     """The held-out examples packed in order, the same batches at every evaluation; with several
-    data-parallel ranks each takes every world-th batch (the evaluator sums over ranks)."""
+    data-parallel ranks each takes every world-th batch (the evaluator sums over ranks). Every rank
+    gets as many batches, the last ones padding only if need be (no loss, nothing counted): under
+    FSDP a forward is a collective, so a rank with one batch fewer would leave the others waiting."""
     rows = pack_rows([e.length for e in examples], seq_len)
     n = math.ceil(len(rows) / batch_size)
     if max_batches:
         n = min(n, max_batches)
-    return [packed_batch(examples, rows[b * batch_size : (b + 1) * batch_size], seq_len, pad_id)
-            for b in range(rank, n, world)]
+    n = world * math.ceil(n / world)
+    return [packed_batch(examples, (rows[b * batch_size : (b + 1) * batch_size] + [[]] * batch_size)[:batch_size],
+                         seq_len, pad_id) for b in range(rank, n, world)]

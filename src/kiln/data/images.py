@@ -261,12 +261,17 @@ def split_batches(path: str | Path, split: str, batch_size: int, max_batches: in
     maps, labels = read_split(path, man, split)
     if not len(labels):
         return []
-    images = np.concatenate([np.asarray(m) for m in maps])
     mean, std = _stats(man)
     n_batches = math.ceil(len(labels) / batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     per = n_batches // world
     mine = range(n_batches) if per == 0 else range(rank, per * world, world)
-    return [{"pixel_values": normalize(torch.from_numpy(images[b * batch_size : (b + 1) * batch_size]), mean, std),
+    first = np.concatenate([[0], np.cumsum([len(m) for m in maps])])
+
+    def rows(lo: int, hi: int) -> np.ndarray:  # images lo..hi of the split, across shard boundaries
+        hi = min(hi, len(labels))
+        return np.concatenate([np.asarray(m[max(lo - a, 0) : max(hi - a, 0)]) for m, a in zip(maps, first)])
+
+    return [{"pixel_values": normalize(torch.from_numpy(rows(b * batch_size, (b + 1) * batch_size)), mean, std),
              "labels": torch.from_numpy(labels[b * batch_size : (b + 1) * batch_size])} for b in mine]

@@ -54,7 +54,8 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features, **kw))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's own initialization; `init_lora` redraws it seeded
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-bound, bound))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

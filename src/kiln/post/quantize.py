@@ -191,7 +191,7 @@ class QuantWeight(nn.Module):
         # ATen's CPU kernels assume allocator-aligned rows; a tensor read from a file may sit anywhere
         for name, t in (("q", qt.q), ("scale", qt.scale), ("min", qt.min)):
             self.register_buffer(name, t.clone() if t is not None and t.data_ptr() % 64 else t)
-        self._kernel: tuple | bool | None = None  # the CPU kernels' tensors; False = not usable here
+        self._kernel = None  # the CPU kernel's matmul, built on first use; False = none for this device
 
     def stored(self) -> QuantizedTensor:
         return QuantizedTensor(self.format, self.q, self.scale, self.min, self.group_size)
@@ -200,33 +200,35 @@ class QuantWeight(nn.Module):
         self._kernel = None  # moved or cast: rebuild the kernel layout from the stored form
         return super()._apply(fn, recurse)
 
-    def _cpu_kernel(self) -> tuple | None:
-        if self._kernel is None:
-            self._kernel = False
-            if self.q.device.type == "cpu":
-                n = self.shape[0]
-                if self.format == "int8":
-                    self._kernel = (self.scale.to(torch.bfloat16),)
-                elif n % 16 == 0 and self.shape[1] % self.group_size == 0:
-                    values = unpack_int4(self.q).to(torch.int32)
-                    packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-                    # ATen's grid: (q - 8) · scale + zero, groups along K: (K/g, N, 2)
-                    zero = self.min.float() + 8 * self.scale.float()
-                    sz = torch.stack([self.scale.float(), zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-                    self._kernel = (packed, sz)
-        return self._kernel or None
+    def _cpu_kernel(self):
+        """`matmul(x_bf16) -> y_bf16` on ATen's CPU kernel for this matrix, or False where there is none."""
+        kernel = False
+        if self.q.device.type == "cpu":
+            q, scale = self.q, self.scale
+            if self.format == "int8":
+                scale_bf16 = scale.to(torch.bfloat16)
+                kernel = lambda x: torch._weight_int8pack_mm(x, q, scale_bf16)  # noqa: E731
+            elif self.shape[0] % 16 == 0:
+                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32), 1)
+                # ATen's grid is (q - 8) · scale + zero, with groups along K: (K/g, N, 2)
+                zero = self.min.float() + 8 * scale.float()
+                sz = torch.stack([scale.float(), zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+                g = self.group_size
+                kernel = lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, g, sz)  # noqa: E731
+        self._kernel = kernel
+        return kernel
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        kernel = self._cpu_kernel() if rows <= KERNEL_MAX_ROWS and not torch.is_grad_enabled() else None
+        k = x.shape[-1]
+        rows = x.numel() // k
+        kernel = self._kernel
         if kernel is None:
+            kernel = self._cpu_kernel()
+        if not kernel or rows > KERNEL_MAX_ROWS or torch.is_grad_enabled():
             return F.linear(x, self.stored().dequantize(x.dtype))
-        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernels read dense rows
-        if self.format == "int8":
-            y = torch._weight_int8pack_mm(flat, self.q, kernel[0])
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(flat, kernel[0], self.group_size, kernel[1])
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        # a bf16 copy is dense whatever the input's strides (the kernels read dense rows)
+        y = kernel(x.reshape(rows, k).to(torch.bfloat16, memory_format=torch.contiguous_format))
+        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.stored().dequantize(dtype, rows=ids)
@@ -509,22 +511,33 @@ def open_for_eval(spec: str | Path, device: torch.device, key: str = "eval.path"
 
 # ---- measuring -------------------------------------------------------------------------------
 @torch.no_grad()
-def bits_per_byte(model: nn.Module, ddir: str | Path, batch_size: int = 8, seq_len: int = 256,
-                  max_batches: int = 16) -> float:
-    """Validation bits per byte, as training's `val_bpb` (same windows, same bytes per token)."""
+def score(model: nn.Module, ddir: str | Path, batch_size: int = 8, seq_len: int = 256, max_batches: int = 16,
+          reference: nn.Module | None = None) -> dict:
+    """Validation bits per byte, as training's `val_bpb` (same windows, same bytes per token); with a
+    `reference` model (the float one) also the mean KL(reference ‖ model) per token and the share of
+    positions where both pick the same top token: measures of closeness that a few windows' bits
+    per byte are too coarse for."""
     from kiln.data.shards import eval_batches, open_data
-    from kiln.train.objectives import LanguageModeling
 
     val = open_data(ddir)["splits"]["val"]
-    objective = LanguageModeling(tokens_per_byte=val["tokens"] / max(val["bytes"], 1))
     device = next(model.buffers()).device
-    totals = [0.0, 0.0]
+    nats = count = kl = same = 0.0
     for batch in eval_batches(ddir, batch_size, min(seq_len, model.cfg.max_seq_len), max_batches):
-        s, n = objective.eval_step(model, {k: v.to(device) for k, v in batch.items()})["val_loss"]
-        totals[0], totals[1] = totals[0] + s, totals[1] + n
-    if not totals[1]:
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        logits = model(ids).float()
+        nats += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum"))
+        count += labels.numel()
+        if reference is not None:
+            ref = reference(ids).float()
+            logp, ref_logp = logits.log_softmax(-1), ref.log_softmax(-1)
+            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            same += float((ref.argmax(-1) == logits.argmax(-1)).sum())
+    if not count:
         raise KilnError(f"the validation split of '{ddir}' is shorter than one window of {seq_len + 1} tokens")
-    return objective.eval_finish({"val_loss": tuple(totals)})["val_bpb"]
+    out = {"bpb": nats / count / math.log(2) * val["tokens"] / max(val["bytes"], 1), "tokens": int(count)}
+    if reference is not None:
+        out.update(kl_to_float=kl / count, top1_agreement=same / count)
+    return out
 
 
 @torch.no_grad()
@@ -554,11 +567,33 @@ def decode_tokens_per_s(model: nn.Module, new_tokens: int = 64, prompt_len: int 
     return batch * new_tokens / best
 
 
+def compare_decode(runs: dict[str, str | Path], rounds: int = 8, device: str = "cpu", **kw) -> dict[str, float]:
+    """Decode tokens/s of several runs measured in turns (one run each per round, the best round
+    kept), so that a busy machine's slow spells do not fall on one model only."""
+    from kiln.serve.engine import load_model as engine_load_model
+    from kiln.train.checkpoint import CheckpointManager
+    from kiln.train.parallel import pick_device
+    from kiln.workloads.common import find_checkpoint
+
+    dev = pick_device(device)
+    models = {}
+    for name, run in runs.items():
+        ckpt = find_checkpoint(str(run), key="run")
+        models[name] = engine_load_model(ckpt, CheckpointManager.info(ckpt), dev, torch.float32)
+    best = dict.fromkeys(models, 0.0)
+    for _ in range(rounds):
+        for name, model in models.items():
+            best[name] = max(best[name], decode_tokens_per_s(model, repeats=1, **kw))
+    return best
+
+
 def model_row(run: str | Path, label: str = "", data: str | Path | None = None, device: str = "cpu",
-              usd_per_hour: float = 0.0, eval_batches: int = 16, seq_len: int = 256) -> dict:
+              usd_per_hour: float = 0.0, eval_batches: int = 16, seq_len: int = 256,
+              tokens_per_s: float | None = None) -> dict:
     """One row of the speedrun's model table for a run (float or quantized): parameters, bytes on
-    disk, validation bits per byte, decode tokens/s (batch 1) and $ per million decoded tokens at
-    `usd_per_hour` (0 = the engine's assumed price for the device)."""
+    disk, validation bits per byte, decode tokens/s at batch 1 (measured unless `tokens_per_s` is
+    given, e.g. by `compare_decode`) and $ per million decoded tokens at `usd_per_hour` (0 = the
+    engine's assumed price for the device)."""
     from kiln.serve.engine import load_model as engine_load_model
     from kiln.serve.engine import usd_per_hour as price_for
     from kiln.train.parallel import pick_device
@@ -572,8 +607,8 @@ def model_row(run: str | Path, label: str = "", data: str | Path | None = None, 
     files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else list(ckpt.rglob("*.distcp"))
     on_disk = sum(f.stat().st_size for f in files)
     ddir = Path(data) if data else Path(info["data"]) if info.get("data") else None
-    bpb = bits_per_byte(model, ddir, 8, seq_len, eval_batches) if ddir and eval_batches else None
-    tps = decode_tokens_per_s(model)
+    bpb = score(model, ddir, 8, seq_len, eval_batches)["bpb"] if ddir and eval_batches else None
+    tps = tokens_per_s or decode_tokens_per_s(model)
     price = price_for(usd_per_hour, dev)
     q = info.get("quantization")
     kind = "fp32" if not q else q["format"] + (f" g{q['group_size']}" if q.get("group_size") else "") + f" {q['method']}"
@@ -664,7 +699,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     load_model_tensors(model, checkpoint_tensors(src), str(src))
     model.eval()
     seq_len = min(qc.calib_seq_len or 256, mc.max_seq_len)
-    before = bits_per_byte(model, ddir, 8, seq_len, qc.eval_batches) if ddir and qc.eval_batches else None
+    before = score(model, ddir, 8, seq_len, qc.eval_batches)["bpb"] if ddir and qc.eval_batches else None
     calib = calibration_batches(ddir, qc.calib_sequences, seq_len) if qc.method == "gptq" else []
     say(f"quantize: {src} → {qc.format}{f' g{group}' if group else ''} by {qc.method}"
         + (f" ({qc.calib_sequences} calibration windows of {seq_len} tokens)" if calib else ""))
@@ -684,16 +719,22 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copy2(tok, out / "tokenizer" / "tokenizer.json")
 
-    quantized = load_model(final)
-    after = bits_per_byte(quantized, ddir, 8, seq_len, qc.eval_batches) if before is not None else None
+    after = {}
+    if before is not None:
+        if qc.method == "gptq":  # GPTQ left its own dequantized weights in `model`: read the float ones again
+            load_model_tensors(model, checkpoint_tensors(src), str(src))
+        after = score(load_model(final), ddir, 8, seq_len, qc.eval_batches, reference=model)
     fp16 = 2 * mc.num_params()
     nbytes = (final / "model.safetensors").stat().st_size
     result = {"source": str(src), "checkpoint": str(final), **entry, "params": mc.num_params(), "bytes": nbytes,
-              "fp16_bytes": fp16, "fp16_share": nbytes / fp16, "bpb_before": before, "bpb_after": after,
-              "bpb_increase": (after / before - 1) if before else None, "seconds": round(time.perf_counter() - t0, 1)}
+              "fp16_bytes": fp16, "fp16_share": nbytes / fp16, "bpb_before": before, "bpb_after": after.get("bpb"),
+              "bpb_increase": (after["bpb"] / before - 1) if before else None,
+              "kl_to_float": after.get("kl_to_float"), "top1_agreement": after.get("top1_agreement"),
+              "eval_tokens": after.get("tokens"), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "quantize.json", result)
     _write_report(out, result)
-    quality = f"; validation bits/byte {before:.4f} → {after:.4f} ({100 * result['bpb_increase']:+.2f}%)" if before else ""
+    quality = (f"; validation bits/byte {before:.4f} → {result['bpb_after']:.4f} ({100 * result['bpb_increase']:+.3f}%), "
+               f"KL from the float model {result['kl_to_float']:.2e} nats/token" if before else "")
     say(f"quantize: {nbytes / 1e6:.2f} MB on disk, {100 * result['fp16_share']:.1f}% of fp16's {fp16 / 1e6:.2f} MB"
         f"{quality}; checkpoint {final}")
     return result
@@ -710,7 +751,8 @@ def _write_report(out: Path, r: dict) -> None:
              f"of fp16 weights ({r['params']:,} parameters)"]
     if r.get("bpb_before") is not None:
         lines.append(f"- validation bits/byte: {r['bpb_before']:.4f} → {r['bpb_after']:.4f} "
-                     f"({100 * r['bpb_increase']:+.2f}%)")
+                     f"({100 * r['bpb_increase']:+.3f}%) over {r['eval_tokens']:,} tokens; KL from the float model "
+                     f"{r['kl_to_float']:.2e} nats/token, same top token at {100 * r['top1_agreement']:.1f}% of positions")
     atomic_write_text(out / "report.d" / "quantize.md", "\n".join(lines) + "\n")
     write_report(out)
 

@@ -139,12 +139,11 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
         files = {"train": sc.data, "val": sc.val_data}
     stats = {"train": ChatStats(), "val": ChatStats()}
     train = read_conversations(files["train"], stats["train"], sc.strict)
-    if files["val"]:
-        val = read_conversations(files["val"], stats["val"], sc.strict)
-    for split, convs in (("train", train), ("val", val if files["val"] else train)):
-        if not convs:
+    val = read_conversations(files["val"], stats["val"], sc.strict) if files["val"] else None
+    for split, convs in (("train", train), ("val", val)):
+        if convs is not None and not convs:
             raise KilnError(f"sft: {files[split]} has no usable conversation: {stats[split].describe()}; fix the data")
-    if not files["val"]:
+    if val is None:
         train, val = held_out_split(train, sc.val_fraction)
         files["val"] = f"{sc.val_fraction:g} of {files['train']}, held out"
         stats["val"].records = len(val)
@@ -212,8 +211,10 @@ def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tok
     """(prompt ids, reference reply) of up to `n` held-out conversations, in order: everything before
     the last assistant turn, and that turn. Only those whose reference fits `max_new_tokens` (a
     perfect reply is possible) and whose prompt leaves room for it in the context."""
-    out = []
+    out: list[tuple[list[int], str]] = []
     for messages in conversations:
+        if len(out) >= n:
+            break
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids = prompt_ids(tokenizer, messages[:last])
         reference = messages[last]["content"]
@@ -222,8 +223,6 @@ def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tok
         if len(ids) + max_new_tokens > context:
             continue
         out.append((ids, reference))
-        if len(out) == n:
-            break
     return out
 
 
@@ -354,8 +353,8 @@ def run_sft(cfg: Config) -> dict:
                 f"({trainer.tokens_per_step:,} tokens), {env.describe()}, {tc.max_steps} steps")
     with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
         result = trainer.fit()
-    if env.is_main:
-        result |= finish(cfg, trainer, data, tok, model_cfg, source, env.device)
+    # The others wait for the main rank's evaluation, so a next stage in this process group starts together.
+    _main_rank_first(env, lambda: result.update(finish(cfg, trainer, data, tok, model_cfg, source, env.device)))
     return result
 
 
