@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
 from conftest import kiln
 from kiln.config import Config, load
@@ -18,7 +19,6 @@ from kiln.model.config import preset
 from kiln.model.transformer import Transformer
 from kiln.train import parallel
 from kiln.workloads.dpo import DPO, completion_logps, dpo_loss, precompute_reference
-from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
 
 def test_dpo_loss_and_implicit_rewards_by_hand():
@@ -66,6 +66,7 @@ def test_the_sft_term_adds_the_chosen_cross_entropy(prepared):
     assert float(metrics["sft_loss"]) == pytest.approx(nll_per_token, abs=1e-4)
 
 
+@torch.no_grad()
 def test_precomputed_reference_gives_the_same_loss_as_the_live_one(prepared, tmp_path):
     tok = load_tokenizer(prepared / "tokenizer")
     pairs = tokenize_pairs(tok, [normalize_row(r, "row") for r in easy_pairs(6)], 64, PairStats())

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
 from conftest import kiln
 from kiln.config import Config, SandboxConfig, load
@@ -19,7 +20,6 @@ from kiln.errors import KilnError
 from kiln.model.config import preset
 from kiln.model.transformer import Transformer
 from kiln.workloads.rl import body_end, group_advantages, grpo_loss, run_rl, sample_completions, score_job
-from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
 SANDBOX = SandboxConfig(timeout_s=1.0, memory_mb=128, max_output_bytes=65536, max_procs=16)
 HEADER = 'def double(x):\n    """Twice x.\n\n    >>> double(2)\n    4\n    """\n'

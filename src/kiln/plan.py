@@ -177,8 +177,9 @@ def activation_bytes_per_token(
     """Bytes one block of kiln's transformer saves for backward, per token (no TP, no checkpointing).
 
     Counted tensor by tensor (and measured with saved-tensor hooks), in the activation dtype:
-    attention half 7·d — the block input, x·rstd and the normed input (RMSNorm), q, k, v after
-    rotary and GQA expansion, and the attention output; MLP half 3·d + 4·F — input, x·rstd,
+    attention half 5·d + 2·kv — the block input, x·rstd and the normed input (RMSNorm), q after
+    rotary, k and v at their own n_kv_heads width (SDPA's enable_gqa shares them across query
+    heads without expanding), and the attention output; MLP half 3·d + 4·F — input, x·rstd,
     normed input, w1 and w3 outputs, silu(w1 x) and the gated product. In fp32: the two RMSNorm
     rstd values and, with flash attention, a logsumexp per head. Without flash attention (the
     math path) the softmax probabilities, n_heads·seq_len per token, replace the logsumexp.
@@ -186,7 +187,8 @@ def activation_bytes_per_token(
     dropout): 20·h + 8·F bytes per token in bf16, about 48·h for Llama 3's F = 3.5·h.
     """
     d, f, nq = model.d_model, model.ffn_hidden, model.n_heads
-    elems = 10 * d + 4 * f + 7 * lora_rank  # LoRA adds each adapter's rank-r intermediate
+    kv = model.n_kv_heads * model.head_dim
+    elems = 8 * d + 2 * kv + 4 * f + 7 * lora_rank  # LoRA adds each adapter's rank-r intermediate
     fp32 = 2 + nq
     if not flash_attention:
         elems += nq * (seq_len or model.max_seq_len)

@@ -34,6 +34,7 @@ from kiln.data.sources import stdlib_files, stdlib_root
 SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "__phello__", "site-packages",
              "dist-packages", "config-3.11-x86_64-linux-gnu"}
 MAX_CODE_CHARS, MAX_HEADER_CHARS = 600, 700
+MAX_RL_CODE_CHARS = 360  # RL functions whose own code fits about 96 new tokens (rl.max_new_tokens)
 
 
 @dataclass
@@ -158,7 +159,8 @@ def default_prompts(n: int, val_fraction: float, seed: int = 0,
     `setup` where the original function passes its own doctests standalone (checked in the sandbox)."""
     n_val = max(4, math.ceil(n * val_fraction))
     train, val = _collect(n - n_val, n_val, val_fraction, seed,
-                          lambda fn: fn.module_level and len(fn.header) <= MAX_HEADER_CHARS)
+                          lambda fn: fn.module_level and len(fn.header) <= MAX_HEADER_CHARS
+                          and len(fn.code) <= MAX_RL_CODE_CHARS)
     passing = _passing_doctests([fn for fn in train + val if fn.doctest], sandbox)
     return [_prompt_row(fn, passing) for fn in train], [_prompt_row(fn, passing) for fn in val]
 
