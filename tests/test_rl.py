@@ -117,7 +117,8 @@ def test_a_reward_that_raises_hangs_or_returns_nan_scores_zero_with_its_reason()
 def test_the_default_code_reward():
     assert code_reward("", "    return x * 2\n", entry_point="double", header=HEADER) == (1.0, "parsed")
     assert code_reward("", "    return x *\n", entry_point="double", header=HEADER) == (0.0, "syntax_error")
-    assert code_reward("", "    pass\n", entry_point="double", header=HEADER) == (0.0, "empty_body")
+    for stub in ("    pass\n", "    return\n", "    return None\n", "    raise NotImplementedError()\n", ""):
+        assert code_reward("", stub, entry_point="double", header=HEADER) == (0.0, "empty_body")
     # chat format: the whole function, fenced
     whole = "```python\ndef double(x):\n    return x + x\n```"
     assert code_reward("", whole, entry_point="double", header=HEADER, doctest=DOCTEST, sandbox=SANDBOX) == \

@@ -547,7 +547,8 @@ def _unknown(key: str, root, value: Any = None) -> ConfigError:
         key = f"{key}.{sub}"
     keys = _all_keys(root)
     scoped = [k for k in keys if any(k == p or k.startswith(p + ".") for p in _HINT_SCOPE)]
-    if scoped and any(k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] for k in scoped):
+    known_section = key.split(".", 1)[0] in {f.name for f in dataclasses.fields(root)}  # modle.x: a typo'd section
+    if known_section and scoped and any(k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] for k in scoped):
         keys = scoped
     leaf = key.rsplit(".", 1)[-1]
     # A right leaf under a wrong section first (model.seed -> train.seed; a misspelt section,

@@ -61,9 +61,20 @@ def _files(seed: int) -> list[Path]:
 
 
 def _trivial(body: list[ast.stmt]) -> bool:
-    """A body with nothing but a docstring, `pass` or `...`: parses, but writes no function."""
-    return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
-               for s in body)
+    """A stub: nothing but a docstring, `pass`, `...`, a bare `return` / `return None` or
+    `raise NotImplementedError`. It parses but writes no function, and a policy rewarded for
+    parsing alone finds it within a few steps (measured: a bare `return` after 10)."""
+    def stub(s: ast.stmt) -> bool:
+        if isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)):
+            return True
+        if isinstance(s, ast.Return):
+            return s.value is None or (isinstance(s.value, ast.Constant) and s.value.value is None)
+        if isinstance(s, ast.Raise) and s.exc is not None:
+            exc = s.exc.func if isinstance(s.exc, ast.Call) else s.exc
+            return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+        return False
+
+    return all(stub(s) for s in body)
 
 
 def functions_of(path: Path) -> Iterator[Function]:

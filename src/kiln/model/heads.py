@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.model.transformer import ModelConfig, Transformer
+from kiln.model.transformer import ModelConfig, Transformer, _copy_into
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,8 +33,6 @@ class ScalarHeadModel(Transformer):
         """The backbone's initialization, then a zero head: every sequence starts at reward 0, so the
         first steps learn the ranking instead of undoing a random offset."""
         super().init_weights(seed)
-        from kiln.model.transformer import _copy_into
-
         _copy_into(self.score.weight, torch.zeros(self.score.weight.shape))
         _copy_into(self.score.bias, torch.zeros(self.score.bias.shape))
 

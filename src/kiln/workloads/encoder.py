@@ -49,7 +49,7 @@ from kiln.workloads.common import (
     resolve_resume,
 )
 from kiln.workloads.pretrain import check_shards_match_tokenizer, matmul_shapes, model_config_for
-from kiln.workloads.vision import Classification, confusion, plot_confusion, predict
+from kiln.workloads.vision import Classification, confusion, latest_metrics, plot_confusion, predict
 
 MLM, CLASSIFY = "encoder", "classify"
 MLM_SECTION = Path("report.d") / "encoder.md"
@@ -163,16 +163,20 @@ def run_encoder(cfg: Config) -> dict:
     targets = torch.cat([b["labels"][b["labels"] != -100] for b in evals]) if evals else torch.zeros(0)
     frequent = float(torch.bincount(targets).max() / max(1, len(targets))) if len(targets) else 0.0
     export = _export(cfg, model, mc, tpath, vocab, MLM) if not env.distributed else None
-    write_json(Path(cfg.out) / MLM_EVAL, {"steps": trainer.step, "val_loss": last.get("val_loss"),
-                                          "val_accuracy": last.get("val_accuracy"), "frequent_token_accuracy": frequent,
-                                          "export": str(export) if export else None})
+    if env.distributed:
+        trainer.say(f"no Hugging Face export under torchrun: run `kiln encoder out={cfg.out}` once more on one "
+                    "process (it finds the run finished, loads its last checkpoint and exports)")
+    logged = latest_metrics(Path(cfg.out))
+    write_json(Path(cfg.out) / MLM_EVAL, {"steps": trainer.step, "val_loss": logged.get("val_loss"),
+                                          "val_accuracy": logged.get("val_accuracy"),
+                                          "frequent_token_accuracy": frequent, "export": str(export) if export else None})
     lines = ["## Masked language model", "",
              f"- encoder: {mc.n_layers} layers, d_model {mc.d_model}, {mc.n_heads} heads, bidirectional "
              f"(`causal=false`), vocab {vocab} + the mask token (id {vocab})",
              f"- masking: {cfg.encoder.mask_rate:.0%} of ordinary tokens chosen; of those {cfg.encoder.mask_token:.0%} "
              f"→ mask, {cfg.encoder.random_token:.0%} → a random token, the rest unchanged",
-             f"- validation on masked tokens: loss {last.get('val_loss', float('nan')):.3f} nats, "
-             f"**accuracy {100 * last.get('val_accuracy', 0):.1f}%** vs {100 * frequent:.1f}% for always guessing the "
+             f"- validation on masked tokens: loss {logged.get('val_loss', float('nan')):.3f} nats, "
+             f"**accuracy {100 * logged.get('val_accuracy', 0):.1f}%** vs {100 * frequent:.1f}% for always guessing the "
              "most frequent token"]
     if export:
         lines.append(f"- Hugging Face export: `{export}` (`EuroBertForMaskedLM`; see README, Encoders)")
@@ -267,7 +271,8 @@ def run_classify(cfg: Config) -> dict:
     result = {
         "input": cfg.classify.input, "classes": classes, "counts": counts,
         "per_class": {s: class_counts(splits[s], len(classes)) for s in splits},
-        "steps": trainer.step, "elapsed_s": round(trainer.elapsed, 1), "val_accuracy": last.get("val_accuracy"),
+        "steps": trainer.step, "elapsed_s": round(trainer.elapsed, 1),
+        "val_accuracy": latest_metrics(Path(cfg.out)).get("val_accuracy"),
         "test_accuracy": float((predicted == truth).mean()), "confusion": matrix.tolist(),
         "baselines": text_baselines(splits, len(classes), tok, ids), "seq_len": tc.seq_len,
     }

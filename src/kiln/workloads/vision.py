@@ -75,6 +75,17 @@ def predict(model: nn.Module, batches: list[Batch], objective: Classification, e
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
+def latest_metrics(run: Path) -> dict:
+    """The newest logged value of every metric of the run (across resumes): what a launch that
+    found the run already finished still reports."""
+    from kiln.train.metrics import read_metrics
+
+    out: dict = {}
+    for record in read_metrics(run):
+        out.update(record)
+    return out
+
+
 def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
     """(true, predicted) counts."""
     m = np.zeros((n, n), dtype=np.int64)
@@ -251,11 +262,12 @@ def run_vision(cfg: Config) -> dict:
         return last
     labels = np.concatenate([b["labels"].numpy() for b in test]) if test else np.zeros(0, dtype=np.int64)
     matrix = confusion(labels, predicted, len(man["classes"]))
+    logged = latest_metrics(out)
     result = {
         "arch": spec.arch, "spec": spec.to_dict(), "model": describe_spec(spec, mc, params),
         "augment": describe_augment(cfg), "augmented": cfg.vision.augment.enabled, "steps": trainer.step,
-        "elapsed_s": round(trainer.elapsed, 1), "images_per_s": last.get("tokens_per_s"),
-        "val_accuracy": last.get("val_accuracy"), "test_images": int(len(labels)),
+        "elapsed_s": round(trainer.elapsed, 1), "images_per_s": logged.get("tokens_per_s"),
+        "val_accuracy": logged.get("val_accuracy"), "test_images": int(len(labels)),
         "test_correct": int(np.trace(matrix)), "test_accuracy": float(np.trace(matrix) / max(1, len(labels))),
         "confusion": matrix.tolist(), "classes": man["classes"],
     }
