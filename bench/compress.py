@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=32, help="validation batches (8 × 256 tokens) per score")
     ap.add_argument("--student", default="model.preset=tiny,model.d_model=128,model.n_heads=4,model.n_kv_heads=2",
                     help="the student's model.* overrides, comma-separated")
-    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=8, help="decode timing rounds (the models take turns)")
     ap.add_argument("--skip-quantize", action="store_true")
@@ -157,14 +158,21 @@ def main() -> None:
 
         timing_steps = max(20, args.steps // 8)
         cache = work / "teacher-cache"
-        speeds = {"student alone (pretrain)": step_speed(scratch), "teacher logits online": step_speed(distilled)}
-        for label, out in (("top-k cache, cold", work / "kd-cache-cold"), ("top-k cache, warm", work / "kd-cache-warm")):
+        kd = ["distill", "-c", RECIPE, f"distill.teacher={teacher}", f"distill.alpha={args.alpha}"]
+        cached = [*kd, "distill.teacher_logits=cached", f"distill.cache_dir={cache}"]
+        speeds = {}
+        for label, verb, out in (("student alone (kiln pretrain)", ["pretrain", "-c", RECIPE], work / "time-scratch"),
+                                 ("teacher logits online", kd, work / "time-online"),
+                                 ("top-k cache, cold (the teacher scores each window)", cached, work / "time-cache-cold"),
+                                 ("top-k cache, warm (every window read back)", cached, work / "time-cache-warm")):
             if not done(out, timing_steps):
-                kiln("distill", "-c", RECIPE, f"out={out}", f"distill.teacher={teacher}", "distill.teacher_logits=cached",
-                     f"distill.cache_dir={cache}", *base, *steps(timing_steps), threads=t)
+                if out.name == "time-cache-cold":
+                    shutil.rmtree(cache, ignore_errors=True)  # cold: every window scored by the teacher
+                kiln(*verb, f"out={out}", *base, *steps(timing_steps), threads=t)
             speeds[label] = step_speed(out)
         per_token = sum(f.stat().st_size for f in cache.glob("*.npy") if f.name != "filled.npy")
-        print("\n## Teacher logits: on the fly vs the top-k cache (training tokens/s, median)\n")
+        print(f"\n## Teacher logits: on the fly vs the top-k cache ({timing_steps} steps each, back to back; "
+              "training tokens/s, median of the log lines)\n")
         for label, v in speeds.items():
             print(f"- {label}: {v:,.0f} tokens/s")
         print(f"- cache on disk: {sum(f.stat().st_blocks * 512 for f in cache.glob('*.npy')) / 1e6:.0f} MB used "

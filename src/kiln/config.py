@@ -487,7 +487,7 @@ class DistillConfig:
     """`kiln distill`: train the student (`model.*`) on a frozen teacher (see README "Distillation")."""
 
     teacher: str = ""  # the teacher run (or checkpoint directory); same tokenizer as the data
-    alpha: float = ranged(0.1, ge=0, le=1)  # loss = alpha · cross-entropy + (1 - alpha) · T² · divergence
+    alpha: float = ranged(0.5, ge=0, le=1)  # loss = alpha · cross-entropy + (1 - alpha) · T² · divergence
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = ranged(0.5, gt=0, lt=1)  # jsd: the mixture's share of the teacher
     temperature: float = ranged(1.0, gt=0)  # both distributions are softened by it
@@ -541,6 +541,23 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 _HINT_SCOPE: list[str] = []  # the running verb's key prefixes, set by `load`
 
 
+def _closest(key: str, keys: list[str]) -> list[str]:
+    """The keys `key` most likely meant: a right leaf under a wrong section first (model.seed ->
+    train.seed; a misspelt section, modle.preset, gets just its own), then the closest spelling,
+    whole or by its last part (a bare `temprature` -> sample.temperature)."""
+    leaf = key.rsplit(".", 1)[-1]
+    similarity = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in keys if k.rsplit(".", 1)[-1] == leaf}
+    section = key.split(".", 1)[0] + "."
+    close = sorted(similarity, key=lambda k: (k.startswith(section), similarity[k]), reverse=True)[:3]
+    if close and (similarity[close[0]] >= 0.8 or close[0].startswith(section)):
+        close = close[:1]
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close and "." not in key:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+        close = [leaves[m] for m in difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.75)]
+    return close
+
+
 def _unknown(key: str, root, value: Any = None) -> ConfigError:
     while isinstance(value, dict) and len(value) == 1:  # trian.max_steps=3: name the whole key
         ((sub, value),) = value.items()
@@ -548,17 +565,12 @@ def _unknown(key: str, root, value: Any = None) -> ConfigError:
     keys = _all_keys(root)
     scoped = [k for k in keys if any(k == p or k.startswith(p + ".") for p in _HINT_SCOPE)]
     known_section = key.split(".", 1)[0] in {f.name for f in dataclasses.fields(root)}  # modle.x: a typo'd section
-    if known_section and scoped and any(k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] for k in scoped):
-        keys = scoped
     leaf = key.rsplit(".", 1)[-1]
-    # A right leaf under a wrong section first (model.seed -> train.seed; a misspelt section,
-    # modle.preset, gets just its own), then the closest spelling.
-    similarity = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in keys if k.rsplit(".", 1)[-1] == leaf}
-    section = key.split(".", 1)[0] + "."
-    close = sorted(similarity, key=lambda k: (k.startswith(section), similarity[k]), reverse=True)[:3]
-    if close and (similarity[close[0]] >= 0.8 or close[0].startswith(section)):
-        close = close[:1]
-    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if known_section and scoped and any(k.rsplit(".", 1)[-1] == leaf for k in scoped):
+        keys = scoped
+    # The running verb's own keys first (a bare `temprature=` under `kiln generate` means
+    # sample.temperature, not rl.temperature), then every key.
+    close = (_closest(key, scoped) if scoped and "." not in key else []) or _closest(key, keys)
     if close:
         hint = "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
     else:

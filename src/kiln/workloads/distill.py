@@ -87,7 +87,7 @@ class Distillation(LanguageModeling):
 
     name = "distillation"
 
-    def __init__(self, teacher: nn.Module, student_cfg: ModelConfig, n_vocab: int, alpha: float = 0.1,
+    def __init__(self, teacher: nn.Module, student_cfg: ModelConfig, n_vocab: int, alpha: float = 0.5,
                  divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
                  tokens_per_byte: float | None = None, cache: TeacherCache | None = None,
                  on_policy: float = 0.0, prompt_len: int = 16) -> None:
