@@ -106,6 +106,9 @@ BAD: dict[str, list[tuple[str, list[str], str]]] = {
         ("zero steps", [OUT, "train.max_steps=0"], "'train.max_steps' = 0 is out of range"),
         ("zero validation share", [OUT, "data.val_fraction=0"], "'data.val_fraction' = 0.0 is out of range"),
         ("bad list", [OUT, "data.stages=[clean"], "write data.stages=a,b"),
+        ("unknown stage", [OUT, "speedrun.stages=sft,ppo"], "'speedrun.stages[1]' = 'ppo' is not 'sft' | 'dpo'"),
+        ("dpo without sft", [OUT, "speedrun.stages=dpo"], "speedrun.stages has 'dpo' without 'sft'"),
+        ("zero rl steps", [OUT, "speedrun.rl_steps=0"], "'speedrun.rl_steps' = 0 is out of range"),
     ],
     "export": [
         ("unknown format", [OUT, "format=onnx"], "'export.format' = 'onnx' is not 'hf' | 'gguf'"),

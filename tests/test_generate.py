@@ -113,8 +113,43 @@ def test_generate_refuses_a_run_whose_tokenizer_was_replaced(trained, tmp_path):
 def test_speedrun_writes_a_report_with_plot_and_samples(tmp_path, corpus_dir):
     out = tmp_path / "sr"
     assert kiln("speedrun", f"out={out}", f"data.input={corpus_dir}", "data.tokenizer.vocab_size=400",
-                *TINY_TRAIN, "train.max_steps=20", "train.eval_every=10", "sample.max_new_tokens=8") == 0
+                *TINY_TRAIN, "train.max_steps=20", "train.eval_every=10", "sample.max_new_tokens=8",
+                "speedrun.stages=") == 0
     report = (out / "report.md").read_text()
     assert "![training loss and validation bits per byte](loss.png)" in report and (out / "loss.png").stat().st_size > 0
     assert "bits/byte** vs the unigram baseline" in report
     assert "def fibonacci(n):" in report and "## Samples" in report
+    assert "## Post-training" not in report and not (out / "sft").exists()
+
+
+POST = ["speedrun.sft_steps=3", "speedrun.dpo_steps=2", "speedrun.dpo_pairs=40", "speedrun.rl_steps=1",
+        "sft.default_max_chars=200", "sft.eval_prompts=2", "sft.eval_max_new_tokens=4", "rl.group_size=2",
+        "rl.prompts_per_step=2", "rl.max_new_tokens=8", "rl.eval_prompts=2", "rl.max_prompts=40",
+        "eval.max_batches=2", "eval.num_examples=2", "eval.max_new_tokens=8"]
+
+
+def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, capsys):
+    """SFT, DPO and GRPO run chained (each from the one before), then evaluation and serving; the
+    report shows each stage's held-out figure at its start and end, and a rerun keeps them."""
+    import json
+
+    out = tmp_path / "sr"
+    args = ["speedrun", f"out={out}", f"data.input={corpus_dir}", "data.tokenizer.vocab_size=400", *TINY_TRAIN,
+            "train.seq_len=128", "train.max_steps=10", "train.eval_every=10", "sample.max_new_tokens=4", *POST]
+    assert kiln(*args) == 0
+    for stage, parent in (("sft", out), ("dpo", out / "sft"), ("rl", out / "dpo")):
+        info = json.loads(sorted((out / stage / "checkpoints").glob("step_*/checkpoint.json"))[-1].read_text())
+        assert info["workload"] == stage and info["init_from"].startswith(str(parent / "checkpoints"))
+        assert (out / stage / "report.md").is_file()
+    report = (out / "report.md").read_text()
+    post = report[report.index("## Post-training"):]
+    assert "[SFT](sft/report.md) | 3 |" in post and "[DPO](dpo/report.md) | 2 |" in post
+    assert "[GRPO](rl/report.md) | 1 |" in post
+    assert "held-out implicit-reward accuracy | 50.0% |" in post  # DPO's step 0: the policy is its reference
+    assert "## Evaluation" in report and "## Serving" in report and "per query**" in report
+    runs = json.loads((out / "post_training.json").read_text())
+    assert [r["stage"] for r in runs["stages"]] == ["sft", "dpo", "rl", "eval", "serve"]
+    assert runs["serving"]["latency_s"] > 0 and runs["serving"]["usd_per_query"] > 0
+    capsys.readouterr()
+    assert kiln(*args, "speedrun.stages=sft,dpo") == 0  # a rerun keeps the finished stages
+    assert capsys.readouterr().out.count("already holds its final checkpoint") == 2

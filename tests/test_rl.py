@@ -15,7 +15,7 @@ from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the 
 
 from conftest import kiln
 from kiln.config import Config, SandboxConfig, load
-from kiln.data.preference_default import code_reward
+from kiln.data.preference_default import code_reward, docstring_prompts, docstring_reward
 from kiln.errors import KilnError
 from kiln.model.config import preset
 from kiln.model.transformer import Transformer
@@ -112,6 +112,18 @@ def test_a_reward_that_raises_hangs_or_returns_nan_scores_zero_with_its_reason()
     assert score_job(job("nan")) == (0.0, "reward_nan")
     assert score_job(job("text")) == (0.0, "reward_not_a_number")
     assert score_job(job("ok")) == (0.01, "scored")
+
+
+def test_the_docstring_task_pays_word_overlap_with_the_real_docstring():
+    assert docstring_reward("", "Return the size of the chunk.", reference="Return the size of the current chunk.") \
+        == (pytest.approx(12 / 13), "f1_partial")  # precision 6/6, recall 6/7
+    assert docstring_reward("", "return THE size", reference="Return the size.") == (1.0, "f1_exact")
+    assert docstring_reward("", "Open a socket.", reference="Return the size.") == (0.0, "f1_zero")
+    assert docstring_reward("", "  \n", reference="Return the size.") == (0.0, "empty")
+    train, val = docstring_prompts(60, 0.1)
+    assert len(val) >= 4 and all(r["prompt"].startswith("Write the docstring for this function.") for r in train + val)
+    held_out = {r["source"].split(":")[0] for r in val}
+    assert held_out.isdisjoint(r["source"].split(":")[0] for r in train)  # held-out modules, as the pairs
 
 
 def test_the_default_code_reward():

@@ -14,8 +14,8 @@ from kiln.data.shards import TokenLoader
 from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.train import parallel
-from kiln.train.optim import lr_at
 from kiln.train.objectives import LanguageModeling
+from kiln.train.optim import lr_at
 from kiln.train.trainer import Trainer
 from kiln.workloads.pretrain import model_config_for
 

@@ -363,12 +363,16 @@ class SandboxConfig:
 class RLConfig:
     """`kiln rl`: GRPO on prompts with a verifiable reward or a reward model."""
 
-    prompts: str = ""  # JSONL of {prompt, ...fields passed to the reward}; "" = the default stdlib functions
+    prompts: str = ""  # JSONL of {prompt, ...fields passed to the reward}; "" = the default task (rl.task)
+    # the default task: "code" writes a standard-library function (its body after pretraining), rewarded
+    # for parsing and passing its doctests; "docstring" (chat models) writes a function's docstring,
+    # rewarded by word F1 against the real one
+    task: Literal["code", "docstring"] = "code"
     val_prompts: str = ""  # held-out prompts; "" = hold out rl.val_fraction of rl.prompts
     val_fraction: float = ranged(0.1, gt=0, lt=1)
     max_prompts: int = ranged(0, ge=0)  # use at most this many prompts (0 = all; the default task: 2000)
     format: Literal["auto", "chat", "text"] = "auto"  # auto: chat after sft/dpo/rl, plain text after pretrain
-    reward: str = "kiln.data.preference_default:code_reward"  # module:function(prompt, completion, **fields)
+    reward: str = ""  # module:function(prompt, completion, **fields); "" = the task's (code_reward, docstring_reward)
     reward_model: str = ""  # a `kiln reward` run to score completions instead of rl.reward
     reward_timeout_s: float = ranged(10.0, gt=0)  # a reward call running longer scores 0 (counted)
     group_size: int = ranged(8, ge=2)  # completions sampled per prompt (G)
@@ -499,6 +503,22 @@ class DistillConfig:
 
 
 @dataclass
+class SpeedrunConfig:
+    """`kiln speedrun` of a text recipe: after prepare, pretrain and samples, these post-training
+    stages, each a run directory under `out` (see README "The main job")."""
+
+    # sft: the default chat task; dpo: from the SFT model on the default pairs; rl: GRPO from the
+    # DPO (else SFT) model on the default code task; eval: the pretrained model's held-out figures
+    # and code tasks; serve: latency and cost per query through the serving engine
+    stages: list[Literal["sft", "dpo", "rl", "eval", "serve"]] = field(
+        default_factory=lambda: ["sft", "dpo", "rl", "eval", "serve"])
+    sft_steps: int = ranged(60, ge=1)
+    dpo_steps: int = ranged(40, ge=1)
+    dpo_pairs: int = ranged(1000, ge=20)  # default preference pairs drawn (a tenth held out)
+    rl_steps: int = ranged(16, ge=1)
+
+
+@dataclass
 class Config:
     out: str = "runs/default"
     resume: str = "auto"  # auto (latest complete checkpoint in out, if any), never, or a checkpoint dir
@@ -524,6 +544,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    speedrun: SpeedrunConfig = field(default_factory=SpeedrunConfig)
 
 
 # ---- building and checking -------------------------------------------------------------------

@@ -1,15 +1,31 @@
-"""`kiln speedrun`: every stage in one command — prepare, pretrain, sample, report."""
+"""`kiln speedrun`: every stage in one command — prepare, pretrain, sample, then the post-training
+stages of `speedrun.stages` (SFT, DPO, GRPO, evaluation, serving), and one report.
+
+Each post-training stage is an ordinary run directory under `out` (`out/sft`, `out/dpo`, `out/rl`),
+made by the same code as `kiln sft` / `kiln dpo` / `kiln rl` with the stage's own schedule (the
+recipe's `train` section is the pretraining schedule); the main report gets a table of what each
+stage changed, measured on held-out data, and links to the stages' own reports.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
+from pathlib import Path
 
-from kiln.config import Config
+from kiln.config import Config, RLConfig
 from kiln.data.pipeline import run_prepare
 from kiln.report import write_report
+from kiln.runs import atomic_write_text
 from kiln.serve.engine import Engine
+from kiln.train.metrics import read_metrics
 from kiln.workloads.pretrain import run_pretrain
+from kiln.workloads.rl import TASK_REWARDS
+
+SECTION = "report.d/80_post_training.md"
+SPEEDRUN_RL = {"max_new_tokens": 48, "temperature": 0.8, "prompts_per_step": 8}
 
 
 def run_speedrun(cfg: Config) -> None:
@@ -18,6 +34,7 @@ def run_speedrun(cfg: Config) -> None:
 
         run_vision_speedrun(cfg)
         return
+    stage_configs(cfg)  # a stage list that cannot run stops now, not after pretraining
     t0 = time.perf_counter()
     print("== prepare")
     run_prepare(cfg)
@@ -31,5 +48,206 @@ def run_speedrun(cfg: Config) -> None:
         (completion,) = engine.generate(prompt, sc)
         samples.append((prompt, completion))
         print(f"--- {prompt!r}\n{prompt}{completion}\n")
-    path = write_report(cfg.out, samples)
+    del engine
+    path = write_report(cfg.out, samples)  # the pretraining report now; the stages below refresh it
+    if cfg.speedrun.stages:
+        run_post_training(cfg)
+        path = write_report(cfg.out, samples)
     print(f"== done in {time.perf_counter() - t0:.0f} s; report: {path}")
+
+
+# ---- post-training ---------------------------------------------------------------------------------
+def _schedule(cfg: Config, steps: int, batch_size: int, lr: float, eval_batches: int, log_every: int = 0):
+    """The stage's `train` section: the recipe's, with a short fine-tuning schedule (evaluated at
+    step 0, the start, and at the end)."""
+    return dataclasses.replace(
+        cfg.train, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
+        schedule="cosine", ckpt_every=steps, eval_every=steps, eval_batches=eval_batches,
+        log_every=log_every or max(1, steps // 6), freeze=[])
+
+
+def stage_configs(cfg: Config) -> dict[str, Config]:
+    """The Config of each training stage in `speedrun.stages`, chained: SFT from the pretrained run,
+    DPO from the SFT model, GRPO from the DPO model (or the SFT model without DPO)."""
+    sr, out = cfg.speedrun, Path(cfg.out)
+    base = dataclasses.replace(cfg, resume="auto")
+    stages: dict[str, Config] = {}
+    parent = str(out)
+    if "sft" in sr.stages:
+        stages["sft"] = dataclasses.replace(base, out=str(out / "sft"), init_from=parent,
+                                            train=_schedule(cfg, sr.sft_steps, 8, 1e-3, 8))
+        parent = str(out / "sft")
+    if "dpo" in sr.stages:
+        if "sft" not in sr.stages:
+            raise_stage("dpo", "sft")
+        stages["dpo"] = dataclasses.replace(
+            base, out=str(out / "dpo"), init_from=parent,
+            preference=dataclasses.replace(cfg.preference, max_pairs=sr.dpo_pairs),
+            train=_schedule(cfg, sr.dpo_steps, 8, 5e-4, max(1, sr.dpo_pairs // 80)))
+        parent = str(out / "dpo")
+    if "rl" in sr.stages:
+        if "sft" not in sr.stages:
+            raise_stage("rl", "sft")
+        # A chat model's task: its docstrings, rewarded by word F1 against the real ones (partial credit,
+        # so groups differ from the first step; the code task needs a model that already writes Python).
+        # Short replies at a lower temperature (a 4M-parameter model samples mostly noise at 1.0), eight
+        # prompts a step; a value the recipe sets itself is kept.
+        rl = cfg.rl
+        if not (rl.prompts or rl.reward or rl.reward_model):
+            defaults = RLConfig()
+            rl = dataclasses.replace(rl, task="docstring", **{k: v for k, v in SPEEDRUN_RL.items()
+                                                              if getattr(rl, k) == getattr(defaults, k)})
+        stages["rl"] = dataclasses.replace(base, out=str(out / "rl"), init_from=parent, rl=rl,
+                                           train=_schedule(cfg, sr.rl_steps, 8, 3e-4, 1, log_every=1))
+    return stages
+
+
+def raise_stage(stage: str, needs: str) -> None:
+    from kiln.config import ConfigError
+
+    raise ConfigError(f"speedrun.stages has {stage!r} without {needs!r}, which it starts from; add {needs!r} "
+                      f"or run `kiln {stage}` on a run of your own")
+
+
+def run_post_training(cfg: Config) -> list[dict]:
+    """Run the post-training stages; write the main report's "Post-training" (and "Serving")
+    section; return one row per stage."""
+    from kiln.workloads.dpo import run_dpo
+    from kiln.workloads.rl import run_rl
+    from kiln.workloads.sft import run_sft
+
+    runners = {"sft": run_sft, "dpo": run_dpo, "rl": run_rl}
+    out = Path(cfg.out)
+    rows: list[dict] = []
+    for name, scfg in stage_configs(cfg).items():
+        t0 = time.perf_counter()
+        state = stage_state(scfg)
+        if state == "done":
+            print(f"== {name}: {scfg.out} already holds its final checkpoint, newer than {scfg.init_from}'s; kept")
+            seconds = max((m.get("elapsed_s", 0.0) for m in read_metrics(scfg.out)), default=0.0)
+        else:
+            if state == "stale":  # made from an older parent: its checkpoints would resume the wrong model
+                print(f"== {name}: {scfg.out} was made from an older {scfg.init_from}; starting it afresh")
+                shutil.rmtree(scfg.out)
+            print(f"== {name}")
+            runners[name](scfg)
+            seconds = time.perf_counter() - t0
+        rows.append({"stage": name, "out": scfg.out, "seconds": seconds, **stage_effect(name, scfg)})
+    if "eval" in cfg.speedrun.stages:
+        print("== eval")
+        from kiln.evaluate import evaluate_run, summary_lines
+
+        t0 = time.perf_counter()
+        results = evaluate_run(cfg.out, dataclasses.replace(cfg.eval, path=""), cfg.device)
+        for line in summary_lines(results):
+            print(f"  {line}")
+        rows.append({"stage": "eval", "out": cfg.out, "seconds": time.perf_counter() - t0})
+    serving = None
+    if "serve" in cfg.speedrun.stages:
+        print("== serve")
+        from kiln.serve.engine import measure_serving
+
+        t0 = time.perf_counter()
+        serving = measure_serving(cfg.out, cfg)
+        print(f"  {serving_line(serving)}")
+        rows.append({"stage": "serve", "out": cfg.out, "seconds": time.perf_counter() - t0})
+    atomic_write_text(out / "post_training.json", json.dumps({"stages": rows, "serving": serving}, indent=2))
+    section = out / SECTION
+    section.parent.mkdir(exist_ok=True)
+    atomic_write_text(section, "\n".join(post_training_lines(out, rows, serving)) + "\n")
+    return rows
+
+
+def stage_state(cfg: Config) -> str:
+    """"new" (no checkpoint yet: train), "done" (its last step's checkpoint, made after the newest
+    checkpoint of the run it starts from: a rerun of the speedrun keeps it), "stale" (made from an
+    older parent: start afresh) or "partial" (interrupted: resume)."""
+    from kiln.train.checkpoint import CheckpointManager
+
+    mine = CheckpointManager(Path(cfg.out)).latest_intact() if (Path(cfg.out) / "checkpoints").is_dir() else None
+    parent = CheckpointManager(Path(cfg.init_from)).latest_intact()
+    if mine is None or parent is None:
+        return "new"
+    if (mine / "checkpoint.json").stat().st_mtime < (parent / "checkpoint.json").stat().st_mtime:
+        return "stale"
+    return "done" if CheckpointManager.info(mine).get("step") == cfg.train.max_steps else "partial"
+
+
+def _evals(run: str, key: str) -> list[dict]:
+    return [m for m in read_metrics(run) if key in m]
+
+
+REWARDS = {"code": "the share of functions that parse, are not stubs and pass their doctests",
+           "docstring": "word F1 of the docstrings against the real ones"}
+
+
+def stage_effect(stage: str, cfg: Config) -> dict:
+    """What the stage changed, from its metrics.jsonl: each held-out figure at the stage's start
+    (step 0, the model it started from) and at its end."""
+    run, rc = cfg.out, cfg.rl
+    if rc.prompts or rc.reward or rc.reward_model:
+        reward = f"the reward model `{rc.reward_model}`" if rc.reward_model else f"`{rc.reward or TASK_REWARDS[rc.task]}`"
+    else:
+        reward = REWARDS[rc.task]
+    keys = {
+        "sft": [("val_loss", "held-out loss on the assistant's tokens (nats/token)", "{:.3f}"),
+                ("task_f1", "task: word F1 of greedy replies vs the reference", "{:.3f}")],
+        "dpo": [("val_logp_accuracy", "held-out pairs whose chosen reply the policy finds likelier", "{:.1%}"),
+                ("val_rewards_accuracy", "held-out implicit-reward accuracy", "{:.1%}")],
+        "rl": [("val_reward", f"held-out reward of greedy replies: {reward}", "{:.3f}")],
+    }[stage]
+    effects = []
+    for key, label, fmt in keys:
+        if key == "task_f1":  # measured once at the end, against the base model
+            final = _evals(run, "task_f1")
+            if final:
+                effects.append((label, fmt.format(final[-1]["base_task_f1"]), fmt.format(final[-1]["task_f1"])))
+            continue
+        ev = _evals(run, key)
+        if ev:
+            effects.append((label, fmt.format(ev[0][key]), fmt.format(ev[-1][key])))
+    metrics = read_metrics(run)
+    return {"effects": effects, "steps": max((m.get("step", 0) for m in metrics), default=0)}
+
+
+def serving_line(s: dict) -> str:
+    return (f"{s['queries']} queries on {s['device']}: median time to first token {1000 * s['ttft_s']:.0f} ms, "
+            f"latency {1000 * s['latency_s']:.0f} ms, {s['decode_tokens_per_s']:.0f} tokens/s alone, "
+            f"{s['batched_tokens_per_s']:.0f} tokens/s batched; ${s['usd_per_query']:.2e} per query, "
+            f"${s['usd_per_million_tokens']:.3f} per million tokens at ${s['usd_per_hour']:.2f}/hour")
+
+
+STAGE_TITLES = {"sft": "SFT", "dpo": "DPO", "rl": "GRPO", "eval": "Evaluation", "serve": "Serving"}
+
+
+def post_training_lines(out: Path, rows: list[dict], serving: dict | None) -> list[str]:
+    lines: list[str] = []
+    trained = [r for r in rows if r["stage"] in ("sft", "dpo", "rl")]
+    if trained:
+        chain = " → ".join(["pretrained", *(STAGE_TITLES[r["stage"]] for r in trained)])
+        lines += ["## Post-training", "",
+                  f"Each stage starts from the one before ({chain}) with a short schedule of its own; every figure "
+                  "is on held-out data, at the stage's step 0 (the model it started from) and at its end.", "",
+                  "| stage | steps | seconds | held-out figure | start | end |", "|---|---:|---:|---|---:|---:|"]
+    for r in trained:
+        rel = Path(r["out"]).relative_to(out) if Path(r["out"]).is_relative_to(out) else Path(r["out"])
+        name = f"[{STAGE_TITLES[r['stage']]}]({rel}/report.md)"
+        effects = r.get("effects") or [("(no evaluation logged)", "—", "—")]
+        for i, (label, before, after) in enumerate(effects):
+            head = f"| {name} | {r['steps']} | {r['seconds']:.0f} |" if i == 0 else "| | | |"
+            lines.append(f"{head} {label} | {before} | {after} |")
+    if trained:
+        lines.append("")
+    if serving:
+        lines += ["## Serving", "",
+                  f"The pretrained model through kiln's engine (`kiln serve` uses the same), greedy, "
+                  f"{serving['queries']} report prompts × up to the recipe's `sample.max_new_tokens`:", "",
+                  f"- alone (one query at a time): median time to first token **{1000 * serving['ttft_s']:.0f} ms**, "
+                  f"latency **{1000 * serving['latency_s']:.0f} ms** per query, "
+                  f"{serving['decode_tokens_per_s']:.0f} decode tokens/s",
+                  f"- together through the continuous batcher: {serving['batched_tokens_per_s']:.0f} tokens/s",
+                  f"- cost at ${serving['usd_per_hour']:.2f}/hour for the {serving['device']} host (`serve.usd_per_hour`; "
+                  f"an assumption, not a quote): **${serving['usd_per_query']:.2e} per query**, "
+                  f"${serving['usd_per_million_tokens']:.3f} per million generated tokens", ""]
+    return lines
+

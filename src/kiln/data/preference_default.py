@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.config import SandboxConfig
-from kiln.data.sft_default import DOCSTRING_PROMPT, FUNCTION_PROMPT
+from kiln.data.sft_default import DOCSTRING_PROMPT, FUNCTION_PROMPT, word_f1
 from kiln.data.sft_default import summary as sft_summary
 from kiln.data.sources import stdlib_files, stdlib_root
 
@@ -174,6 +174,30 @@ def default_prompts(n: int, val_fraction: float, seed: int = 0,
                           and len(fn.code) <= MAX_RL_CODE_CHARS)
     passing = _passing_doctests([fn for fn in train + val if fn.doctest], sandbox)
     return [_prompt_row(fn, passing) for fn in train], [_prompt_row(fn, passing) for fn in val]
+
+
+def docstring_prompts(n: int, val_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) RL rows of the docstring task: the SFT task's "Write the docstring for this
+    function" (chat format) with the function's real docstring summary as `reference`, held-out rows
+    from held-out modules (the same split as the default preference pairs)."""
+    n_val = max(4, math.ceil(n * val_fraction))
+    train, val = _collect(n - n_val, n_val, val_fraction, seed, lambda fn: len(fn.code) <= MAX_CODE_CHARS)
+
+    def row(fn: Function) -> dict:
+        prompt = DOCSTRING_PROMPT.format(code=fn.code)
+        return {"prompt": prompt, "chat_prompt": prompt, "reference": fn.summary, "source": f"{fn.file}:{fn.name}"}
+
+    return [row(fn) for fn in train], [row(fn) for fn in val]
+
+
+def docstring_reward(prompt: str, completion: str, reference: str = "", **_) -> tuple[float, str]:
+    """The docstring task's reward: word-overlap F1 of the reply against the real docstring summary
+    (`kiln.data.sft_default.word_f1`, the SFT task metric), so every reply earns partial credit and a
+    group's rewards differ. An empty reply scores 0 ("empty")."""
+    if not completion.strip():
+        return 0.0, "empty"
+    score = word_f1(completion, reference)
+    return score, "f1_zero" if score == 0 else "f1_partial" if score < 1 else "f1_exact"
 
 
 def _prompt_row(fn: Function, passing: set[str]) -> dict:

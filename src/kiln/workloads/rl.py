@@ -123,9 +123,15 @@ def load_prompts(cfg: Config, tokenizer, fmt: str, budget: int) -> tuple[list[Pr
 
             rows, val_rows = held_out_split(rows, rc.val_fraction, "rl prompts")
     else:
-        from kiln.data.preference_default import default_prompts
+        from kiln.data.preference_default import default_prompts, docstring_prompts
 
-        rows, val_rows = default_prompts(rc.max_prompts or 2000, rc.val_fraction, cfg.data.seed, rc.sandbox)
+        if rc.task == "docstring":
+            if fmt != "chat":
+                raise KilnError("rl.task=docstring asks a chat model for a docstring; start from an sft, dpo or rl run "
+                                "(init_from=runs/NAME) or set rl.format=chat")
+            rows, val_rows = docstring_prompts(rc.max_prompts or 2000, rc.val_fraction, cfg.data.seed)
+        else:
+            rows, val_rows = default_prompts(rc.max_prompts or 2000, rc.val_fraction, cfg.data.seed, rc.sandbox)
         for r in rows + val_rows:  # the SFT task's wording in chat format, the function's own header in text
             chat = r.pop("chat_prompt")
             r["prompt"] = chat if fmt == "chat" else r["prompt"]
@@ -510,12 +516,18 @@ def load_reward_model(spec: str, tokenizer_sha: str, env: parallel.ParallelEnv, 
     return parallel.build_model(lambda: ScalarHeadModel(mc), cfg, env, init, frozen=True)
 
 
+TASK_REWARDS = {"code": "kiln.data.preference_default:code_reward",
+                "docstring": "kiln.data.preference_default:docstring_reward"}
+
+
 def run_rl(cfg: Config) -> dict:
     rc = cfg.rl
     if cfg.train.compile == "on":
         raise KilnError("rl: rollouts decode through the model with a KV cache, which the compiled blocks do not "
                         "take; set train.compile=off (or auto)")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="off"))  # the caller's cfg stays as it was
+    rc = dataclasses.replace(rc, reward=rc.reward or TASK_REWARDS[rc.task])
+    # the caller's cfg stays as it was
+    cfg = dataclasses.replace(cfg, rl=rc, train=dataclasses.replace(cfg.train, compile="off"))
     if cfg.parallel.tp > 1:
         raise KilnError("rl: rollouts decode with a KV cache that does not run under tensor parallelism yet; set "
                         "parallel.tp=1 (parallel.dp_shard shards the policy instead)")

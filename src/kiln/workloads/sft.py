@@ -15,8 +15,6 @@ against the reference reply, for the base and the fine-tuned model, in metrics.j
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from kiln.data.chat_data import (
     read_conversations,
     tokenize,
 )
+from kiln.data.sft_default import word_f1
 from kiln.data.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, load_tokenizer
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
@@ -158,21 +157,6 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
 
 
 # ---- the task metric -------------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def word_f1(reply: str, reference: str) -> float:
-    """Unigram F1 between the words of a reply and of the reference (ROUGE-1 F): 1 = the same
-    words, 0 = none shared. Cheap, order-blind, and honest about partial answers."""
-    got, want = Counter(words(reply)), Counter(words(reference))
-    common = sum((got & want).values())
-    if not common:
-        return float(not got and not want)
-    precision, recall = common / sum(got.values()), common / sum(want.values())
-    return 2 * precision * recall / (precision + recall)
-
-
 @torch.no_grad()
 def greedy_replies(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop: int, vocab: int,
                    batch: int = 16) -> list[list[int]]:
