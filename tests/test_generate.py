@@ -144,7 +144,7 @@ def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, c
     report = (out / "report.md").read_text()
     post = report[report.index("## Post-training"):]
     assert "[SFT](sft/report.md) | 3 |" in post and "[DPO](dpo/report.md) | 2 |" in post
-    assert "[GRPO](rl/report.md) | 1 |" in post
+    assert "[GRPO](rl/report.md) | 1 |" in post and "](rl/rl_reward.png)" in post
     assert "held-out implicit-reward accuracy | 50.0% |" in post  # DPO's step 0: the policy is its reference
     assert "## Evaluation" in report and "## Serving" in report and "per query**" in report
     runs = json.loads((out / "post_training.json").read_text())

@@ -120,7 +120,7 @@ VERBS: dict[str, Verb] = {
     ),
     "speedrun": Verb(
         "kiln.speedrun:run_speedrun",
-        "every stage in one command: prepare, pretrain, sample, report",
+        "every stage in one command: prepare, pretrain, sample, SFT, DPO, GRPO, eval, serving cost, report",
     ),
     "label": Verb(
         "kiln.serve.label.cli:run_{mode}",

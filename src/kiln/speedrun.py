@@ -238,6 +238,10 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None) -> li
             lines.append(f"{head} {label} | {before} | {after} |")
     if trained:
         lines.append("")
+        grpo = [r for r in trained if r["stage"] == "rl" and (Path(r["out"]) / "rl_reward.png").is_file()]
+        if grpo:
+            rel = Path(grpo[0]["out"]).relative_to(out) if Path(grpo[0]["out"]).is_relative_to(out) else Path(grpo[0]["out"])
+            lines += [f"![GRPO: rollout and held-out reward]({rel}/rl_reward.png)", ""]
     if serving:
         lines += ["## Serving", "",
                   f"The pretrained model through kiln's engine (`kiln serve` uses the same), greedy, "
