@@ -125,7 +125,8 @@ def test_speedrun_writes_a_report_with_plot_and_samples(tmp_path, corpus_dir):
 POST = ["speedrun.sft_steps=3", "speedrun.dpo_steps=2", "speedrun.dpo_pairs=40", "speedrun.rl_steps=1",
         "sft.default_max_chars=200", "sft.eval_prompts=2", "sft.eval_max_new_tokens=4", "rl.group_size=2",
         "rl.prompts_per_step=2", "rl.max_new_tokens=8", "rl.eval_prompts=2", "rl.max_prompts=40",
-        "eval.max_batches=2", "eval.num_examples=2", "eval.max_new_tokens=8"]
+        "eval.max_batches=2", "eval.num_examples=2", "eval.max_new_tokens=8", "speedrun.distill_steps=2",
+        "speedrun.student=preset=tiny,d_model=32,n_heads=2,n_kv_heads=1", "quantize.calib_seq_len=32"]
 
 
 def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, capsys):
@@ -148,8 +149,16 @@ def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, c
     assert "held-out implicit-reward accuracy | 50.0% |" in post  # DPO's step 0: the policy is its reference
     assert "## Evaluation" in report and "## Serving" in report and "per query**" in report
     runs = json.loads((out / "post_training.json").read_text())
-    assert [r["stage"] for r in runs["stages"]] == ["sft", "dpo", "rl", "eval", "serve"]
+    assert [r["stage"] for r in runs["stages"]] == ["sft", "dpo", "rl", "eval", "serve", "quantize int8",
+                                                    "quantize int4-g64-gptq", "distill"]
     assert runs["serving"]["latency_s"] > 0 and runs["serving"]["usd_per_query"] > 0
+    models = {m["model"]: m for m in runs["models"]}
+    assert list(models) == ["pretrained", "int8", "int4-g64-gptq", "student (distilled)"]
+    assert models["int8"]["fp16_share"] < 0.6 and models["pretrained"]["fp16_share"] == pytest.approx(2.0, abs=0.05)
+    assert models["int4-g64-gptq"]["bytes"] < models["int8"]["bytes"]
+    assert models["student (distilled)"]["params"] < models["pretrained"]["params"]
+    assert all(m["bpb"] > 0 and m["decode_tokens_per_s"] > 0 for m in models.values())
+    assert "## Compression" in report and "| student (distilled) |" in report
     capsys.readouterr()
     assert kiln(*args, "speedrun.stages=sft,dpo") == 0  # a rerun keeps the finished stages
     assert capsys.readouterr().out.count("already holds its final checkpoint") == 2

@@ -508,14 +508,19 @@ class SpeedrunConfig:
     stages, each a run directory under `out` (see README "The main job")."""
 
     # sft: the default chat task; dpo: from the SFT model on the default pairs; rl: GRPO from the
-    # DPO (else SFT) model on the default code task; eval: the pretrained model's held-out figures
-    # and code tasks; serve: latency and cost per query through the serving engine
-    stages: list[Literal["sft", "dpo", "rl", "eval", "serve"]] = field(
-        default_factory=lambda: ["sft", "dpo", "rl", "eval", "serve"])
+    # DPO (else SFT) model on the docstring task; eval: the pretrained model's held-out figures and
+    # code tasks; serve: latency and cost per query through the serving engine; quantize: INT8 and
+    # INT4 (GPTQ) copies of the pretrained model; distill: it teaches a student a fifth its size.
+    # quantize and distill add a table of every model's size, bits per byte, speed and cost.
+    stages: list[Literal["sft", "dpo", "rl", "eval", "serve", "quantize", "distill"]] = field(
+        default_factory=lambda: ["sft", "dpo", "rl", "eval", "serve", "quantize", "distill"])
     sft_steps: int = ranged(60, ge=1)
     dpo_steps: int = ranged(40, ge=1)
     dpo_pairs: int = ranged(1000, ge=20)  # default preference pairs drawn (a tenth held out)
     rl_steps: int = ranged(16, ge=1)
+    distill_steps: int = ranged(200, ge=1)
+    student: list[str] = field(  # the student's model.* overrides
+        default_factory=lambda: ["preset=tiny", "d_model=128", "n_heads=4", "n_kv_heads=2"])
 
 
 @dataclass

@@ -102,6 +102,10 @@ def stage_configs(cfg: Config) -> dict[str, Config]:
     return stages
 
 
+def _rel(out: Path, run: str) -> Path:
+    return Path(run).relative_to(out) if Path(run).is_relative_to(out) else Path(run)
+
+
 def raise_stage(stage: str, needs: str) -> None:
     from kiln.config import ConfigError
 
@@ -151,26 +155,105 @@ def run_post_training(cfg: Config) -> list[dict]:
         serving = measure_serving(cfg.out, cfg)
         print(f"  {serving_line(serving)}")
         rows.append({"stage": "serve", "out": cfg.out, "seconds": time.perf_counter() - t0})
-    atomic_write_text(out / "post_training.json", json.dumps({"stages": rows, "serving": serving}, indent=2))
+    models = compress(cfg, rows)
+    atomic_write_text(out / "post_training.json", json.dumps({"stages": rows, "serving": serving, "models": models},
+                                                            indent=2))
     section = out / SECTION
     section.parent.mkdir(exist_ok=True)
-    atomic_write_text(section, "\n".join(post_training_lines(out, rows, serving)) + "\n")
+    atomic_write_text(section, "\n".join(post_training_lines(out, rows, serving, models)) + "\n")
     return rows
 
 
+QUANTIZED = {"int8": {"format": "int8"},
+             "int4-g64-gptq": {"format": "int4", "group_size": 64, "method": "gptq", "calib_sequences": 64}}
+
+
+def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
+    """The `quantize` and `distill` stages: INT8 and INT4 copies of the pretrained model and a
+    distilled student (each a run under `out`), then one table row per model (size, bits per byte
+    on the same validation windows, decode tokens/s measured in turns, $ per million tokens)."""
+    from kiln.post.quantize import compare_decode, model_row, quantize_checkpoint
+
+    out, stages = Path(cfg.out), cfg.speedrun.stages
+    runs: dict[str, Path] = {}
+    if "quantize" in stages:
+        for name, spec in QUANTIZED.items():
+            qout = out / name
+            t0 = time.perf_counter()
+            if run_state(qout, out, None) == "done" and (qout / "quantize.json").is_file():
+                print(f"== quantize {name}: {qout} is newer than {out}'s checkpoint; kept")
+            else:
+                print(f"== quantize {name}")
+                shutil.rmtree(qout, ignore_errors=True)
+                quantize_checkpoint(out, qout, dataclasses.replace(cfg.quantize, source=str(out), **spec))
+            rows.append({"stage": f"quantize {name}", "out": str(qout), "seconds": time.perf_counter() - t0})
+            runs[name] = qout
+    if "distill" in stages:
+        from kiln.config import load as load_config
+        from kiln.workloads.distill import distill_into
+
+        sout = out / "student"
+        steps = cfg.speedrun.distill_steps
+        t0 = time.perf_counter()
+        state = run_state(sout, out, steps)
+        if state == "done":
+            print(f"== distill: {sout} already holds its final checkpoint, newer than {out}'s; kept")
+        else:
+            print("== distill")
+            if state == "stale":
+                shutil.rmtree(sout)
+            student = load_config(Config, None, [f"model.{kv}" for kv in cfg.speedrun.student]).model
+            scfg = dataclasses.replace(cfg, train=_schedule(cfg, steps, cfg.train.batch_size, cfg.train.lr,
+                                                            cfg.train.eval_batches))
+            kw = {k: v for k, v in dataclasses.asdict(student).items() if k != "preset" and v is not None}
+            distill_into(scfg, str(out), str(sout), student.preset, **kw)
+        rows.append({"stage": "distill", "out": str(sout), "seconds": time.perf_counter() - t0,
+                     **distill_effect(sout)})
+        runs["student (distilled)"] = sout
+    if not runs:
+        return None
+    print("== models: size, bits per byte, decode speed, cost")
+    runs = {"pretrained": out, **runs}
+    speed = compare_decode(runs, rounds=3)
+    data = cfg.data.path or str(out / "data")
+    # the held-out windows `kiln eval` scores (batches of 8), so the pretrained row reads as the evaluation
+    table = [model_row(run, name, data=data, usd_per_hour=cfg.serve.usd_per_hour, eval_batches=cfg.eval.max_batches,
+                       seq_len=cfg.eval.seq_len or cfg.train.seq_len, tokens_per_s=speed[name])
+             for name, run in runs.items()]
+    for r in table:
+        bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "—"
+        print(f"  {r['model']}: {r['params'] / 1e6:.2f}M params, {r['bytes'] / 1e6:.2f} MB, {bpb} bits/byte, "
+              f"{r['decode_tokens_per_s']:.0f} tokens/s, ${r['usd_per_million_tokens']:.3g}/M tokens")
+    return table
+
+
+def distill_effect(run: Path) -> dict:
+    ev = _evals(str(run), "val_bpb")
+    effects = []
+    if ev and "val_teacher_bpb" in ev[-1]:
+        effects.append(("student's validation bits/byte (the teacher's)",
+                        f"{ev[0]['val_bpb']:.3f}", f"{ev[-1]['val_bpb']:.3f} ({ev[-1]['val_teacher_bpb']:.3f})"))
+    return {"effects": effects, "steps": max((m.get("step", 0) for m in read_metrics(str(run))), default=0)}
+
+
 def stage_state(cfg: Config) -> str:
-    """"new" (no checkpoint yet: train), "done" (its last step's checkpoint, made after the newest
-    checkpoint of the run it starts from: a rerun of the speedrun keeps it), "stale" (made from an
-    older parent: start afresh) or "partial" (interrupted: resume)."""
+    """The state of a training stage's run: see `run_state`."""
+    return run_state(Path(cfg.out), Path(cfg.init_from), cfg.train.max_steps)
+
+
+def run_state(run: Path, parent: Path, steps: int | None) -> str:
+    """"new" (no checkpoint yet: make it), "done" (its checkpoint of step `steps` (any step when
+    None), made after the newest checkpoint of `parent`: a rerun of the speedrun keeps it), "stale"
+    (made from an older parent: start afresh) or "partial" (interrupted: resume)."""
     from kiln.train.checkpoint import CheckpointManager
 
-    mine = CheckpointManager(Path(cfg.out)).latest_intact() if (Path(cfg.out) / "checkpoints").is_dir() else None
-    parent = CheckpointManager(Path(cfg.init_from)).latest_intact()
-    if mine is None or parent is None:
+    mine = CheckpointManager(run).latest_intact() if (run / "checkpoints").is_dir() else None
+    theirs = CheckpointManager(parent).latest_intact()
+    if mine is None or theirs is None:
         return "new"
-    if (mine / "checkpoint.json").stat().st_mtime < (parent / "checkpoint.json").stat().st_mtime:
+    if (mine / "checkpoint.json").stat().st_mtime < (theirs / "checkpoint.json").stat().st_mtime:
         return "stale"
-    return "done" if CheckpointManager.info(mine).get("step") == cfg.train.max_steps else "partial"
+    return "done" if steps is None or CheckpointManager.info(mine).get("step") == steps else "partial"
 
 
 def _evals(run: str, key: str) -> list[dict]:
@@ -220,7 +303,7 @@ def serving_line(s: dict) -> str:
 STAGE_TITLES = {"sft": "SFT", "dpo": "DPO", "rl": "GRPO", "eval": "Evaluation", "serve": "Serving"}
 
 
-def post_training_lines(out: Path, rows: list[dict], serving: dict | None) -> list[str]:
+def post_training_lines(out: Path, rows: list[dict], serving: dict | None, models: list[dict] | None = None) -> list[str]:
     lines: list[str] = []
     trained = [r for r in rows if r["stage"] in ("sft", "dpo", "rl")]
     if trained:
@@ -242,6 +325,18 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None) -> li
         if grpo:
             rel = Path(grpo[0]["out"]).relative_to(out) if Path(grpo[0]["out"]).is_relative_to(out) else Path(grpo[0]["out"])
             lines += [f"![GRPO: rollout and held-out reward]({rel}/rl_reward.png)", ""]
+    if models:
+        from kiln.post.quantize import format_rows
+
+        distilled = [r for r in rows if r["stage"] == "distill"]
+        lines += ["## Compression", "",
+                  "The pretrained model quantized (weights only: INT8 per output channel, INT4 in groups of 64 "
+                  "calibrated by GPTQ) and distilled into a smaller student"
+                  + (f" ({distilled[0]['steps']} steps on the same data, [report]({_rel(out, distilled[0]['out'])}/report.md))"
+                     if distilled else "")
+                  + "; bits per byte on the held-out windows of the evaluation above, decode at batch 1 measured "
+                  "in turns on "
+                  f"{models[0]['device']}, cost at ${models[0]['usd_per_hour']:.2f}/hour:", "", format_rows(models), ""]
     if serving:
         lines += ["## Serving", "",
                   f"The pretrained model through kiln's engine (`kiln serve` uses the same), greedy, "
