@@ -60,6 +60,38 @@ def step_speed(run: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
 
 
+WIDE = ["model.preset=mini", "model.d_model=1024", "model.n_heads=16", "model.n_kv_heads=4", "model.n_layers=4"]
+
+
+def wide_decode(work: Path, teacher: Path, rounds: int, threads: int) -> dict:
+    """Decode speed where the weights no longer fit the caches: a 48.5M-parameter model (d_model
+    1024, 4 layers; two training steps, since speed does not depend on the weights) in fp32, INT8
+    and INT4, on 1 and on `threads` threads. The quickstart model's 256-wide matrices sit in cache,
+    where a quantized matmul's fixed cost exceeds what it saves in bytes (see KERNEL_MIN_ELEMENTS)."""
+    from kiln.post.quantize import compare_decode
+
+    wide = work / "wide"
+    if not done(wide, 2):
+        kiln("pretrain", f"out={wide}", f"data.path={teacher / 'data'}", *WIDE, "train.max_steps=2",
+             "train.batch_size=2", "train.seq_len=256", "train.eval_batches=1", "train.warmup_steps=1", *TRAIN,
+             threads=threads)
+    runs = {"fp32": wide}
+    for name, extra in (("int8", []), ("int4-g64", ["format=int4", "group_size=64"])):
+        runs[name] = work / f"wide-{name}"
+        if not (runs[name] / "quantize.json").is_file():
+            kiln("quantize", f"source={wide}", f"out={runs[name]}", "eval_batches=2", *extra, threads=threads)
+    out = {}
+    print("\n## Decode at batch 1 on a wider model (d_model 1024, 4 layers, 48.5M parameters)\n")
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        speed = compare_decode(runs, rounds=rounds)
+        out[n] = speed
+        print(f"- {n} thread{'s' if n > 1 else ''}: " + ", ".join(
+            f"{k} {v:.0f} tokens/s ({v / speed['fp32']:.2f}×)" for k, v in speed.items()))
+    torch.set_num_threads(threads)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(REPO / "runs" / "bench-compress"))
@@ -123,6 +155,7 @@ def main() -> None:
         base = rows[0]["decode_tokens_per_s"]
         print("\n" + ", ".join(f"{r['model']}: {r['decode_tokens_per_s'] / base:.2f}× fp32" for r in rows[1:]))
         results["rows"] = rows
+        results["wide_decode"] = wide_decode(work, teacher, args.rounds, t)
 
     if not args.skip_distill:
         student = args.student.split(",")

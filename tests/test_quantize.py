@@ -89,17 +89,22 @@ def test_gptq_cuts_the_output_error_where_inputs_are_correlated():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_cpu_kernels_agree_with_the_dequantized_matmul(fmt):
     g = torch.Generator().manual_seed(5)
-    stored = Q.quantize_rtn(torch.randn(64, 128, generator=g) * 0.02, fmt, 32)
+    stored = Q.quantize_rtn(torch.randn(1024, 512, generator=g) * 0.02, fmt, 32)  # large enough for the kernel
     weight = Q.QuantWeight(stored)
-    x = torch.randn(1, 3, 128, generator=g)
+    x = torch.randn(1, 3, 512, generator=g)
     reference = x @ stored.dequantize().T
     with torch.no_grad():
         fast = weight.linear(x)
     assert weight._kernel, "the decode-sized input should have used the CPU kernel"
     assert torch.allclose(fast, reference, rtol=0, atol=0.02 * reference.abs().max().item())
-    many = torch.randn(64, 128, generator=g)  # more rows than the kernel threshold: the exact path
+    many = torch.randn(64, 512, generator=g)  # more rows than the kernel threshold: the exact path
     with torch.no_grad():
         assert torch.allclose(weight.linear(many), many @ stored.dequantize().T, atol=1e-5)
+    small = Q.QuantWeight(Q.quantize_rtn(torch.randn(64, 128, generator=g) * 0.02, fmt, 32))
+    x = torch.randn(1, 1, 128, generator=g)
+    with torch.no_grad():  # a small matrix: dequantized once, then exact
+        assert torch.allclose(small.linear(x), x @ small.stored().dequantize().T, atol=1e-6)
+    assert small._kernel is False and small._dense is not None
 
 
 def test_tied_embedding_and_lm_head_are_stored_once_and_share_one_matrix():

@@ -13,10 +13,11 @@ Every matrix is quantized, the token embedding included: a tied embedding / LM h
 once and serves both uses (rows looked up for the embedding, a matmul for the head). Norm gains
 stay in full precision. Activations and the KV cache stay in the compute dtype (fp32 on CPU).
 
-Matmuls: on CPU, decode-sized inputs go through ATen's weight-only kernels
-(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`, bf16 activations); larger
-inputs (prefill, scoring) and other devices dequantize the weight and run a plain matmul, so the
-numbers a bits-per-byte score sees are those of the stored weights.
+Matmuls: on CPU, decode-sized inputs to large matrices go through ATen's weight-only kernels
+(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`, bf16 activations); small
+matrices (under `KERNEL_MIN_ELEMENTS`, where a kernel call costs more than the fp32 matmul) are
+dequantized once; larger inputs (prefill, scoring) and other devices dequantize the weight and run
+a plain matmul, so the numbers a bits-per-byte score sees are those of the stored weights.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ FORMAT_VERSION = 1
 METADATA_KEY = "kiln_quantization"
 # At most this many rows (tokens) take the CPU kernels; more rows amortize a dequantized matmul.
 KERNEL_MAX_ROWS = 16
+# A matrix with fewer elements than this is dequantized once, on first use, and multiplied in the
+# compute dtype: at decode sizes the weight-only kernels' fixed cost (bf16 casts, ~20 µs a call on
+# this CPU) exceeds the fp32 matmul of a small matrix that sits in cache (256 × 256: 21 µs against
+# 11), while from about half a million elements the bytes they save win (256 × 4096: 1.1×,
+# 1024 × 4096: 1.5×, 4096 × 1024: 2.1× fp32). What is stored on disk is the quantized form either way.
+KERNEL_MIN_ELEMENTS = 1 << 19
 
 
 # ---- packing and the two formats ------------------------------------------------------------
@@ -192,18 +199,19 @@ class QuantWeight(nn.Module):
         for name, t in (("q", qt.q), ("scale", qt.scale), ("min", qt.min)):
             self.register_buffer(name, t.clone() if t is not None and t.data_ptr() % 64 else t)
         self._kernel = None  # the CPU kernel's matmul, built on first use; False = none for this device
+        self._dense: torch.Tensor | None = None  # a small matrix, dequantized once (see KERNEL_MIN_ELEMENTS)
 
     def stored(self) -> QuantizedTensor:
         return QuantizedTensor(self.format, self.q, self.scale, self.min, self.group_size)
 
     def _apply(self, fn, recurse=True):
-        self._kernel = None  # moved or cast: rebuild the kernel layout from the stored form
+        self._kernel = self._dense = None  # moved or cast: rebuild from the stored form
         return super()._apply(fn, recurse)
 
     def _cpu_kernel(self):
         """`matmul(x_bf16) -> y_bf16` on ATen's CPU kernel for this matrix, or False where there is none."""
         kernel = False
-        if self.q.device.type == "cpu":
+        if self.q.device.type == "cpu" and math.prod(self.shape) >= KERNEL_MIN_ELEMENTS:
             q, scale = self.q, self.scale
             if self.format == "int8":
                 scale_bf16 = scale.to(torch.bfloat16)
@@ -225,6 +233,10 @@ class QuantWeight(nn.Module):
         if kernel is None:
             kernel = self._cpu_kernel()
         if not kernel or rows > KERNEL_MAX_ROWS or torch.is_grad_enabled():
+            if math.prod(self.shape) < KERNEL_MIN_ELEMENTS and not torch.is_grad_enabled():
+                if self._dense is None or self._dense.dtype != x.dtype:
+                    self._dense = self.stored().dequantize(x.dtype)
+                return F.linear(x, self._dense)
             return F.linear(x, self.stored().dequantize(x.dtype))
         # a bf16 copy is dense whatever the input's strides (the kernels read dense rows)
         y = kernel(x.reshape(rows, k).to(torch.bfloat16, memory_format=torch.contiguous_format))
