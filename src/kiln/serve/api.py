@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import os
 import socket
@@ -38,6 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from kiln.config import Config, ServeConfig
 from kiln.data.chat import check_messages, prompt_ids
 from kiln.errors import KilnError
+from kiln.serve import bind, is_loopback
 from kiln.serve.engine import Engine, SamplingParams, Sequence
 from kiln.serve.scheduler import QueueFull, Scheduler
 
@@ -631,15 +631,6 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def resolve_api_key(sv: ServeConfig) -> str:
     """The configured key (config, else KILN_API_KEY); refuses to listen off loopback without one."""
     key = sv.api_key or os.environ.get(API_KEY_ENV, "")
@@ -649,16 +640,8 @@ def resolve_api_key(sv: ServeConfig) -> str:
     return key
 
 
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise KilnError(f"cannot listen on {host}:{port} ({e.strerror}); choose another serve.port "
-                        "(0 = any free one) or serve.host") from None
+def listen(host: str, port: int) -> socket.socket:
+    sock = bind(host, port, "serve")
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -672,7 +655,7 @@ class Server:
         self.sv = sv
         self.api_key = resolve_api_key(sv) if api_key is None else api_key
         self.app = build_app(engine, sv, model_name, self.api_key)
-        self.sock = bind(sv.host, sv.port)
+        self.sock = listen(sv.host, sv.port)
         self.port = self.sock.getsockname()[1]
         protocol = type("GuardedH11", (GuardedH11Protocol,), {"head_timeout_s": sv.read_timeout_s})
         config = uvicorn.Config(self.app, http=protocol, lifespan="on", log_level="warning", access_log=False,

@@ -6,11 +6,8 @@ app gives labellers only what their token allows.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import json
 import secrets
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +16,7 @@ from urllib.parse import urlsplit
 from kiln.config import Config
 from kiln.errors import KilnError
 from kiln.runs import atomic_write_text
+from kiln.serve import bind, is_loopback
 from kiln.serve.label.app import invite_link
 from kiln.serve.label.db import LabelDB, check_name, format_report
 
@@ -169,34 +167,6 @@ def run_export(cfg: Config) -> int:
     return 0
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a busy port is one line, and port 0 has a number to print."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror:
-        raise KilnError(f"label.host={host} is not an address of this machine; write e.g. label.host=127.0.0.1") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise KilnError(f"port {port} on {host} is in use (another kiln label serve?); "
-                            "choose another with label.port=, or label.port=0 for any free one") from None
-        raise KilnError(f"cannot listen on {host}:{port} ({e.strerror}); choose another label.host or label.port") from None
-    return sock
-
-
 def run_serve(cfg: Config) -> int:
     """Serve the labelling page until interrupted (Ctrl-C)."""
     import uvicorn
@@ -211,7 +181,7 @@ def run_serve(cfg: Config) -> int:
                         "or keep label.host=127.0.0.1")
     db = open_db(cfg)
     pairs, labellers, votes = db.counts()
-    sock = bind(lc.host, lc.port)
+    sock = bind(lc.host, lc.port, "label")
     url = base_url(cfg, sock.getsockname()[1])
     admin_key = lc.admin_key or secrets.token_urlsafe(24)
     # On loopback, only the names this machine answers to: a foreign name resolving here (DNS
