@@ -20,7 +20,7 @@ from kiln.model.transformer import Transformer
 from kiln.train import parallel
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer, to_device
-from kiln.workloads.common import apply_freeze, load_init_weights, prepare_run_dir
+from kiln.workloads.common import prepare_run_dir
 from kiln.workloads.pretrain import matmul_shapes
 from kiln.workloads.reward import accuracy_of, pad_id, report_preferences, start_point
 
@@ -120,21 +120,9 @@ def run_dpo(cfg: Config) -> dict:
     prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
     seq_len, bs, mc = cfg.train.seq_len, cfg.train.batch_size, sp.model_cfg
     train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
-    notes = []
-
-    def init(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        if sp.resume is None:
-            notes.append(load_init_weights(model, sp.source, WORKLOAD))
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
-    def init_reference(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        load_init_weights(model, sp.source, WORKLOAD)
-
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: Transformer(mc), cfg, env, init)
-    reference = parallel.build_model(lambda: Transformer(mc), cfg, env, init_reference, frozen=True)
+    notes: list[str] = []
+    model = sp.build_policy(cfg, env, lambda: Transformer(mc), WORKLOAD, notes)
+    reference = sp.build_reference(cfg, env, lambda: Transformer(mc), WORKLOAD)
     pad = pad_id(sp.tokenizer)
     evals_pairs = val[: bs * cfg.train.eval_batches * env.dp_world]
     objective = DPO(cfg.dpo.beta, cfg.dpo.sft_weight, reference)

@@ -53,6 +53,29 @@ class StartPoint:
     def tokenizer_sha256(self) -> str:
         return sha256_file(self.tokenizer_path)
 
+    def build_policy(self, cfg: Config, env, make, workload: str, notes: list[str], prepare=None) -> nn.Module:
+        """The model this run trains, placed by `parallel.build_model`: initialized from the seed,
+        then (a new run) loaded from `init_from` (its note appended to `notes`), `prepare(model)`
+        (e.g. a head kept out of the optimizer), then `train.freeze`."""
+        def init(model: nn.Module) -> None:
+            model.init_weights(cfg.train.seed)
+            if self.resume is None:
+                notes.append(load_init_weights(model, self.source, workload))
+            if prepare is not None:
+                prepare(model)
+            apply_freeze(model, cfg.train.freeze, workload)
+
+        torch.manual_seed(cfg.train.seed)
+        return parallel.build_model(make, cfg, env, init)
+
+    def build_reference(self, cfg: Config, env, make, workload: str) -> nn.Module:
+        """A frozen copy of the `init_from` model, placed like the policy (DPO's reference, GRPO's KL anchor)."""
+        def init(model: nn.Module) -> None:
+            model.init_weights(cfg.train.seed)
+            load_init_weights(model, self.source, workload)
+
+        return parallel.build_model(make, cfg, env, init, frozen=True)
+
 
 def start_point(cfg: Config, workload: str) -> StartPoint:
     """The checked starting point of a `workload` run: `init_from` must name a trained run whose
@@ -138,18 +161,13 @@ def run_reward(cfg: Config) -> dict:
     seq_len, bs = cfg.train.seq_len, cfg.train.batch_size
     train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
     mc = sp.model_cfg
-    notes = []
+    notes: list[str] = []
 
-    def init(model: ScalarHeadModel) -> None:
-        model.init_weights(cfg.train.seed)
-        if sp.resume is None:
-            notes.append(load_init_weights(model, sp.source, WORKLOAD))
+    def keep_lm_head_out(model: ScalarHeadModel) -> None:
         if not mc.tie_embeddings:  # the LM head plays no part in a reward: keep it out of the optimizer
             model.lm_head.requires_grad_(False)
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
 
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: ScalarHeadModel(mc), cfg, env, init)
+    model = sp.build_policy(cfg, env, lambda: ScalarHeadModel(mc), WORKLOAD, notes, keep_lm_head_out)
     pad = pad_id(sp.tokenizer)
     loader = PairLoader(train, bs, seq_len, pad, cfg.train.seed, rank=env.dp_rank, world=env.dp_world)
     evals = eval_pair_batches(val[: bs * cfg.train.eval_batches * env.dp_world], bs, seq_len, pad,

@@ -43,11 +43,9 @@ from kiln.train.checkpoint import CheckpointManager, load_model_tensors
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
     check_tokenizer,
     checkpoint_tensors,
     find_checkpoint,
-    load_init_weights,
     prepare_run_dir,
 )
 from kiln.workloads.pretrain import matmul_shapes
@@ -554,22 +552,9 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
     prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
     train, val, skipped = load_prompts(cfg, sp.tokenizer, fmt, cfg.train.seq_len - rc.max_new_tokens)
     mc = sp.model_cfg
-    notes = []
-
-    def init(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        if sp.resume is None:
-            notes.append(load_init_weights(model, sp.source, WORKLOAD))
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
-    def init_reference(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        load_init_weights(model, sp.source, WORKLOAD)
-
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: Transformer(mc), cfg, env, init)
-    reference = (parallel.build_model(lambda: Transformer(mc), cfg, env, init_reference, frozen=True)
-                 if rc.kl_coef > 0 else None)
+    notes: list[str] = []
+    model = sp.build_policy(cfg, env, lambda: Transformer(mc), WORKLOAD, notes)
+    reference = sp.build_reference(cfg, env, lambda: Transformer(mc), WORKLOAD) if rc.kl_coef > 0 else None
     reward_model = load_reward_model(rc.reward_model, sp.tokenizer_sha256, env, cfg) if rc.reward_model else None
     if reward_model is None:
         _resolve_reward(rc.reward)  # a wrong name fails now, not at the first rollout
