@@ -228,12 +228,13 @@ def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
 
 
 def distill_effect(run: Path) -> dict:
-    ev = _evals(str(run), "val_bpb")
+    metrics = read_metrics(str(run))
+    ev = [m for m in metrics if "val_bpb" in m]
     effects = []
     if ev and "val_teacher_bpb" in ev[-1]:
         effects.append(("student's validation bits/byte (the teacher's)",
                         f"{ev[0]['val_bpb']:.3f}", f"{ev[-1]['val_bpb']:.3f} ({ev[-1]['val_teacher_bpb']:.3f})"))
-    return {"effects": effects, "steps": max((m.get("step", 0) for m in read_metrics(str(run))), default=0)}
+    return {"effects": effects, "steps": _last_step(metrics)}
 
 
 def stage_state(cfg: Config) -> str:
@@ -256,10 +257,6 @@ def run_state(run: Path, parent: Path, steps: int | None) -> str:
     return "done" if steps is None or CheckpointManager.info(mine).get("step") == steps else "partial"
 
 
-def _evals(run: str, key: str) -> list[dict]:
-    return [m for m in read_metrics(run) if key in m]
-
-
 REWARDS = {"code": "the share of functions that parse, are not stubs and pass their doctests",
            "docstring": "word F1 of the docstrings against the real ones"}
 
@@ -279,18 +276,20 @@ def stage_effect(stage: str, cfg: Config) -> dict:
                 ("val_rewards_accuracy", "held-out implicit-reward accuracy", "{:.1%}")],
         "rl": [("val_reward", f"held-out reward of greedy replies: {reward}", "{:.3f}")],
     }[stage]
+    metrics = read_metrics(run)
     effects = []
     for key, label, fmt in keys:
-        if key == "task_f1":  # measured once at the end, against the base model
-            final = _evals(run, "task_f1")
-            if final:
-                effects.append((label, fmt.format(final[-1]["base_task_f1"]), fmt.format(final[-1]["task_f1"])))
+        ev = [m for m in metrics if key in m]
+        if not ev:
             continue
-        ev = _evals(run, key)
-        if ev:
-            effects.append((label, fmt.format(ev[0][key]), fmt.format(ev[-1][key])))
-    metrics = read_metrics(run)
-    return {"effects": effects, "steps": max((m.get("step", 0) for m in metrics), default=0)}
+        # task_f1 is measured once, at the end, beside the base model's; the others at step 0 and the end
+        first = ev[-1]["base_task_f1"] if key == "task_f1" else ev[0][key]
+        effects.append((label, fmt.format(first), fmt.format(ev[-1][key])))
+    return {"effects": effects, "steps": _last_step(metrics)}
+
+
+def _last_step(metrics: list[dict]) -> int:
+    return max((m.get("step", 0) for m in metrics), default=0)
 
 
 def serving_line(s: dict) -> str:
@@ -313,8 +312,7 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
                   "is on held-out data, at the stage's step 0 (the model it started from) and at its end.", "",
                   "| stage | steps | seconds | held-out figure | start | end |", "|---|---:|---:|---|---:|---:|"]
     for r in trained:
-        rel = Path(r["out"]).relative_to(out) if Path(r["out"]).is_relative_to(out) else Path(r["out"])
-        name = f"[{STAGE_TITLES[r['stage']]}]({rel}/report.md)"
+        name = f"[{STAGE_TITLES[r['stage']]}]({_rel(out, r['out'])}/report.md)"
         effects = r.get("effects") or [("(no evaluation logged)", "—", "—")]
         for i, (label, before, after) in enumerate(effects):
             head = f"| {name} | {r['steps']} | {r['seconds']:.0f} |" if i == 0 else "| | | |"
@@ -323,8 +321,7 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
         lines.append("")
         grpo = [r for r in trained if r["stage"] == "rl" and (Path(r["out"]) / "rl_reward.png").is_file()]
         if grpo:
-            rel = Path(grpo[0]["out"]).relative_to(out) if Path(grpo[0]["out"]).is_relative_to(out) else Path(grpo[0]["out"])
-            lines += [f"![GRPO: rollout and held-out reward]({rel}/rl_reward.png)", ""]
+            lines += [f"![GRPO: rollout and held-out reward]({_rel(out, grpo[0]['out'])}/rl_reward.png)", ""]
     if models:
         from kiln.post.quantize import format_rows
 

@@ -195,6 +195,7 @@ class QuantWeight(nn.Module):
         super().__init__()
         self.format, self.group_size = qt.format, qt.group_size
         self.shape = qt.shape
+        self.small = math.prod(qt.shape) < KERNEL_MIN_ELEMENTS  # dequantized once, not sent to the kernels
         # ATen's CPU kernels assume allocator-aligned rows; a tensor read from a file may sit anywhere
         for name, t in (("q", qt.q), ("scale", qt.scale), ("min", qt.min)):
             self.register_buffer(name, t.clone() if t is not None and t.data_ptr() % 64 else t)
@@ -211,7 +212,7 @@ class QuantWeight(nn.Module):
     def _cpu_kernel(self):
         """`matmul(x_bf16) -> y_bf16` on ATen's CPU kernel for this matrix, or False where there is none."""
         kernel = False
-        if self.q.device.type == "cpu" and math.prod(self.shape) >= KERNEL_MIN_ELEMENTS:
+        if self.q.device.type == "cpu" and not self.small:
             q, scale = self.q, self.scale
             if self.format == "int8":
                 scale_bf16 = scale.to(torch.bfloat16)
@@ -233,7 +234,7 @@ class QuantWeight(nn.Module):
         if kernel is None:
             kernel = self._cpu_kernel()
         if not kernel or rows > KERNEL_MAX_ROWS or torch.is_grad_enabled():
-            if math.prod(self.shape) < KERNEL_MIN_ELEMENTS and not torch.is_grad_enabled():
+            if self.small and not torch.is_grad_enabled():
                 if self._dense is None or self._dense.dtype != x.dtype:
                     self._dense = self.stored().dequantize(x.dtype)
                 return F.linear(x, self._dense)
