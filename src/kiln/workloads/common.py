@@ -198,3 +198,23 @@ def ensure_data(cfg: Config, ddir: Path, workload: str) -> None:
         if failed.is_file() and failed.stat().st_mtime >= started - 5:
             raise KilnError(failed.read_text())
         time.sleep(0.5)
+
+
+def build_trained(make, cfg: Config, env: ParallelEnv, source: Path | None, resume: Path | None, workload: str,
+                  notes: list[str], prepare=None) -> nn.Module:
+    """The model a run trains, placed by `parallel.build_model` (sharded from the meta device where
+    the layout asks): `init_weights` from `train.seed`; then, for a new run (`resume` None) with an
+    `init_from` checkpoint (`source`), its weights (the loader's note appended to `notes`); then
+    `prepare(model)` (LoRA adapters, a head kept out of the optimizer); then `train.freeze`."""
+    from kiln.train import parallel
+
+    def init(model: nn.Module) -> None:
+        model.init_weights(cfg.train.seed)
+        if source is not None and resume is None:
+            notes.append(load_init_weights(model, source, workload))
+        if prepare is not None:
+            prepare(model)
+        apply_freeze(model, cfg.train.freeze, workload)
+
+    torch.manual_seed(cfg.train.seed)
+    return parallel.build_model(make, cfg, env, init)

@@ -39,11 +39,10 @@ from kiln.train.checkpoint import CheckpointManager, load_model_tensors
 from kiln.train.objectives import Batch, LanguageModeling, model_inputs, token_cross_entropy
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
+    build_trained,
     checkpoint_tensors,
     ensure_data,
     find_checkpoint,
-    load_init_weights,
     prepare_run_dir,
     resolve_resume,
 )
@@ -293,18 +292,11 @@ def run_distill(cfg: Config) -> dict:
 
     notes = []
 
-    def init(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        if source is not None and start is None:
-            notes.append(load_init_weights(model, source, WORKLOAD))
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
     def init_teacher(model: Transformer) -> None:
         model.init_weights(cfg.train.seed)
         load_model_tensors(model, checkpoint_tensors(teacher_path), str(teacher_path))
 
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: Transformer(model_cfg), cfg, env, init)
+    model = build_trained(lambda: Transformer(model_cfg), cfg, env, source, start, WORKLOAD, notes)
     teacher = parallel.build_model(lambda: Transformer(teacher_cfg), cfg, env, init_teacher, frozen=True)
     loader_cls = WindowLoader if dc.teacher_logits == "cached" else TokenLoader
     loader = loader_cls(ddir, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,

@@ -40,11 +40,10 @@ from kiln.train.checkpoint import CheckpointManager, model_tensors
 from kiln.train.objectives import Batch, LanguageModeling, Objective, model_inputs, token_cross_entropy
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
+    build_trained,
     check_tokenizer,
     ensure_data,
     find_checkpoint,
-    load_init_weights,
     prepare_run_dir,
     resolve_resume,
 )
@@ -126,14 +125,7 @@ def run_encoder(cfg: Config) -> dict:
     prepare_run_dir(cfg, env, tpath, MLM)
     notes = []
 
-    def init(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        if source is not None and start is None:
-            notes.append(load_init_weights(model, source, MLM))
-        apply_freeze(model, cfg.train.freeze, MLM)
-
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: Transformer(mc), cfg, env, init)
+    model = build_trained(lambda: Transformer(mc), cfg, env, source, start, MLM, notes)
     tc = cfg.train
     mask = _masker(cfg, vocab, vocab)
     loader = MaskedTokenLoader(TokenLoader(ddir, "train", tc.batch_size, tc.seq_len, tc.seed, rank=env.dp_rank,
@@ -233,14 +225,8 @@ def run_classify(cfg: Config) -> dict:
     prepare_run_dir(cfg, env, tpath, CLASSIFY)
     notes = []
 
-    def init(model: EncoderClassifier) -> None:
-        model.init_weights(tc.seed)
-        if start is None:
-            notes.append(load_init_weights(model, source, CLASSIFY))
-        apply_freeze(model, tc.freeze, CLASSIFY)
-
-    torch.manual_seed(tc.seed)
-    model = parallel.build_model(lambda: EncoderClassifier(mc, len(classes), cfg.classify.pooling), cfg, env, init)
+    model = build_trained(lambda: EncoderClassifier(mc, len(classes), cfg.classify.pooling), cfg, env, source, start,
+                          CLASSIFY, notes)
     pad = tok.token_to_id(PAD)
     loader = ClassificationLoader(ids["train"], labels["train"], tc.batch_size, tc.seq_len, pad, tc.seed,
                                   env.dp_rank, env.dp_world)

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kiln.config import Config
 from kiln.data.pipeline import data_dir, tokenizer_path
@@ -22,10 +21,9 @@ from kiln.train.checkpoint import CheckpointManager
 from kiln.train.objectives import LanguageModeling
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
+    build_trained,
     ensure_data,
     find_checkpoint,
-    load_init_weights,
     prepare_run_dir,
     resolve_resume,
 )
@@ -104,14 +102,7 @@ def run_pretrain(cfg: Config) -> dict:
 
     notes = []
 
-    def init(model: Transformer) -> None:
-        model.init_weights(cfg.train.seed)
-        if source is not None and start is None:
-            notes.append(load_init_weights(model, source, WORKLOAD))
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: Transformer(model_cfg), cfg, env, init)
+    model = build_trained(lambda: Transformer(model_cfg), cfg, env, source, start, WORKLOAD, notes)
     loader = TokenLoader(ddir, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
                          rank=env.dp_rank, world=env.dp_world, document_mask=cfg.train.document_mask)
     val = man["splits"]["val"]

@@ -24,7 +24,7 @@ from kiln.train.checkpoint import CheckpointManager
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
+    build_trained,
     check_tokenizer,
     find_checkpoint,
     load_init_weights,
@@ -57,16 +57,7 @@ class StartPoint:
         """The model this run trains, placed by `parallel.build_model`: initialized from the seed,
         then (a new run) loaded from `init_from` (its note appended to `notes`), `prepare(model)`
         (e.g. a head kept out of the optimizer), then `train.freeze`."""
-        def init(model: nn.Module) -> None:
-            model.init_weights(cfg.train.seed)
-            if self.resume is None:
-                notes.append(load_init_weights(model, self.source, workload))
-            if prepare is not None:
-                prepare(model)
-            apply_freeze(model, cfg.train.freeze, workload)
-
-        torch.manual_seed(cfg.train.seed)
-        return parallel.build_model(make, cfg, env, init)
+        return build_trained(make, cfg, env, self.source, self.resume, workload, notes, prepare)
 
     def build_reference(self, cfg: Config, env, make, workload: str) -> nn.Module:
         """A frozen copy of the `init_from` model, placed like the policy (DPO's reference, GRPO's KL anchor)."""

@@ -46,10 +46,9 @@ from kiln.train.metrics import MetricsLog
 from kiln.train.objectives import LanguageModeling
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
-    apply_freeze,
+    build_trained,
     checkpoint_tensors,
     find_checkpoint,
-    load_init_weights,
     prepare_run_dir,
     resolve_resume,
 )
@@ -293,19 +292,12 @@ def run_sft(cfg: Config) -> dict:
 
     notes = []
 
-    def init(model: torch.nn.Module) -> None:
-        model.init_weights(cfg.train.seed)
-        if source is not None and (start is None or lora):  # a LoRA run always reloads its frozen base
-            notes.append(load_init_weights(model, source, WORKLOAD))
-        if lora:
-            init_lora(model, cfg.train.seed)
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
     def make() -> Transformer:
         return apply_lora(Transformer(model_cfg), cfg.lora) if lora else Transformer(model_cfg)
 
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(make, cfg, env, init)
+    # a LoRA run always reloads its frozen base (its checkpoints hold the adapters), then adds them
+    model = build_trained(make, cfg, env, source, None if lora else start, WORKLOAD, notes,
+                          (lambda m: init_lora(m, cfg.train.seed)) if lora else None)
     pad = tok.token_to_id(PAD)
     tc = cfg.train
     loader = PackedChatLoader(data.train, tc.batch_size, tc.seq_len, pad, tc.seed, rank=env.dp_rank, world=env.dp_world)

@@ -30,7 +30,7 @@ from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer, to_device
-from kiln.workloads.common import apply_freeze, ensure_data, find_checkpoint, load_init_weights, resolve_resume
+from kiln.workloads.common import build_trained, ensure_data, find_checkpoint, resolve_resume
 
 WORKLOAD = "vision"
 REPORT_SECTION = Path("report.d") / "vision.md"
@@ -226,14 +226,7 @@ def run_vision(cfg: Config) -> dict:
 
     notes = []
 
-    def init(model: nn.Module) -> None:
-        model.init_weights(cfg.train.seed)
-        if source is not None and start is None:
-            notes.append(load_init_weights(model, source, WORKLOAD))
-        apply_freeze(model, cfg.train.freeze, WORKLOAD)
-
-    torch.manual_seed(cfg.train.seed)
-    model = parallel.build_model(lambda: build_vision_model(mc, spec), cfg, env, init)
+    model = build_trained(lambda: build_vision_model(mc, spec), cfg, env, source, start, WORKLOAD, notes)
     bare = build_vision_model(mc, spec) if env.distributed else model  # for sizes only
     loader = ImageLoader(ddir, "train", cfg.train.batch_size, cfg.train.seed, rank=env.dp_rank, world=env.dp_world,
                          augment=vc.augment, device=env.device)
