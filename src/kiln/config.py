@@ -256,7 +256,7 @@ class ServeConfig:
     api_key: str = ""  # required off loopback; "" = the KILN_API_KEY environment variable, if set
     model_name: str = ""  # the model id clients ask for; "" = the run directory's name
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 elsewhere
-    compile: bool = False  # torch.compile the decode step
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the decode step; auto = on for CUDA only
     max_batch: int = ranged(16, ge=1)  # sequences decoding together (rows of the KV cache)
     max_queue: int = ranged(256, ge=0)  # sequences waiting for a row; beyond that, 429
     max_prompt_tokens: int = ranged(0, ge=0)  # 0 = the model's context less one

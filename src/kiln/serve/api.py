@@ -207,7 +207,8 @@ class ServeState:
         self.active_requests = 0
 
     def start(self) -> None:
-        self.scheduler = Scheduler(self.engine, self.sv.max_batch, self.sv.max_queue, compile=self.sv.compile)
+        compile = self.sv.compile == "on" or (self.sv.compile == "auto" and self.engine.device.type == "cuda")
+        self.scheduler = Scheduler(self.engine, self.sv.max_batch, self.sv.max_queue, compile=compile)
 
     def stop(self) -> None:
         if self.scheduler is not None:

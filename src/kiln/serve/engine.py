@@ -24,6 +24,7 @@ from kiln.config import Config, SampleConfig
 from kiln.data.tokenizer import BOS, END, EOS, load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.transformer import KVCache, ModelConfig, Transformer
+from kiln.serve import decode
 from kiln.train import distributed_checkpoint
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.parallel import pick_device
@@ -217,8 +218,14 @@ class Batch:
         self.top_p = torch.ones(rows, device=p.device)
         self.penalty = torch.ones(rows, device=p.device)
         self.seen: torch.Tensor | None = None  # (rows, vocab) tokens in each row's prompt and output, for penalties
-        # A compiled decode step; prefill (other shapes, once per request) stays eager.
-        self.decode = torch.compile(model, dynamic=True) if compile else model
+        self.length = [0] * rows  # each row's cache length, known on the host (no device reads per step)
+        # The decode step: the fused, sync-free one for a plain model (compiled whole when asked),
+        # else the model's own forward (compiled when asked). Prefill (other shapes, once per
+        # request) stays eager.
+        self.fast = decode.decode_step(model, compile) if decode.supports(model) else None
+        if self.fast is not None:
+            self.fast.warm_up(self.cache)  # while every row is free
+        self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model
 
     @property
     def rows(self) -> int:
@@ -254,6 +261,7 @@ class Batch:
             if not 0 < len(seq.prompt) < self.max_len:
                 raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit a cache of {self.max_len}")
             self.seqs[row] = seq
+            self.length[row] = len(seq.prompt)
             seq.budget = min(seq.params.max_new_tokens, self.max_len - len(seq.prompt))
             sp = seq.params
             self.temperature[row], self.top_k[row], self.top_p[row] = sp.temperature, sp.top_k, sp.top_p
@@ -292,9 +300,15 @@ class Batch:
         if hi == 0:
             return
         live = self.live[:hi]
-        mask = None if all(s is not None for s in self.seqs[:hi]) else live[:, None]
-        hidden = self._forward(self.decode, self.last[:hi], 0, hi, mask)
-        self._take(self._sample(self.model.logits(hidden[:, -1]), 0, hi), 0)
+        if self.fast is not None:
+            logits = self.fast(self.last[:, 0], self.cache, hi, max(self.length[:hi]) + 1)
+            self.cache.lengths[:hi] += live
+        else:
+            mask = None if all(s is not None for s in self.seqs[:hi]) else live[:, None]
+            logits = self.model.logits(self._forward(self.decode, self.last[:hi], 0, hi, mask)[:, -1])
+        for row in range(hi):
+            self.length[row] += self.seqs[row] is not None
+        self._take(self._sample(logits, 0, hi), 0)
 
     def _sample(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
         logits = logits[:, : self.vocab].float()
@@ -332,6 +346,7 @@ class Batch:
 
     def _free(self, row: int) -> None:
         self.seqs[row] = None
+        self.length[row] = 0
         self.live[row] = 0
         self.cache.reset([row])
 
