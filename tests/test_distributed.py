@@ -50,7 +50,8 @@ def assert_parity(out: Path, ref: Path) -> None:
 
 
 def torchrun(nproc: int, runs: list[dict], tmp: Path, timeout: float = 300) -> dict:
-    """Run `kiln pretrain` for each of `runs` ({"name", "args"}) in one torchrun launch of `nproc` ranks."""
+    """Run `kiln pretrain` (or `run["verb"]`) for each of `runs` ({"name", "args"}) in one torchrun
+    launch of `nproc` ranks."""
     spec = tmp / f"runs-{nproc}.json"
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(HERE), str(spec)]
@@ -67,7 +68,7 @@ def driver(spec: Path) -> None:
     for run in json.loads(spec.read_text()):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            rc = cli.main(["pretrain", *run["args"]])
+            rc = cli.main([run.get("verb", "pretrain"), *run["args"]])
         results[run["name"]] = {"rc": rc, "err": err.getvalue()}
     if int(os.environ["RANK"]) == 0:
         spec.with_suffix(".out").write_text(json.dumps(results))
@@ -130,6 +131,47 @@ def two_ranks(work, prepared) -> dict:
     runs.append({"name": "bad-checkpoint", "args": args(work / "fsdp", prepared, *LAYOUTS_2["fsdp"],
                                                         f"train.max_steps={STEPS + 2}", "model.d_model=128")})
     return torchrun(2, runs, work)
+
+
+# ---- the alignment verbs under data parallelism -------------------------------------------------
+ALIGN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def alignment_runs(work, prepared) -> dict[str, Path]:
+    """`kiln reward` and `kiln dpo` from one tiny pretrained run on the embedded preference pairs:
+    each in a single process (batch 8) and on 2 DDP / 2 FSDP ranks (batch 4 each), in one launch."""
+    from test_reward import FAST
+
+    base = work / "align-base"
+    base.mkdir()
+    for sub in ("data", "tokenizer"):
+        shutil.copytree(prepared / sub, base / sub)
+    assert kiln("pretrain", f"out={base}", *FAST, "train.max_steps=2") == 0
+    common = [f"init_from={base}", *FAST, f"train.max_steps={ALIGN_STEPS}", "train.log_every=1",
+              f"train.eval_every={ALIGN_STEPS}", "train.eval_batches=1", "preference.max_pairs=120"]
+    layouts = {"single": ["train.batch_size=8"],
+               "ddp": ["parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=4"],
+               "fsdp": ["parallel.dp_shard=2", "train.batch_size=4"]}
+    for verb in ("reward", "dpo"):
+        assert kiln(verb, f"out={work / f'{verb}-single'}", *common, *layouts["single"]) == 0
+    runs = [{"name": f"{verb}-{lay}", "verb": verb, "args": [f"out={work / f'{verb}-{lay}'}", *common, *extra]}
+            for verb in ("reward", "dpo") for lay, extra in layouts.items() if lay != "single"]
+    res = torchrun(2, runs, work)
+    assert all(r["rc"] == 0 for r in res.values()), res
+    return {r["name"]: work / r["name"] for r in [*runs, {"name": "reward-single"}, {"name": "dpo-single"}]}
+
+
+@pytest.mark.parametrize("verb", ["reward", "dpo"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_reward_and_dpo_on_two_ranks_match_a_single_process(alignment_runs, verb, layout):
+    """The same 8 pairs a step, split over 2 ranks: the Bradley-Terry and DPO losses of every step
+    equal the single process's (each rank's mean over its 4 pairs, averaged over the 2 ranks)."""
+    got, want = losses(alignment_runs[f"{verb}-{layout}"]), losses(alignment_runs[f"{verb}-single"])
+    assert sorted(got) == list(range(1, ALIGN_STEPS + 1)) and sorted(want) == sorted(got), (got, want)
+    worst = max(abs(got[s] - want[s]) for s in got)
+    assert worst < TOL, f"{verb} on {layout}: losses differ from a single process by {worst:.2e}\n{got}\n{want}"
+    assert len(set(got.values())) > 1  # the loss moves: the steps trained
 
 
 @pytest.mark.parametrize("layout", [n for n in LAYOUTS_2 if "accum" not in n])

@@ -255,6 +255,24 @@ def test_the_vit_is_the_shared_transformer_and_sees_every_patch():
         assert not torch.allclose(model(x), model(y))  # bidirectional: the first token sees the last patch
 
 
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_an_overlapping_patch_embedding_sees_exactly_its_ring_of_neighbours(overlap):
+    """With `overlap` 1 each 4×4 patch is embedded from a 6×6 window (zeros past the edge): a
+    pixel one column right of the first patch reaches its token, one two columns right does not."""
+    spec = VisionSpec("vit", image_size=8, channels=1, classes=10, patch_size=4, overlap=overlap)
+    cfg = preset("tiny", vocab_size=10, causal=False, tie_embeddings=False, max_seq_len=spec.tokens)
+    model = VisionTransformer(cfg, spec)
+    model.init_weights(0)
+    x = torch.randn(1, 1, 8, 8)
+    patches = model.patches(x)
+    assert patches.shape == (1, 4, (4 + 2 * overlap) ** 2)
+    near, far = x.clone(), x.clone()
+    near[..., 0, 4] += 1.0
+    far[..., 0, 5] += 1.0
+    assert torch.equal(model.patches(far)[:, 0], patches[:, 0])
+    assert torch.equal(model.patches(near)[:, 0], patches[:, 0]) == (overlap == 0)
+
+
 # ---- training ----------------------------------------------------------------------------------------
 def test_digits_speedrun_clearly_learns_and_reports(tmp_path, digits):
     """The recipe, test-sized: a small ViT for 250 steps must clearly learn (> 85% on the test split),

@@ -436,6 +436,7 @@ class AugmentConfig:
 class VisionConfig:
     arch: Literal["vit", "cnn"] = "vit"  # vit: the shared Transformer over patches (causal=false); cnn: a small baseline
     patch_size: int = ranged(4, ge=1)  # ViT patch side in pixels; must divide data.images.size
+    patch_overlap: int = ranged(0, ge=0)  # pixels each patch's embedding also sees of its neighbours, per side
     pooling: Literal["cls", "mean"] = "cls"  # ViT: a class token, or the mean of the patch tokens
     positions: Literal["learned", "rope"] = "learned"  # learned table over the patch grid, or RoPE over raster order
     label_smoothing: float = ranged(0.0, ge=0, lt=1)

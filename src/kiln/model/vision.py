@@ -34,6 +34,7 @@ class VisionSpec:
     patch_size: int = 4
     pooling: str = "cls"  # cls | mean
     positions: str = "learned"  # learned | rope
+    overlap: int = 0  # pixels each patch's window reaches into its neighbours, on every side
 
     @property
     def grid(self) -> int:
@@ -63,13 +64,16 @@ class VisionTransformer(Transformer):
         super().__init__(cfg)
         self.spec = spec
         self.tok_emb = None  # the patch embedding takes its place
-        self.patch_emb = nn.Linear(spec.channels * spec.patch_size**2, cfg.d_model, bias=False)
+        window = spec.patch_size + 2 * spec.overlap
+        self.patch_emb = nn.Linear(spec.channels * window**2, cfg.d_model, bias=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model)) if spec.pooling == "cls" else None
         self.pos_emb = nn.Parameter(torch.zeros(1, spec.tokens, cfg.d_model)) if spec.positions == "learned" else None
 
     def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, patches, C·p·p), patches in raster order."""
-        return F.unfold(pixel_values, self.spec.patch_size, stride=self.spec.patch_size).transpose(1, 2)
+        """(B, C, H, W) → (B, patches, C·w·w), patches in raster order: each p×p patch with
+        `overlap` pixels of its neighbours around it (zeros past the image's edge), w = p + 2·overlap."""
+        p, o = self.spec.patch_size, self.spec.overlap
+        return F.unfold(pixel_values, p + 2 * o, padding=o, stride=p).transpose(1, 2)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = self.patch_emb(self.patches(pixel_values))

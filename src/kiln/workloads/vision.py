@@ -181,7 +181,8 @@ def describe_spec(spec: VisionSpec, mc: ModelConfig, params: int) -> str:
     if spec.arch == "cnn":
         return f"CNN ({mc.n_layers} conv stages up to {mc.d_model} channels), {params:,} parameters"
     return (f"ViT on the shared Transformer: {mc.n_layers} layers, d_model {mc.d_model}, {mc.n_heads} heads, "
-            f"{spec.patch_size}×{spec.patch_size} patches ({spec.tokens} tokens), {spec.pooling} pooling, "
+            f"{spec.patch_size}×{spec.patch_size} patches" + (f" overlapping by {spec.overlap}" if spec.overlap else "")
+            + f" ({spec.tokens} tokens), {spec.pooling} pooling, "
             f"{spec.positions} positions; {params:,} parameters")
 
 
@@ -211,7 +212,7 @@ def run_vision(cfg: Config) -> dict:
     man = open_image_data(ddir)
     vc = cfg.vision
     spec = VisionSpec(vc.arch, man["size"], man["channels"], len(man["classes"]), vc.patch_size, vc.pooling,
-                      vc.positions)
+                      vc.positions, vc.patch_overlap)
     mc = vision_model_config(cfg, spec)
     out = Path(cfg.out)
     ckpt = CheckpointManager(out, cfg.train.keep_last)
