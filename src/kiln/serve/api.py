@@ -40,6 +40,7 @@ from kiln.errors import KilnError
 from kiln.serve import bind, is_loopback
 from kiln.serve.engine import Engine, SamplingParams, Sequence
 from kiln.serve.scheduler import QueueFull, Scheduler
+from kiln.train.parallel import use_compile
 
 API_KEY_ENV = "KILN_API_KEY"
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200
@@ -207,8 +208,8 @@ class ServeState:
         self.active_requests = 0
 
     def start(self) -> None:
-        compile = self.sv.compile == "on" or (self.sv.compile == "auto" and self.engine.device.type == "cuda")
-        self.scheduler = Scheduler(self.engine, self.sv.max_batch, self.sv.max_queue, compile=compile)
+        self.scheduler = Scheduler(self.engine, self.sv.max_batch, self.sv.max_queue,
+                                   compile=use_compile(self.sv.compile, self.engine.device))
 
     def stop(self) -> None:
         if self.scheduler is not None:

@@ -295,8 +295,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
-def use_compile(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+def use_compile(setting: str, device: torch.device) -> bool:
+    """A `compile` setting (auto|on|off) on `device`: auto = on for CUDA only."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -363,7 +364,7 @@ def parallelize(model: nn.Module, cfg: Config, env: ParallelEnv, frozen: bool = 
         apply_tp(model, env.mesh["tp"], sequence_parallel=lay["pp"] == 1)
     if cfg.train.activation_checkpointing and not frozen:
         apply_activation_checkpointing(model)
-    if use_compile(cfg, env.device):
+    if use_compile(cfg.train.compile, env.device):
         apply_compile(model)
     stage_module = model
     if lay["dp_shard"] > 1:
