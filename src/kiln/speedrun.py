@@ -93,13 +93,19 @@ def stage_configs(cfg: Config) -> dict[str, Config]:
         # Short replies at a lower temperature (a 4M-parameter model samples mostly noise at 1.0), eight
         # prompts a step; a value the recipe sets itself is kept.
         rl = cfg.rl
-        if not (rl.prompts or rl.reward or rl.reward_model):
+        if not own_rl_task(rl):
             defaults = RLConfig()
             rl = dataclasses.replace(rl, task="docstring", **{k: v for k, v in SPEEDRUN_RL.items()
                                                               if getattr(rl, k) == getattr(defaults, k)})
         stages["rl"] = dataclasses.replace(base, out=str(out / "rl"), init_from=parent, rl=rl,
                                            train=_schedule(cfg, sr.rl_steps, 8, 3e-4, 1, log_every=1))
     return stages
+
+
+def own_rl_task(rc: RLConfig) -> bool:
+    """Whether the recipe gives GRPO prompts, a reward or a reward model of its own (the speedrun's
+    docstring-task defaults then stay out of it)."""
+    return bool(rc.prompts or rc.reward or rc.reward_model)
 
 
 def _rel(out: Path, run: str) -> Path:
@@ -265,7 +271,7 @@ def stage_effect(stage: str, cfg: Config) -> dict:
     """What the stage changed, from its metrics.jsonl: each held-out figure at the stage's start
     (step 0, the model it started from) and at its end."""
     run, rc = cfg.out, cfg.rl
-    if rc.prompts or rc.reward or rc.reward_model:
+    if own_rl_task(rc):
         reward = f"the reward model `{rc.reward_model}`" if rc.reward_model else f"`{rc.reward or TASK_REWARDS[rc.task]}`"
     else:
         reward = REWARDS[rc.task]
