@@ -50,6 +50,43 @@ def test_completion_log_probs_match_token_by_token_decoding(prepared):
         assert int(count[i]) == len(p.chosen) - p.prompt_len
 
 
+@torch.no_grad()
+def test_pairs_are_padded_to_their_batch_not_the_context(prepared, monkeypatch):
+    """A batch of short pairs is as wide as its longest side (rounded up), not train.seq_len, and
+    every score is what a batch padded to the whole context gives; the loader tells the trainer
+    how many positions it holds."""
+    from kiln.data import preference_data
+    from kiln.data.preference_data import PairLoader
+    from kiln.model.heads import ScalarHeadModel
+    from kiln.workloads.reward import pair_scores
+
+    tok = load_tokenizer(prepared / "tokenizer")
+    pairs = tokenize_pairs(tok, [normalize_row(r, "row") for r in easy_pairs(4)], 128, PairStats())
+    longest = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+    narrow = pair_batch(pairs, 128, tok.token_to_id(PAD))
+    width = narrow["chosen_input_ids"].shape[1]
+    assert longest <= width < longest + preference_data.PAD_MULTIPLE and width < 128
+    monkeypatch.setattr(preference_data, "PAD_MULTIPLE", 128)
+    wide = pair_batch(pairs, 128, tok.token_to_id(PAD))
+    assert wide["chosen_input_ids"].shape[1] == 128
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=512))
+    m.init_weights(0)
+    for a, b in zip(completion_logps(m, *(narrow[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))),
+                    completion_logps(m, *(wide[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels"))),
+                    strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    rm = ScalarHeadModel(preset("tiny", vocab_size=512))
+    rm.init_weights(0)
+    torch.nn.init.normal_(rm.score.weight)  # the head starts at zero: give it something to read
+    for a, b in zip(pair_scores(rm, narrow), pair_scores(rm, wide), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    monkeypatch.undo()
+    loader = PairLoader(pairs, 2, 128, tok.token_to_id(PAD))
+    batch = loader.next_batch()
+    assert loader.batch_tokens == 2 * batch["chosen_input_ids"].numel() < loader.tokens_per_batch
+
+
 def test_the_sft_term_adds_the_chosen_cross_entropy(prepared):
     tok = load_tokenizer(prepared / "tokenizer")
     pairs = tokenize_pairs(tok, [normalize_row(r, "row") for r in easy_pairs(4)], 64, PairStats())

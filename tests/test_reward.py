@@ -136,14 +136,16 @@ def test_default_pairs_prefer_the_real_docstring_and_hold_out_whole_modules():
         assert r["chosen"] not in r["prompt"]  # the docstring is taken out of the code
     shuffled = [r for r in train if sorted(r["chosen"].split()) == sorted(r["rejected"].split())]
     mismatched = [r for r in train if sorted(r["chosen"].split()) != sorted(r["rejected"].split())]
-    assert shuffled and mismatched  # both kinds of negative
+    assert shuffled and mismatched  # both kinds of negative, each row saying which (accuracy by kind)
+    assert {r["kind"] for r in shuffled} == {"shuffled"} and {r["kind"] for r in mismatched} == {"mismatched"}
 
 
 # ---- runs ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory, base):
     d = tmp_path_factory.mktemp("reward")
-    data = write_jsonl(d / "pairs.jsonl", easy_pairs(120))
+    rows = [{**r, "kind": "even" if i % 2 == 0 else "odd"} for i, r in enumerate(easy_pairs(120))]
+    data = write_jsonl(d / "pairs.jsonl", rows)
     out = d / "run"
     assert kiln("reward", f"out={out}", f"init_from={base}", *FAST, "train.batch_size=8", "train.max_steps=20",
                 "train.eval_every=10", "train.eval_batches=4", "train.lr=3e-3", f"preference.data={data}",
@@ -156,8 +158,13 @@ def test_a_reward_model_learns_the_preference_and_reports_held_out_accuracy(rewa
     evals = [m for m in evals if "val_accuracy" in m]
     assert evals[0]["step"] == 0 and evals[0]["val_accuracy"] == 0.5  # a zero head ties every pair
     assert evals[-1]["val_accuracy"] >= 0.9 and evals[-1]["val_margin"] > 0
+    last = evals[-1]  # rows with a "kind" are also scored by kind
+    assert {"val_accuracy_even", "val_accuracy_odd"} <= set(last)
+    assert min(last["val_accuracy_even"], last["val_accuracy_odd"]) <= last["val_accuracy"] <= \
+        max(last["val_accuracy_even"], last["val_accuracy_odd"])
     report = (reward_run / "report.md").read_text()
     assert "## Reward model" in report and "held-out pairwise accuracy | 50.0% |" in report
+    assert "held-out pairwise accuracy, even pairs | 50.0% |" in report
     info = json.loads(next((reward_run / "checkpoints").glob("step_*/checkpoint.json")).read_text())
     assert info["head"] == "scalar" and info["workload"] == "reward"
 

@@ -139,7 +139,45 @@ def test_the_default_code_reward():
                        sandbox=SANDBOX) == (0.0, "doctest_failed")
 
 
-# attack body -> the reasons it may end with (the doctest runner catches what the example raises)
+def test_the_code_reward_refuses_bodies_a_linter_would_flag():
+    """What GRPO found on a 4M model rewarded for parsing: `return os`, `return self.module` —
+    bodies that parse, are no stub, and cannot be the function."""
+    names = ["os", "helper"]  # what the function's module binds
+    assert code_reward("", "    return os\n", entry_point="double", header=HEADER, module_names=names) == \
+        (0.0, "ignores_arguments")
+    assert code_reward("", "    return self.module + x\n", entry_point="double", header=HEADER,
+                       module_names=names) == (0.0, "undefined_name")
+    for body in ("    return helper(x) + len(os.sep)\n",  # module names and builtins
+                 "    y = [i for i in range(x)]\n    for k in y:\n        x += k\n    return x\n",  # its own names
+                 "    try:\n        return x * 2\n    except TypeError as e:\n        raise ValueError(e)\n"):
+        assert code_reward("", body, entry_point="double", header=HEADER, module_names=names) == (1.0, "parsed")
+    # a module whose names are unknown (a `*` import) checks the arguments only
+    assert code_reward("", "    return x + unknown\n", entry_point="double", header=HEADER) == (1.0, "parsed")
+
+
+def test_the_default_rl_prompts_stop_at_the_docstring_and_their_functions_pass_the_reward():
+    """The text prompt ends at the closing quotes (a prompt ending in a bare newline is a token
+    boundary the model rarely saw), and the real body, completing it, earns the reward: the static
+    checks pass nearly every real standard-library function."""
+    from types import SimpleNamespace
+
+    from kiln.data.preference_default import _body_of, default_prompts
+
+    train, val = default_prompts(120, 0.2)
+    passed = 0
+    for row in train + val:
+        assert row["prompt"] == row["header"].rstrip("\n") and not row["prompt"].endswith("\n")
+        file, name = row["source"].rsplit(":", 1)
+        real = "\n" + _body_of(SimpleNamespace(file=file, name=name))
+        value, why = code_reward(row["prompt"], real, entry_point=row["entry_point"], header=row["header"],
+                                 module_names=row["module_names"])
+        passed += value == 1.0
+    assert passed >= 0.95 * len(train + val)
+
+
+# attack body -> the reasons it may end with (the doctest runner catches what the example raises);
+# each reads its argument first, as the static check before the sandbox asks of every body
+READS_X = "    _ = x\n"
 ATTACKS = {
     "loops forever": ("    while True:\n        pass\n", {"sandbox_timeout"}),
     "allocates 10 GB": ("    return len(bytearray(10 * 2**30))\n", {"doctest_MemoryError"}),
@@ -153,6 +191,7 @@ ATTACKS = {
     "reads the environment": ("    import os\n    return 4 if 'KILN_TEST_SECRET' in os.environ else 5\n",
                               {"doctest_failed"}),
 }
+ATTACKS = {name: (READS_X + body, reasons) for name, (body, reasons) in ATTACKS.items()}
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -166,7 +205,7 @@ def test_attacking_completions_score_zero_with_a_reason(name, monkeypatch):
 def test_deleting_files_outside_the_sandbox_changes_nothing(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    body = f"    import os, shutil\n    os.remove({str(victim)!r})\n    shutil.rmtree({str(tmp_path)!r})\n    return 4\n"
+    body = READS_X + f"    import os, shutil\n    os.remove({str(victim)!r})\n    shutil.rmtree({str(tmp_path)!r})\n    return 4\n"
     value, why = code_reward("", body, entry_point="double", header=HEADER, doctest=DOCTEST, sandbox=SANDBOX)
     assert value == 0.0 and why.startswith("doctest_")
     assert victim.read_text() == "keep"
@@ -184,7 +223,7 @@ def rl_run(tmp_path_factory, base):  # noqa: F811
     d = tmp_path_factory.mktemp("rl")
     victim = d / "victim.txt"
     victim.write_text("keep")
-    attacks = [b for b, _ in ATTACKS.values()] + [f"    import os\n    os.remove({str(victim)!r})\n    return 4\n"]
+    attacks = [b for b, _ in ATTACKS.values()] + [READS_X + f"    import os\n    os.remove({str(victim)!r})\n    return 4\n"]
     rows = [{"prompt": "def a(x):\n", "mode": m} for m in ("raise", "hang", "nan")]
     rows += [{"prompt": f"def b{i}(x):\n", "mode": "attack", "body": body} for i, body in enumerate(attacks)]
     rows += ["{broken", {"prompt": "x = 1\n" * 200, "mode": "ok"}]
@@ -213,6 +252,12 @@ def test_a_run_goes_through_failing_rewards_and_attacks_counting_each(rl_run):
     report = (out / "report.md").read_text()
     assert "## GRPO" in report and "prompts skipped: malformed 1, prompt_too_long 1" in report
     assert "reward_timeout" in report and (out / "rl_reward.png").is_file()
+    # what the policy wrote for each held-out prompt at each evaluation, quoted in the report
+    samples = [json.loads(line) for line in (out / "rl_samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in samples}) == [0, 2, 4] and len(samples) == 3 * 4
+    assert all({"prompt", "completion", "reward", "reason"} <= set(r) for r in samples)
+    assert {r["prompt"] for r in samples} == {f"def c{i}(y):\n" for i in range(4)}
+    assert "Held-out greedy completions" in report and "- step 4, reward" in report
 
 
 def test_rollouts_are_reused_for_updates_per_rollout_steps(rl_run):

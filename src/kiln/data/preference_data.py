@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ def normalize_row(row, where: str) -> dict:
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         if side[-1]["role"] != "assistant":
             raise KilnError(f"{where}: '{name}' must end with an assistant turn")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if isinstance(row.get("kind"), str) and re.fullmatch(r"\w{1,40}", row["kind"]):
+        out["kind"] = row["kind"]  # a label of the pair (e.g. how the rejection was made): held-out accuracy by kind
+    return out
 
 
 def read_pairs(path: str | Path, stats: PairStats, strict: bool = False, limit: int = 0) -> list[dict]:
@@ -129,6 +133,7 @@ class Pair:
     rejected: list[int]
     prompt_len: int  # tokens before the completion (shared by both sides)
     ref: tuple[float, float] | None = None  # the reference's summed log-probabilities, when precomputed
+    kind: str = ""  # the row's "kind", if it had one
 
 
 def _rendered(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
@@ -156,19 +161,30 @@ def tokenize_pairs(tokenizer, rows: list[dict], seq_len: int, stats: PairStats) 
             if c == r:
                 stats.skip(IDENTICAL, f"pair {i}: chosen and rejected are the same within train.seq_len={seq_len}")
                 continue
-        out.append(Pair(c, r, start))
+        out.append(Pair(c, r, start, kind=row.get("kind", "")))
         stats.kept += 1
     return out
 
 
+PAD_MULTIPLE = 32  # batch widths are rounded up to this, so a compiled model sees few distinct shapes
+
+
+def batch_width(pairs: list[Pair], seq_len: int) -> int:
+    """The longest side of any pair, rounded up to PAD_MULTIPLE, at most `seq_len`: pairs are
+    padded to their batch's longest, not to the context (most pairs are a fraction of it)."""
+    longest = max((max(len(p.chosen), len(p.rejected)) for p in pairs), default=1)
+    return min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
 def pair_batch(pairs: list[Pair], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, seq_len) ids, masks and next-token labels (the completion's tokens only) for each side, plus precomputed
-    reference log-probabilities when every pair has them."""
+    """Right-padded (B, width) ids, masks and next-token labels (the completion's tokens only) for each side, plus precomputed
+    reference log-probabilities when every pair has them; width is `batch_width`."""
     batch = {}
+    width = batch_width(pairs, seq_len)
     for side in ("chosen", "rejected"):
-        ids = torch.full((len(pairs), seq_len), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(pairs), seq_len), dtype=torch.long)
-        labels = torch.full((len(pairs), seq_len), IGNORE, dtype=torch.long)
+        ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
         for b, p in enumerate(pairs):
             seq = getattr(p, side)
             ids[b, : len(seq)] = torch.tensor(seq)
@@ -194,6 +210,7 @@ class PairLoader:
         self.pairs, self.batch_size, self.seq_len, self.pad_id = pairs, batch_size, seq_len, pad_id
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.pos = 0, 0
+        self.batch_tokens = 0  # positions in the last batch (both sides), for the trainer's tokens/s
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.pairs))
@@ -206,10 +223,13 @@ class PairLoader:
         start = self.pos + self.rank * self.batch_size
         chosen = [self.pairs[i] for i in order[start : start + self.batch_size]]
         self.pos += step
-        return pair_batch(chosen, self.seq_len, self.pad_id)
+        batch = pair_batch(chosen, self.seq_len, self.pad_id)
+        self.batch_tokens = 2 * batch["chosen_input_ids"].numel()
+        return batch
 
     @property
     def tokens_per_batch(self) -> int:
+        """The most a batch holds (every pair at train.seq_len): what train.tokens_per_step counts in."""
         return 2 * self.batch_size * self.seq_len
 
     def state_dict(self) -> dict:
@@ -221,9 +241,26 @@ class PairLoader:
 
 def eval_pair_batches(pairs: list[Pair], batch_size: int, seq_len: int, pad_id: int, rank: int = 0,
                       world: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Every held-out pair once (this rank's share), in batches."""
+    """Every held-out pair once (this rank's share), in batches; when the pairs have kinds, each
+    batch lists them under "kind" (the objectives then report accuracy by kind too)."""
     mine = pairs[rank::world]
-    return [pair_batch(mine[i : i + batch_size], seq_len, pad_id) for i in range(0, len(mine), batch_size)]
+    batches = []
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        batch = pair_batch(chunk, seq_len, pad_id)
+        if any(p.kind for p in pairs):
+            batch["kind"] = [p.kind or "other" for p in chunk]
+        batches.append(batch)
+    return batches
+
+
+def by_kind(name: str, batch: dict, correct: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """`name_<kind>`: (right, count) of `correct` (one value per pair) for each kind in the batch."""
+    out: dict[str, tuple[float, float]] = {}
+    for i, kind in enumerate(batch.get("kind", [])):
+        s, n = out.get(f"{name}_{kind}", (0.0, 0.0))
+        out[f"{name}_{kind}"] = (s + float(correct[i]), n + 1)
+    return out
 
 
 def load_pairs(cfg, tokenizer, seq_len: int, what: str) -> tuple[list[Pair], list[Pair], PairStats, PairStats]:

@@ -2,12 +2,14 @@
 
 - preference pairs (`kiln reward`, `kiln dpo`): the SFT task's "write the docstring for this
   function" prompt (`kiln.data.sft_default`), the real docstring summary chosen over a mismatched
-  one (another module's function) or a corrupted one (its own words shuffled);
+  one (another module's function) or a corrupted one (its own words shuffled), each row's `kind`
+  saying which;
 - RL prompts (`kiln rl`): a module-level function's signature and docstring, whose body the
   policy writes (plain-text format, after pretraining), or the SFT task's "write the function
-  described by this docstring" (chat format); `code_reward` pays 1 when the result parses
-  and, where the docstring holds doctests that the original function passes on its own, passes
-  them too, run in the sandbox (`kiln.train.sandbox`).
+  described by this docstring" (chat format); `code_reward` pays 1 when the result parses, is
+  no stub, reads its arguments and no undefined name, and, where the docstring holds doctests
+  that the original function passes on its own, passes them too, run in the sandbox
+  (`kiln.train.sandbox`).
 
 Held-out rows come from held-out modules (by a hash of the file name), so evaluation measures
 functions and vocabulary the model has not been trained on.
@@ -16,6 +18,7 @@ functions and vocabulary the model has not been trained on.
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import json
 import math
@@ -47,6 +50,7 @@ class Function:
     doctest: str  # the docstring, when it holds examples
     setup: str  # the module's absolute imports, each in its own try (one that fails here must not stop the rest)
     module_level: bool
+    module_names: tuple[str, ...] | None = None  # names the module binds at top level (None: a `*` import hides some)
 
 
 def _held_out(file: str, fraction: float) -> bool:
@@ -77,6 +81,38 @@ def _trivial(body: list[ast.stmt]) -> bool:
     return all(stub(s) for s in body)
 
 
+def _bound_names(nodes: list[ast.AST], into_functions: bool) -> set[str] | None:
+    """Every name the statements bind (assignments, loop and `with` targets, imports, `def`,
+    `class`, parameters, `except ... as`, `global`); None when a `from m import *` makes that
+    unknowable. With `into_functions` False, function and class bodies are not entered (their
+    names are local to them)."""
+    names: set[str] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                if a.name == "*":
+                    return None
+                names.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if not into_functions:
+                continue
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name:
+            names.add(node.name)
+        todo.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def functions_of(path: Path) -> Iterator[Function]:
     """Documented functions (module level and methods) of one source file."""
     try:
@@ -88,6 +124,7 @@ def functions_of(path: Path) -> Iterator[Function]:
     rel = str(path.relative_to(stdlib_root()))
     setup = "".join(f"try:\n    {ast.unparse(n)}\nexcept Exception:\n    pass\n" for n in tree.body
                     if isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and not n.level and n.module != "__future__"))
+    module_names = _bound_names(tree.body, into_functions=False)
     nodes = [(n, True) for n in tree.body]
     nodes += [(m, False) for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body]
     for node, top in nodes:
@@ -106,7 +143,8 @@ def functions_of(path: Path) -> Iterator[Function]:
         summary = sft_summary(doc)
         if len(code) > MAX_CODE_CHARS or not 10 <= len(summary) <= 300:  # the SFT task's limits
             continue
-        yield Function(rel, node.name, summary, code, header, doc if ">>>" in doc else "", setup, top)
+        yield Function(rel, node.name, summary, code, header, doc if ">>>" in doc else "", setup, top,
+                       tuple(sorted(module_names)) if module_names is not None else None)
 
 
 def _collect(want_train: int, want_val: int, val_fraction: float, seed: int, keep) -> tuple[list, list]:
@@ -145,13 +183,13 @@ def _pairs(funcs: list[Function], rng: random.Random) -> list[dict]:
         words = fn.summary.split()
         other = _other(fn, funcs, rng) if rng.random() < 0.5 or len(set(words)) < 3 else None
         if other is not None:
-            rejected = other.summary
+            rejected, kind = other.summary, "mismatched"
         elif len(set(words)) >= 3:
-            rejected = " ".join(_shuffled(words, rng))
+            rejected, kind = " ".join(_shuffled(words, rng)), "shuffled"
         else:
             continue
         rows.append({"prompt": DOCSTRING_PROMPT.format(code=fn.code), "chosen": fn.summary, "rejected": rejected,
-                     "source": f"{fn.file}:{fn.name}"})
+                     "source": f"{fn.file}:{fn.name}", "kind": kind})
     return rows
 
 
@@ -202,9 +240,13 @@ def docstring_reward(prompt: str, completion: str, reference: str = "", **_) -> 
 
 def _prompt_row(fn: Function, passing: set[str]) -> dict:
     ok = f"{fn.file}:{fn.name}" in passing
-    return {"prompt": fn.header, "chat_prompt": FUNCTION_PROMPT.format(name=fn.name, doc=fn.summary),
+    # the text prompt stops at the docstring's closing quotes, not after its newline: the tokenizer
+    # merges a newline with the next line's indent, so a prompt ending in a bare newline is one the
+    # model has rarely seen (greedy completions then end the function at once)
+    return {"prompt": fn.header.rstrip("\n"), "chat_prompt": FUNCTION_PROMPT.format(name=fn.name, doc=fn.summary),
             "header": fn.header, "entry_point": fn.name,
-            "doctest": fn.doctest if ok else "", "setup": fn.setup if ok else "", "source": f"{fn.file}:{fn.name}"}
+            "doctest": fn.doctest if ok else "", "setup": fn.setup if ok else "", "source": f"{fn.file}:{fn.name}",
+            "module_names": list(fn.module_names) if fn.module_names is not None else None}
 
 
 def _passing_doctests(funcs: list[Function], sandbox: SandboxConfig | None) -> set[str]:
@@ -286,10 +328,33 @@ def _program(completion: str, header: str, entry_point: str) -> tuple[str, ast.M
     return None, "syntax_error"
 
 
+_BUILTINS = frozenset(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__builtins__"}
+
+
+def static_problem(fn: ast.FunctionDef, module_names: list[str] | tuple[str, ...] | None) -> str | None:
+    """What a linter would flag in a function that cannot be right, or None. "ignores_arguments":
+    it takes parameters and its body reads none of them (`return os` for `isleap(year)`);
+    "undefined_name": it reads a name that neither it, its parameters, its module
+    (`module_names`; unchecked when None) nor the builtins define, a NameError when it runs."""
+    a = fn.args
+    params = {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if p is not None}
+    body = fn.body[1:] if ast.get_docstring(fn) else fn.body
+    read = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    if params and not read & params:
+        return "ignores_arguments"
+    if module_names is not None:
+        local = _bound_names(body, into_functions=True) or set()
+        if read - local - params - set(module_names) - _BUILTINS:
+            return "undefined_name"
+    return None
+
+
 def code_reward(prompt: str, completion: str, entry_point: str = "", header: str = "", doctest: str = "",
-                setup: str = "", sandbox: SandboxConfig | None = None, **_) -> tuple[float, str]:
-    """1.0 when the completed function parses and is more than a stub, and (where the row has
-    doctests) passes them in the sandbox; else 0.0. Returns (reward, reason)."""
+                setup: str = "", sandbox: SandboxConfig | None = None, module_names: list[str] | None = None,
+                **_) -> tuple[float, str]:
+    """1.0 when the completed function parses, is more than a stub, passes `static_problem`'s
+    checks, and (where the row has doctests) passes them in the sandbox; else 0.0. Returns
+    (reward, reason)."""
     program, tree = _program(completion, header or prompt, entry_point)
     if program is None:
         return 0.0, tree
@@ -298,6 +363,9 @@ def code_reward(prompt: str, completion: str, entry_point: str = "", header: str
         return 0.0, "no_function"
     if _trivial(defs[0].body[1:] if ast.get_docstring(defs[0]) else defs[0].body):
         return 0.0, "empty_body"
+    problem = static_problem(defs[0], module_names)
+    if problem:
+        return 0.0, problem
     if not doctest:
         return 1.0, "parsed"
     from kiln.train.sandbox import run_python

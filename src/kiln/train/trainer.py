@@ -196,8 +196,12 @@ class Trainer:
         env = self.env
         total = torch.zeros((), device=env.device)
         sums: dict[str, float] = {}
+        self.last_step_tokens = 0
         for i in range(self.accum):
             batch = to_device(self.loader.next_batch(), env.device)
+            # a loader that pads each batch to its own longest row says how many positions it holds
+            # (`batch_tokens`); the others hold `tokens_per_batch` every time
+            self.last_step_tokens += getattr(self.loader, "batch_tokens", None) or self.tokens_per_micro
             if env.pipeline is not None:  # forward and backward of every microbatch, scheduled across stages
                 with self.autocast:
                     total += env.pipeline.run(batch, 1.0 / self.accum)
@@ -276,7 +280,7 @@ class Trainer:
             self.say(f"warning: train.warmup_steps={tc.warmup_steps} ≥ train.max_steps={tc.max_steps}: the whole run "
                      "stays in warmup and the learning rate never decays; lower train.warmup_steps")
         bar = self._progress_bar()
-        t_window, steps_window = time.perf_counter(), 0
+        t_window, tokens_window = time.perf_counter(), 0
         t_run = time.perf_counter()
         elapsed0 = self.elapsed
         start_step = self.step
@@ -298,15 +302,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.record(loss, reason, self.step + 1)
             self.step += 1
-            self.tokens += self.tokens_per_step
-            steps_window += 1
+            step_tokens = self.last_step_tokens * env.dp_world  # every rank's micro-batches alike (rank 0's count)
+            self.tokens += step_tokens
+            tokens_window += step_tokens
             if reason is not None:
                 self.say(f"step {self.step} skipped: {reason}")
             record = None
             now = time.perf_counter()
             self.elapsed = elapsed0 + (now - t_run)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps or reason is not None:
-                tps = self.tokens_per_step * steps_window / (now - t_window)
+                tps = tokens_window / (now - t_window)
                 record = {
                     **extra,  # the objective's own metrics; the loop's names below win a clash
                     "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
@@ -316,7 +321,7 @@ class Trainer:
                 mem = _memory_gb(env.device)
                 if mem:
                     record["memory_gb"] = mem
-                t_window, steps_window = time.perf_counter(), 0
+                t_window, tokens_window = time.perf_counter(), 0
                 rate = (now - t_run) / max(1, self.step - start_step)
                 if bar is None:
                     self.say(self._log_line(record, peak, rate * (tc.max_steps - self.step)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.preference_data import Pair, PairLoader, eval_pair_batches, load_pairs, pair_batch
+from kiln.data.preference_data import Pair, PairLoader, by_kind, eval_pair_batches, load_pairs, pair_batch
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.transformer import Transformer
 from kiln.train import parallel
@@ -22,7 +22,7 @@ from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer, to_device
 from kiln.workloads.common import prepare_run_dir
 from kiln.workloads.pretrain import matmul_shapes
-from kiln.workloads.reward import accuracy_of, pad_id, report_preferences, start_point
+from kiln.workloads.reward import accuracy_of, pad_id, report_preferences, right_of, start_point
 
 WORKLOAD = "dpo"
 
@@ -96,7 +96,8 @@ class DPO(Objective):
         return {"val_loss": (float(loss) * n, n), "val_rewards_accuracy": (float(accuracy_of(chosen - rejected)) * n, n),
                 "val_rewards_margin": (float((chosen - rejected).sum()), n),
                 # the policy's own preference, no reference involved: before vs after training
-                "val_logp_accuracy": (float(accuracy_of(own)) * n, n), "val_logp_margin": (float(own.sum()), n)}
+                "val_logp_accuracy": (float(accuracy_of(own)) * n, n), "val_logp_margin": (float(own.sum()), n),
+                **by_kind("val_logp_accuracy", batch, right_of(own))}
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.preference_data import PairLoader, eval_pair_batches, load_pairs
+from kiln.data.preference_data import PairLoader, by_kind, eval_pair_batches, load_pairs
 from kiln.data.tokenizer import PAD, load_tokenizer
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
@@ -102,9 +102,14 @@ def append_report(run_dir: str | Path, title: str, lines: list[str]) -> Path:
     return path
 
 
+def right_of(margin: torch.Tensor) -> torch.Tensor:
+    """1 for each pair ranked right by `margin` (chosen − rejected), 0.5 for a tie, else 0."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
 def accuracy_of(margin: torch.Tensor) -> torch.Tensor:
-    """Share of pairs ranked right by `margin` (chosen − rejected); a tie counts half."""
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    """Share of pairs ranked right by `margin`; a tie counts half."""
+    return right_of(margin).mean()
 
 
 def pair_scores(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +142,8 @@ class BradleyTerry(Objective):
         n = float(rc.shape[0])
         margin = rc - rr
         return {"val_loss": (float(bradley_terry_loss(rc, rr)) * n, n),
-                "val_accuracy": (float(accuracy_of(margin)) * n, n), "val_margin": (float(margin.sum()), n)}
+                "val_accuracy": (float(accuracy_of(margin)) * n, n), "val_margin": (float(margin.sum()), n),
+                **by_kind("val_accuracy", batch, right_of(margin))}
 
 
 def run_reward(cfg: Config) -> dict:
@@ -200,4 +206,8 @@ def report_preferences(run_dir: str, title: str, train_stats, val_stats, rows: l
         for label, key, fmt in rows:
             if key in first and key in last:
                 lines.append(f"| {label} | {fmt.format(first[key])} | {fmt.format(last[key])} |")
+            for kind in sorted(k[len(key) + 1:] for k in last if k.startswith(key + "_") and k in first
+                               and key.endswith("accuracy")):
+                lines.append(f"| {label}, {kind} pairs | {fmt.format(first[f'{key}_{kind}'])} | "
+                             f"{fmt.format(last[f'{key}_{kind}'])} |")
     append_report(run_dir, title, lines)

@@ -37,6 +37,7 @@ from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.heads import ScalarHeadModel, sequence_scores
 from kiln.model.transformer import KVCache, Transformer
+from kiln.runs import atomic_write_text
 from kiln.serve.engine import sample_next
 from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager, load_model_tensors
@@ -354,6 +355,10 @@ class RolloutLoader:
             text = text[:cut] if cut is not None else text
         return text
 
+    def steps_done(self) -> int:
+        """Optimizer steps taken so far (each rollout serves rl.updates_per_rollout of them)."""
+        return (self.rollouts - 1) * self.rc.updates_per_rollout + self.uses if self.rollouts else 0
+
     def next_batch(self) -> Batch:
         if self.cached is not None and self.uses < self.rc.updates_per_rollout:
             self.uses += 1
@@ -458,6 +463,8 @@ class GRPO(Objective):
                  loader: RolloutLoader | None = None) -> None:
         super().__init__()
         self.rc, self.scorer, self.eval_prompts, self.loader = rc, scorer, eval_prompts, loader
+        self.samples: list[dict] = []  # every evaluation's greedy completions (this rank's), for rl_samples.jsonl
+        self._pending: list[dict] = []
         if reference is not None:
             self.frozen["reference"] = reference
 
@@ -480,9 +487,18 @@ class GRPO(Objective):
                                          loader.stop_ids, None, loader.env.device,
                                          loader.tok.get_vocab_size(), loader._stop_text())
         texts = [loader.completion_text(c) for c in completions]
-        rewards, _ = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        rewards, reasons = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        self._pending += [{"prompt": p.text, "completion": t, "reward": r, "reason": why}
+                          for p, t, r, why in zip(prompts, texts, rewards, reasons, strict=True)]
         n = float(len(prompts))
         return {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(map(len, completions))), n)}
+
+
+    def eval_finish(self, totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+        step = self.loader.steps_done() if self.loader is not None else 0
+        self.samples += [{"step": step, **row} for row in self._pending]
+        self._pending = []
+        return super().eval_finish(totals)
 
 
 def eval_prompt_batches(prompts: list[Prompt], batch_size: int, rank: int, world: int) -> list[Batch]:
@@ -589,12 +605,17 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
         last = trainer.fit()
     trainer.say("reward reasons over the run: " + ", ".join(f"{k} {v:,}" for k, v in loader.reasons.most_common()))
     if env.is_main:
-        report_rl(cfg, loader, skipped, fmt)
+        report_rl(cfg, loader, skipped, fmt, objective.samples)
     return last
 
 
-def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str) -> None:
-    """The report's GRPO section: the held-out reward curve (a plot) and the run's reward reasons."""
+SHOWN_SAMPLES = 4  # held-out completions quoted in the report, at the first and the last evaluation
+
+
+def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, samples: list[dict]) -> None:
+    """The report's GRPO section: the held-out reward curve (a plot), the run's reward reasons and
+    what the policy wrote for the same held-out prompts at the first and the last evaluation (all
+    of them in rl_samples.jsonl)."""
     from kiln.train.metrics import read_metrics
 
     metrics = read_metrics(cfg.out)
@@ -610,6 +631,16 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str) ->
                      f"step {val[-1][0]}**")
     if train and _plot_rewards(train, val, Path(cfg.out) / "rl_reward.png"):
         lines += ["", "![rollout and held-out reward](rl_reward.png)"]
+    if samples:
+        atomic_write_text(Path(cfg.out) / "rl_samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+        steps = sorted({r["step"] for r in samples})
+        lines += ["", f"Held-out greedy completions (all {len(samples):,}, every evaluation: `rl_samples.jsonl`):", ""]
+        for step in dict.fromkeys((steps[0], steps[-1])):
+            for r in [r for r in samples if r["step"] == step][:SHOWN_SAMPLES]:
+                prompt = r["prompt"].strip().splitlines()[0][:80] if r["prompt"].strip() else ""
+                lines += [f"- step {step}, reward {r['reward']:.2f} ({r['reason']}) — `{prompt}`", "",
+                          "  ```", *[f"  {ln}" for ln in (r["completion"].rstrip() or "(empty)").splitlines()[:12]],
+                          "  ```"]
     append_report(cfg.out, "GRPO", lines)
 
 
