@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -157,6 +158,18 @@ def alignment_runs(work, prepared) -> dict[str, Path]:
         assert kiln(verb, f"out={work / f'{verb}-single'}", *common, *layouts["single"]) == 0
     runs = [{"name": f"{verb}-{lay}", "verb": verb, "args": [f"out={work / f'{verb}-{lay}'}", *common, *extra]}
             for verb in ("reward", "dpo") for lay, extra in layouts.items() if lay != "single"]
+    # GRPO: each rank samples and scores its own prompts; the update is one (ranks' gradients reduced)
+    from test_rl import RL_FAST
+
+    prompts = work / "rl-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "mode": "ok"}) + "\n" for i in range(12)))
+    val = work / "rl-val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"def g{i}(y):\n", "mode": "ok"}) + "\n" for i in range(4)))
+    rl = [f"init_from={base}", *RL_FAST, f"train.max_steps={ALIGN_STEPS}", f"train.eval_every={ALIGN_STEPS}",
+          f"rl.prompts={prompts}", f"rl.val_prompts={val}", "rl.reward=test_rl:misbehaving_reward", "rl.prompts_per_step=2", "rl.group_size=2",
+          "rl.eval_prompts=4", "rl.kl_coef=0.1"]
+    runs += [{"name": f"rl-{lay}", "verb": "rl", "args": [f"out={work / f'rl-{lay}'}", *rl, *layouts[lay][:-1]]}
+             for lay in ("ddp", "fsdp")]
     res = torchrun(2, runs, work)
     assert all(r["rc"] == 0 for r in res.values()), res
     return {r["name"]: work / r["name"] for r in [*runs, {"name": "reward-single"}, {"name": "dpo-single"}]}
@@ -172,6 +185,23 @@ def test_reward_and_dpo_on_two_ranks_match_a_single_process(alignment_runs, verb
     worst = max(abs(got[s] - want[s]) for s in got)
     assert worst < TOL, f"{verb} on {layout}: losses differ from a single process by {worst:.2e}\n{got}\n{want}"
     assert len(set(got.values())) > 1  # the loss moves: the steps trained
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_grpo_runs_on_two_ranks(alignment_runs, layout):
+    """GRPO under DDP and FSDP2 (rollouts decode through the sharded model: every rank must run as
+    many forward passes): every step trains and logs, evaluation runs, the checkpoint holds the
+    whole model."""
+    from kiln.train.checkpoint import CheckpointManager
+
+    out = alignment_runs[f"rl-{layout}"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "reward_mean" in m] == list(range(1, ALIGN_STEPS + 1))
+    assert [m["step"] for m in metrics if "val_reward" in m] == [0, ALIGN_STEPS]
+    assert all(math.isfinite(m["loss"]) and "kl" in m for m in metrics if "reward_mean" in m)
+    ck = CheckpointManager(out).latest_intact()
+    assert ck is not None and (ck / "model.safetensors").is_file()
+    assert "## GRPO" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("layout", [n for n in LAYOUTS_2 if "accum" not in n])

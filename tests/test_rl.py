@@ -153,6 +153,31 @@ def test_the_code_reward_refuses_bodies_a_linter_would_flag():
         assert code_reward("", body, entry_point="double", header=HEADER, module_names=names) == (1.0, "parsed")
     # a module whose names are unknown (a `*` import) checks the arguments only
     assert code_reward("", "    return x + unknown\n", entry_point="double", header=HEADER) == (1.0, "parsed")
+    # what GRPO found next, each in turn: the argument handed back, a nested definition never used,
+    # a no-op behind a test; and a nested function's parameter binds nothing in the outer body
+    assert code_reward("", "    return x\n", entry_point="double", header=HEADER, module_names=names) == \
+        (0.0, "returns_argument")
+    for body in ("    def __init__(self):\n        return x\n", "    if isinstance(x, str):\n        return None\n"):
+        assert code_reward("", body, entry_point="double", header=HEADER, module_names=names) == (0.0, "empty_body")
+    assert code_reward("", "    def g(self):\n        return 1\n    return self.y + x\n", entry_point="double",
+                       header=HEADER, module_names=names) == (0.0, "undefined_name")
+    # a closure reading the argument uses it
+    assert code_reward("", "    def g():\n        return x * 2\n    return g()\n", entry_point="double",
+                       header=HEADER, module_names=names) == (1.0, "parsed")
+
+
+def test_only_doctests_that_call_the_function_itself_count():
+    """`>>> subprocess.getoutput(...)` in `getoutput`'s docstring tests the module's copy: any body
+    would pass it (GRPO's `def __init__(self): return cmd` did)."""
+    from kiln.data.preference_default import Function, _calls_itself
+
+    def fn(doc: str) -> Function:
+        return Function("m.py", "getoutput", "Run a command.", "", "", doc, "", True)
+
+    assert _calls_itself(fn(">>> getoutput('ls')\n'x'\n"))
+    assert _calls_itself(fn(">>> x = getoutput ('ls')\n"))
+    assert not _calls_itself(fn(">>> subprocess.getoutput('ls')\n'x'\n"))
+    assert not _calls_itself(fn(">>> my_getoutput('ls')\n'x'\n"))
 
 
 def test_the_default_rl_prompts_stop_at_the_docstring_and_their_functions_pass_the_reward():

@@ -65,12 +65,16 @@ def _files(seed: int) -> list[Path]:
 
 
 def _trivial(body: list[ast.stmt]) -> bool:
-    """A stub: nothing but a docstring, `pass`, `...`, a bare `return` / `return None` or
-    `raise NotImplementedError`. It parses but writes no function, and a policy rewarded for
+    """A stub: nothing but a docstring, `pass`, `...`, a bare `return` / `return None`,
+    `raise NotImplementedError`, nested definitions, or `if` statements holding only these. It parses but writes no function, and a policy rewarded for
     parsing alone finds it within a few steps (measured: a bare `return` after 10)."""
     def stub(s: ast.stmt) -> bool:
         if isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)):
             return True
+        if isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            return True  # defining something and never using it does nothing (GRPO found that one too)
+        if isinstance(s, ast.If):  # every branch a stub: a no-op behind a test (`if isinstance(x, str): return None`)
+            return all(stub(b) for b in s.body + s.orelse)
         if isinstance(s, ast.Return):
             return s.value is None or (isinstance(s.value, ast.Constant) and s.value.value is None)
         if isinstance(s, ast.Raise) and s.exc is not None:
@@ -262,8 +266,17 @@ def _passing_doctests(funcs: list[Function], sandbox: SandboxConfig | None) -> s
     result = run_python(program, SandboxConfig(timeout_s=max(30.0, limits.timeout_s), memory_mb=max(1024, limits.memory_mb),
                                                max_output_bytes=1 << 20, max_procs=limits.max_procs,
                                                max_file_mb=limits.max_file_mb, tmp_dir=limits.tmp_dir))
-    found = re.findall(r"^KILN-PASS (.+)$", result.stdout, re.M)
-    return set(found)
+    found = set(re.findall(r"^KILN-PASS (.+)$", result.stdout, re.M))
+    # the examples must call the function itself: `>>> subprocess.getoutput(...)` tests the
+    # module's copy, which any body would "pass"
+    return {f"{fn.file}:{fn.name}" for fn in funcs if f"{fn.file}:{fn.name}" in found and _calls_itself(fn)}
+
+
+def _calls_itself(fn: Function) -> bool:
+    import doctest
+
+    calls = re.compile(rf"(?<![\w.]){re.escape(fn.name)}\s*\(")
+    return any(calls.search(ex.source) for ex in doctest.DocTestParser().get_examples(fn.doctest))
 
 
 def _body_of(fn: Function) -> str:
@@ -331,19 +344,48 @@ def _program(completion: str, header: str, entry_point: str) -> tuple[str, ast.M
 _BUILTINS = frozenset(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__builtins__"}
 
 
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+def _own_nodes(body: list[ast.stmt]) -> Iterator[ast.AST]:
+    """The nodes of a function body in its own scope: nested functions, lambdas and classes are
+    not entered (their names are theirs), though their decorators and defaults are."""
+    todo = list(body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, _SCOPES):
+            outer = [*node.decorator_list] if not isinstance(node, ast.Lambda) else []
+            if not isinstance(node, ast.ClassDef):
+                outer += [d for d in node.args.defaults + node.args.kw_defaults if d is not None]
+            else:
+                outer += node.bases + [k.value for k in node.keywords]
+            todo.extend(outer)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def static_problem(fn: ast.FunctionDef, module_names: list[str] | tuple[str, ...] | None) -> str | None:
     """What a linter would flag in a function that cannot be right, or None. "ignores_arguments":
     it takes parameters and its body reads none of them (`return os` for `isleap(year)`);
+    "returns_argument": its whole body is `return <a parameter>` (`return year`);
     "undefined_name": it reads a name that neither it, its parameters, its module
-    (`module_names`; unchecked when None) nor the builtins define, a NameError when it runs."""
+    (`module_names`; unchecked when None) nor the builtins define, a NameError when it runs.
+    Names are taken in the function's own scope: a nested function's parameters bind nothing
+    outside it."""
     a = fn.args
     params = {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if p is not None}
     body = fn.body[1:] if ast.get_docstring(fn) else fn.body
-    read = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    if params and not read & params:
+    own = list(_own_nodes(body))
+    read = {n.id for n in own if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    in_closures = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    if params and not in_closures & params:  # a nested function reading an argument uses it too
         return "ignores_arguments"
+    if len(body) == 1 and isinstance(body[0], ast.Return) and isinstance(body[0].value, ast.Name) \
+            and body[0].value.id in params:
+        return "returns_argument"
     if module_names is not None:
-        local = _bound_names(body, into_functions=True) or set()
+        local = _bound_names([n for n in own if not isinstance(n, ast.Lambda)], into_functions=False) or set()
         if read - local - params - set(module_names) - _BUILTINS:
             return "undefined_name"
     return None

@@ -491,13 +491,18 @@ class GRPO(Objective):
         self._pending += [{"prompt": p.text, "completion": t, "reward": r, "reason": why}
                           for p, t, r, why in zip(prompts, texts, rewards, reasons, strict=True)]
         n = float(len(prompts))
-        return {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(map(len, completions))), n)}
+        out = {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(map(len, completions))), n)}
+        for why, count in Counter(reasons).items():  # shares of the held-out completions by reason
+            out[f"val_reason_{why}"] = (float(count), 0.0)  # divided by every batch's count in eval_finish
+        return out
 
 
     def eval_finish(self, totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         step = self.loader.steps_done() if self.loader is not None else 0
         self.samples += [{"step": step, **row} for row in self._pending]
         self._pending = []
+        n = totals.get("val_reward", (0.0, 0.0))[1]
+        totals = {k: (v[0], n) if k.startswith("val_reason_") else v for k, v in totals.items()}
         return super().eval_finish(totals)
 
 
@@ -629,6 +634,16 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
     if val:
         lines.append(f"- held-out mean reward (greedy): **{val[0][1]:.3f} at step {val[0][0]} → {val[-1][1]:.3f} at "
                      f"step {val[-1][0]}**")
+    evals = [m for m in metrics if "val_reward" in m]
+    if evals and any(k.startswith("val_reason_") for k in evals[0]):
+        first, last = evals[0], evals[-1]
+        if first.get("val_reason_syntax_error") is not None or last.get("val_reason_syntax_error") is not None:
+            parse = [1 - m.get("val_reason_syntax_error", 0.0) - m.get("val_reason_no_function", 0.0) for m in (first, last)]
+            lines.append(f"- held-out completions that parse: {parse[0]:.1%} at step {first['step']} → {parse[1]:.1%} "
+                         f"at step {last['step']}")
+        kinds = sorted({k[len("val_reason_"):] for m in (first, last) for k in m if k.startswith("val_reason_")})
+        lines.append("- held-out completions by reason, first → last evaluation: " + ", ".join(
+            f"{k} {first.get('val_reason_' + k, 0.0):.0%} → {last.get('val_reason_' + k, 0.0):.0%}" for k in kinds))
     if train and _plot_rewards(train, val, Path(cfg.out) / "rl_reward.png"):
         lines += ["", "![rollout and held-out reward](rl_reward.png)"]
     if samples:
