@@ -244,11 +244,12 @@ def eval_pair_batches(pairs: list[Pair], batch_size: int, seq_len: int, pad_id: 
     """Every held-out pair once (this rank's share), in batches; when the pairs have kinds, each
     batch lists them under "kind" (the objectives then report accuracy by kind too)."""
     mine = pairs[rank::world]
+    kinds = any(p.kind for p in pairs)
     batches = []
     for i in range(0, len(mine), batch_size):
         chunk = mine[i : i + batch_size]
         batch = pair_batch(chunk, seq_len, pad_id)
-        if any(p.kind for p in pairs):
+        if kinds:
             batch["kind"] = [p.kind or "other" for p in chunk]
         batches.append(batch)
     return batches

@@ -85,11 +85,10 @@ def _trivial(body: list[ast.stmt]) -> bool:
     return all(stub(s) for s in body)
 
 
-def _bound_names(nodes: list[ast.AST], into_functions: bool) -> set[str] | None:
-    """Every name the statements bind (assignments, loop and `with` targets, imports, `def`,
-    `class`, parameters, `except ... as`, `global`); None when a `from m import *` makes that
-    unknowable. With `into_functions` False, function and class bodies are not entered (their
-    names are local to them)."""
+def _bound_names(nodes: list[ast.AST]) -> set[str] | None:
+    """Every name the statements bind in their own scope (assignments, loop and `with` targets,
+    imports, `def` and `class` names, `except ... as`, `global`); None when a `from m import *`
+    makes that unknowable. Function and class bodies are not entered (their names are theirs)."""
     names: set[str] = set()
     todo = list(nodes)
     while todo:
@@ -103,8 +102,7 @@ def _bound_names(nodes: list[ast.AST], into_functions: bool) -> set[str] | None:
                 names.add(a.asname or a.name.split(".")[0])
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
-            if not into_functions:
-                continue
+            continue
         elif isinstance(node, ast.arg):
             names.add(node.arg)
         elif isinstance(node, ast.ExceptHandler) and node.name:
@@ -128,7 +126,7 @@ def functions_of(path: Path) -> Iterator[Function]:
     rel = str(path.relative_to(stdlib_root()))
     setup = "".join(f"try:\n    {ast.unparse(n)}\nexcept Exception:\n    pass\n" for n in tree.body
                     if isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and not n.level and n.module != "__future__"))
-    module_names = _bound_names(tree.body, into_functions=False)
+    module_names = _bound_names(tree.body)
     nodes = [(n, True) for n in tree.body]
     nodes += [(m, False) for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body]
     for node, top in nodes:
@@ -341,6 +339,11 @@ def _program(completion: str, header: str, entry_point: str) -> tuple[str, ast.M
     return None, "syntax_error"
 
 
+def _body(fn: ast.FunctionDef) -> list[ast.stmt]:
+    """A function's statements after its docstring."""
+    return fn.body[1:] if ast.get_docstring(fn) else fn.body
+
+
 _BUILTINS = frozenset(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__builtins__"}
 
 
@@ -375,9 +378,8 @@ def static_problem(fn: ast.FunctionDef, module_names: list[str] | tuple[str, ...
     outside it."""
     a = fn.args
     params = {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if p is not None}
-    body = fn.body[1:] if ast.get_docstring(fn) else fn.body
-    own = list(_own_nodes(body))
-    read = {n.id for n in own if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    body = _body(fn)
+    read = {n.id for n in _own_nodes(body) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     in_closures = {n.id for s in body for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     if params and not in_closures & params:  # a nested function reading an argument uses it too
         return "ignores_arguments"
@@ -385,7 +387,7 @@ def static_problem(fn: ast.FunctionDef, module_names: list[str] | tuple[str, ...
             and body[0].value.id in params:
         return "returns_argument"
     if module_names is not None:
-        local = _bound_names([n for n in own if not isinstance(n, ast.Lambda)], into_functions=False) or set()
+        local = _bound_names(body) or set()
         if read - local - params - set(module_names) - _BUILTINS:
             return "undefined_name"
     return None
@@ -403,7 +405,7 @@ def code_reward(prompt: str, completion: str, entry_point: str = "", header: str
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and (not entry_point or n.name == entry_point)]
     if not defs:
         return 0.0, "no_function"
-    if _trivial(defs[0].body[1:] if ast.get_docstring(defs[0]) else defs[0].body):
+    if _trivial(_body(defs[0])):
         return 0.0, "empty_body"
     problem = static_problem(defs[0], module_names)
     if problem:

@@ -206,8 +206,9 @@ def report_preferences(run_dir: str, title: str, train_stats, val_stats, rows: l
         for label, key, fmt in rows:
             if key in first and key in last:
                 lines.append(f"| {label} | {fmt.format(first[key])} | {fmt.format(last[key])} |")
-            for kind in sorted(k[len(key) + 1:] for k in last if k.startswith(key + "_") and k in first
-                               and key.endswith("accuracy")):
+            if not key.endswith("accuracy"):
+                continue
+            for kind in sorted(k[len(key) + 1:] for k in last if k.startswith(key + "_") and k in first):
                 lines.append(f"| {label}, {kind} pairs | {fmt.format(first[f'{key}_{kind}'])} | "
                              f"{fmt.format(last[f'{key}_{kind}'])} |")
     append_report(run_dir, title, lines)

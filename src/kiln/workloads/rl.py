@@ -496,7 +496,6 @@ class GRPO(Objective):
             out[f"val_reason_{why}"] = (float(count), 0.0)  # divided by every batch's count in eval_finish
         return out
 
-
     def eval_finish(self, totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         step = self.loader.steps_done() if self.loader is not None else 0
         self.samples += [{"step": step, **row} for row in self._pending]
@@ -624,7 +623,8 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
     from kiln.train.metrics import read_metrics
 
     metrics = read_metrics(cfg.out)
-    val = [(m["step"], m["val_reward"]) for m in metrics if "val_reward" in m]
+    evals = [m for m in metrics if "val_reward" in m]
+    val = [(m["step"], m["val_reward"]) for m in evals]
     train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
     lines = [f"- prompts in {fmt} format; reward: "
              + (f"reward model `{cfg.rl.reward_model}`" if cfg.rl.reward_model else f"`{cfg.rl.reward}`")]
@@ -634,7 +634,6 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
     if val:
         lines.append(f"- held-out mean reward (greedy): **{val[0][1]:.3f} at step {val[0][0]} → {val[-1][1]:.3f} at "
                      f"step {val[-1][0]}**")
-    evals = [m for m in metrics if "val_reward" in m]
     if evals and any(k.startswith("val_reason_") for k in evals[0]):
         first, last = evals[0], evals[-1]
         if first.get("val_reason_syntax_error") is not None or last.get("val_reason_syntax_error") is not None:
