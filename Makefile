@@ -32,7 +32,9 @@ browser:
 			>/dev/null 2>&1 || echo "make: installing chromium failed; the browser test will be skipped" >&2; \
 	else echo "make: no chromium here (apt-get install chromium chromium-driver as root); the browser test will be skipped" >&2; fi
 
+# The layering contract (pyproject.toml [tool.importlinter], docs/architecture.md) is part of the tests.
 test: $(VENV)/.full browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 lint: setup

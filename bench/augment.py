@@ -42,11 +42,13 @@ def main() -> None:
     from kiln.config import Config, load
     from kiln.data.augment import BatchAugment
     from kiln.data.images import ImageLoader
-    from kiln.data.pipeline import data_dir, run_prepare
+    from kiln.data.layout import data_dir
+    from kiln.data.pipeline import run_prepare
     from kiln.model.vision import VisionSpec, build_vision_model
     from kiln.train import parallel
     from kiln.train.optim import build_optimizer
-    from kiln.workloads.vision import Classification, vision_model_config
+    from kiln.workloads.classification import Classification
+    from kiln.workloads.vision import vision_model_config
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or str(Path(tmp) / "run")

@@ -68,7 +68,7 @@ def wide_decode(work: Path, teacher: Path, rounds: int, threads: int) -> dict:
     1024, 4 layers; two training steps, since speed does not depend on the weights) in fp32, INT8
     and INT4, on 1 and on `threads` threads. The quickstart model's 256-wide matrices sit in cache,
     where a quantized matmul's fixed cost exceeds what it saves in bytes (see KERNEL_MIN_ELEMENTS)."""
-    from kiln.post.quantize import compare_decode
+    from kiln.eval.compare import compare_decode
 
     wide = work / "wide"
     if not done(wide, 2):
@@ -117,8 +117,9 @@ def main() -> None:
              f"train.ckpt_every={args.steps}", f"train.eval_every={args.steps}", *TRAIN, threads=t)
 
     if not args.skip_quantize:
+        from kiln.eval.compare import compare_decode, format_rows, model_row
         from kiln.model.config import ModelConfig
-        from kiln.post.quantize import GROUP_SIZES, compare_decode, format_rows, matrix_names, matrix_shape, model_row
+        from kiln.model.quant import GROUP_SIZES, matrix_names, matrix_shape
 
         mc = ModelConfig.from_dict(json.loads(
             (teacher / "checkpoints" / f"step_{args.steps:07d}" / "checkpoint.json").read_text())["model"])

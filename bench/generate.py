@@ -2,7 +2,7 @@
 
 The run's checkpoint is exported with `kiln.post.export` and loaded as `LlamaForCausalLM` (SDPA
 attention); kiln's engine eager, kiln's engine with its decode step compiled (`serve.compile`,
-`kiln.serve.decode`) and `transformers` decode the same prompt greedily for `--new-tokens` tokens
+`kiln.infer.decode`) and `transformers` decode the same prompt greedily for `--new-tokens` tokens
 (end tokens stop none of them), at batch 1 and 8, alternating in one process so host noise hits
 all alike; the first round pays the compilation, and each figure is the best round's.
 Prints prefill and decode tokens/s, the ratio, whether the greedy tokens are identical, and the
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from kiln import cli
+from kiln.infer.engine import Batch, SamplingParams, Sequence
+from kiln.infer.generate import Engine
 from kiln.post.export import export_hf
-from kiln.serve.engine import Batch, Engine, SamplingParams, Sequence
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

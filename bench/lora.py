@@ -23,8 +23,9 @@ import torch
 
 from kiln.config import LoRAConfig, TrainConfig
 from kiln.hardware import tune_cpu_allocator
+from kiln.model.config import preset
 from kiln.model.lora import apply_lora, init_lora
-from kiln.model.transformer import Transformer, preset
+from kiln.model.transformer import Transformer
 from kiln.train.metrics import allocation_peak
 from kiln.train.objectives import next_token_loss
 from kiln.train.optim import build_optimizer

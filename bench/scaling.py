@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import TrainConfig
-from kiln.model.transformer import Transformer, preset
+from kiln.model.config import preset
+from kiln.model.transformer import Transformer
 from kiln.plan import estimate_training_memory
 from kiln.train.metrics import allocation_peak
 from kiln.train.optim import build_optimizer

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from kiln.config import Config, TrainConfig, load
 from kiln.hardware import tune_cpu_allocator
-from kiln.model.transformer import ModelConfig, Transformer, preset
+from kiln.model.config import ModelConfig, preset
+from kiln.model.transformer import Transformer
 from kiln.train.objectives import next_token_loss
 from kiln.train.optim import build_optimizer
 from kiln.train.parallel import apply_compile

@@ -18,7 +18,7 @@ import pytest
 from test_data_helpers import html_page, prose, write_jsonl, write_parquet, write_warc
 
 from conftest import kiln
-from kiln.data.pipeline import tokenizer_path
+from kiln.data.layout import tokenizer_path
 from kiln.data.shards import TokenLoader
 
 # Divs nested this deep and never closed: resiliparse's C extractor needs minutes on such a page.

@@ -1,4 +1,4 @@
-"""The engine's fused, sync-free decode step (`kiln.serve.decode`): the same logits as the model's
+"""The engine's fused, sync-free decode step (`kiln.infer.decode`): the same logits as the model's
 own forward for rows at different positions (eager and compiled), the model unchanged by the
 fused weights, and the models it must not take."""
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from kiln.config import LoRAConfig
+from kiln.infer import decode
+from kiln.model.config import preset
 from kiln.model.lora import apply_lora
-from kiln.model.transformer import KVCache, Transformer, preset
+from kiln.model.transformer import KVCache, Transformer
 from kiln.post.quantize import quantize_model
-from kiln.serve import decode
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -53,7 +54,7 @@ def test_the_step_gives_each_row_the_logits_of_its_whole_sequence(compile):
 
 
 def decode_rows(cache: KVCache, row: int) -> KVCache:
-    from kiln.serve.engine import _RowView
+    from kiln.infer.engine import _RowView
 
     return _RowView(cache, row, row + 1)
 

@@ -96,8 +96,7 @@ def test_window_ids_name_the_windows_each_batch_holds(teacher):
 
 
 def test_the_cache_holds_the_teachers_top_k_and_serves_a_second_student(teacher, tmp_path):
-    from kiln.serve.engine import load_model
-    from kiln.train.checkpoint import CheckpointManager
+    from kiln.infer.load import load
 
     cache = tmp_path / "cache"
     common = ["distill.teacher_logits=cached", "distill.top_k=8", f"distill.cache_dir={cache}", "train.max_steps=4"]
@@ -105,8 +104,7 @@ def test_the_cache_holds_the_teachers_top_k_and_serves_a_second_student(teacher,
     filled = __import__("numpy").load(cache / "filled.npy")
     assert int(filled.sum()) == 16  # 4 steps × 4 windows, each scored once
     w = int(filled.nonzero()[0][0])
-    ck = CheckpointManager(teacher).latest_intact()
-    model = load_model(ck, CheckpointManager.info(ck), torch.device("cpu"), torch.float32)
+    model = load(teacher, "cpu").model
     window = WindowLoader(teacher / "data", "train", 4, 64, seed=0)._window(w)[0][:-1].astype("int64")
     with torch.no_grad():
         logp = model(torch.from_numpy(window)[None])[0, :, :512].log_softmax(-1)

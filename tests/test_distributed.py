@@ -370,7 +370,8 @@ def init_peak(out: Path) -> None:
     """Inside torchrun (or alone): the allocator's peak while building and initializing the model
     the way `kiln pretrain` does under FSDP2 (meta → shard → materialize → init), and its weights."""
     from kiln.config import Config, load
-    from kiln.model.transformer import ModelConfig, Transformer
+    from kiln.model.config import ModelConfig
+    from kiln.model.transformer import Transformer
     from kiln.train import parallel
     from kiln.train.metrics import allocation_peak
 
@@ -415,7 +416,7 @@ if __name__ == "__main__":
 
 def test_generate_reads_a_sharded_checkpoint_without_consolidation(two_ranks, work, reference):
     from kiln.config import SampleConfig
-    from kiln.serve.engine import Engine
+    from kiln.infer.generate import Engine
 
     out = truncated_copy(work / "fsdp", work / "fsdp-generate", keep_step=4)
     assert not (out / "checkpoints" / "step_0000004" / "model.safetensors").exists()

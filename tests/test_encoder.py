@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, kiln
+from kiln.data.labelled_text import mask_tokens
 from kiln.data.tokenizer import SPECIAL_TOKENS
 from kiln.model.config import ModelConfig
-from kiln.model.encoder import EncoderClassifier, mask_tokens
+from kiln.model.encoder import EncoderClassifier
 from kiln.model.transformer import Transformer
 from kiln.train.checkpoint import CheckpointManager
 

@@ -15,16 +15,9 @@ import torch.nn.functional as F
 
 from conftest import TINY_TRAIN, kiln
 from kiln.config import EvalConfig
-from kiln.evaluate import (
-    evaluate_run,
-    function_body,
-    greedy_generate,
-    load_model,
-    next_line_examples,
-    parses,
-    predicted_line,
-    rolling_windows,
-)
+from kiln.eval.evaluate import evaluate_run, function_body, next_line_examples, parses, predicted_line
+from kiln.eval.scoring import greedy_generate, rolling_windows
+from kiln.infer.load import load
 from kiln.report import write_report
 
 
@@ -57,7 +50,7 @@ def test_heldout_bits_per_byte_is_trainings_validation_figure(run):
 def test_a_text_files_bits_per_byte_counts_every_byte_once(run, tmp_path):
     short = tmp_path / "short.py"
     short.write_text("def área(r):\n    return 3.14 * r * r\n")  # a two-byte character counts as two bytes
-    lm = load_model(run, "cpu")
+    lm = load(run, "cpu")
     ids = [lm.bos, *lm.encode(short.read_text())]
     want = -plain_logprob(lm.model, ids, lm.n_vocab) / math.log(2) / len(short.read_text().encode())
     res = evaluate_run(run, EvalConfig(text=[str(short)], tasks=False, max_batches=1), "cpu", write=False)
@@ -75,7 +68,7 @@ def test_rolling_windows_match_lm_evaluation_harness():
 
 
 def test_batched_greedy_generation_with_the_cache_equals_one_forward_per_token(run):
-    lm = load_model(run, "cpu")
+    lm = load(run, "cpu")
     prompts = [[lm.bos, *lm.encode(p)] for p in ("def ", "import os\nimport sys\n\nclass Foo(", "x")]
     got = greedy_generate(lm, prompts, 10, batch_size=3)
     for prompt, (ids, _) in zip(prompts, got):
@@ -191,7 +184,7 @@ def test_lm_evaluation_harness_runs_kiln_models_on_local_tasks(run, tmp_path, mo
     yaml = pytest.importorskip("yaml")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    lm = load_model(run, "cpu")
+    lm = load(run, "cpu")
     mc = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " def", " ]]"], "answer": 0},
           {"question": "import", "choices": [" os", "(((", " return"], "answer": 1}]
     ppl = [{"text": "for i in range(10):\n    print(i)\n"}, {"text": "class A:\n    pass\n"}]
@@ -229,7 +222,7 @@ def test_the_adapter_answers_each_request_shape(run):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from kiln.post.lm_eval_adapter import KilnLM
+    from kiln.eval.harness import KilnLM
 
     lm = KilnLM(str(run), device="cpu", batch_size=2)
     reqs = [Instance("loglikelihood", {}, ("def f(x):", " return x"), 0),

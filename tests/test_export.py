@@ -19,8 +19,9 @@ from conftest import STDLIB, TINY_TRAIN, kiln
 from kiln.data.chat import render
 from kiln.data.tokenizer import BOS, EOS, SPECIAL_TOKENS, load_tokenizer
 from kiln.model.transformer import Transformer
+from kiln.model.weights import load_model_tensors
 from kiln.post.export import export_gguf, export_hf, import_hf, interleave_rope_rows, read_checkpoint
-from kiln.train.checkpoint import CheckpointManager, load_model_tensors
+from kiln.train.checkpoint import CheckpointManager
 
 transformers = pytest.importorskip("transformers")  # the dev extra; the export itself needs no transformers
 FILES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py", "collections/abc.py",

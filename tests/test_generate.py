@@ -11,7 +11,8 @@ from conftest import TINY_TRAIN, kiln
 from kiln.config import SampleConfig
 from kiln.data.tokenizer import BOS
 from kiln.errors import KilnError
-from kiln.serve.engine import Engine, sample_next
+from kiln.infer.engine import sample_next
+from kiln.infer.generate import Engine
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_prompt_longer_than_the_context_is_refused_in_one_line(trained):
 
 
 def test_a_split_multibyte_character_streams_whole(trained):
-    from kiln.serve.engine import StreamDecoder
+    from kiln.infer.engine import StreamDecoder
 
     eng = Engine.from_run(trained, "cpu")
     text = "naïve — 東京 ✓"

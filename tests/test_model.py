@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kiln.errors import KilnError
-from kiln.model.transformer import PRESETS, KVCache, ModelConfig, Transformer, preset
+from kiln.model.config import PRESETS, ModelConfig, preset
+from kiln.model.transformer import KVCache, Transformer
 
 
 def small_model(**kw) -> Transformer:

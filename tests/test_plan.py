@@ -13,7 +13,8 @@ from torch.utils.hooks import RemovableHandle
 
 from kiln import cli
 from kiln.config import TrainConfig
-from kiln.model.transformer import ModelConfig, Transformer, preset
+from kiln.model.config import ModelConfig, preset
+from kiln.model.transformer import Transformer
 from kiln.plan import (
     GPUS,
     Cluster,
@@ -302,27 +303,30 @@ def test_bad_input_is_one_line(capsys, args, message):
 
 # ---- the README ------------------------------------------------------------------------------
 README = Path(__file__).resolve().parents[1] / "README.md"
+# The README is the front door; the `kiln plan` section (and its quoted output) is docs/planning.md.
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md"))]
 
 
 def _readme_plan_examples() -> list[tuple[str, list[str]]]:
-    """(arguments, quoted output lines) for each `kiln plan` command in the README.
+    """(arguments, quoted output lines) for each `kiln plan` command in the README and docs/*.md.
 
     An indented `$ kiln plan ARGS  # comment` line is followed by the lines of its output it
     quotes; "…" marks a cut. An inline `kiln plan ARGS` code span quotes nothing but must run.
     """
-    text = README.read_text()
-    lines = text.splitlines()
     examples = []
-    for i, line in enumerate(lines):
-        m = re.match(r" {4}\$ kiln plan ([^#]*)", line)
-        if m:
-            quoted = []
-            for nxt in lines[i + 1:]:
-                if not nxt.startswith("    ") or nxt.lstrip().startswith("$ "):
-                    break
-                quoted.append(nxt)
-            examples.append((m.group(1).strip(), quoted))
-    examples += [(m.group(1).strip(), []) for m in re.finditer(r"`kiln plan ([^`]*)`", text)]
+    for doc in DOCS:
+        text = doc.read_text()
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r" {4}\$ kiln plan ([^#]*)", line)
+            if m:
+                quoted = []
+                for nxt in lines[i + 1:]:
+                    if not nxt.startswith("    ") or nxt.lstrip().startswith("$ "):
+                        break
+                    quoted.append(nxt)
+                examples.append((m.group(1).strip(), quoted))
+        examples += [(m.group(1).strip(), []) for m in re.finditer(r"`kiln plan ([^`]*)`", text)]
     return examples
 
 

@@ -12,6 +12,8 @@ import torch
 
 from conftest import TINY_TRAIN, kiln
 from kiln.errors import KilnError
+from kiln.infer.load import load
+from kiln.model import quant as QF
 from kiln.model.config import preset
 from kiln.model.transformer import KVCache, Transformer
 from kiln.post import quantize as Q
@@ -22,13 +24,13 @@ FAST = [*TINY_TRAIN, "train.eval_every=1000", "train.ckpt_every=1000"]
 
 # ---- the formats -----------------------------------------------------------------------------
 def test_int4_packs_two_values_per_byte_low_nibble_first_and_unpacks_exactly():
-    assert Q.pack_int4(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]
+    assert QF.pack_int4(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]
     q = torch.randint(0, 16, (37, 128), generator=torch.Generator().manual_seed(0))
-    packed = Q.pack_int4(q)
+    packed = QF.pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (37, 64)
-    assert torch.equal(Q.unpack_int4(packed).long(), q)
+    assert torch.equal(QF.unpack_int4(packed).long(), q)
     with pytest.raises(ValueError, match="even number of columns"):
-        Q.pack_int4(torch.zeros(2, 3))
+        QF.pack_int4(torch.zeros(2, 3))
 
 
 def test_int4_round_trip_is_exact_on_values_the_grid_holds():
@@ -90,7 +92,7 @@ def test_gptq_cuts_the_output_error_where_inputs_are_correlated():
 def test_cpu_kernels_agree_with_the_dequantized_matmul(fmt):
     g = torch.Generator().manual_seed(5)
     stored = Q.quantize_rtn(torch.randn(1024, 512, generator=g) * 0.02, fmt, 32)  # large enough for the kernel
-    weight = Q.QuantWeight(stored)
+    weight = QF.QuantWeight(stored)
     x = torch.randn(1, 3, 512, generator=g)
     reference = x @ stored.dequantize().T
     with torch.no_grad():
@@ -100,7 +102,7 @@ def test_cpu_kernels_agree_with_the_dequantized_matmul(fmt):
     many = torch.randn(64, 512, generator=g)  # more rows than the kernel threshold: the exact path
     with torch.no_grad():
         assert torch.allclose(weight.linear(many), many @ stored.dequantize().T, atol=1e-5)
-    small = Q.QuantWeight(Q.quantize_rtn(torch.randn(64, 128, generator=g) * 0.02, fmt, 32))
+    small = QF.QuantWeight(Q.quantize_rtn(torch.randn(64, 128, generator=g) * 0.02, fmt, 32))
     x = torch.randn(1, 1, 128, generator=g)
     with torch.no_grad():  # a small matrix: dequantized once, then exact
         assert torch.allclose(small.linear(x), x @ small.stored().dequantize().T, atol=1e-6)
@@ -112,10 +114,10 @@ def test_tied_embedding_and_lm_head_are_stored_once_and_share_one_matrix():
     model = Transformer(mc)
     model.init_weights(0)
     stored = Q.quantize_model(model, "int4", 32)
-    tensors = Q.stored_tensors(model, stored)
+    tensors = QF.stored_tensors(model, stored)
     assert "tok_emb.weight.q" in tensors and not any(k.startswith("lm_head") for k in tensors)
     rest = {k: v for k, v in tensors.items() if not k.endswith((".q", ".scale", ".min"))}
-    quantized = Q.build_quantized(mc, stored, rest)
+    quantized = QF.build_quantized(mc, stored, rest)
     assert quantized.lm_head.qweight is quantized.tok_emb.qweight
     assert sorted(n for n, _ in quantized.named_parameters()) == sorted(rest)  # only norm gains stay float
 
@@ -150,10 +152,7 @@ def _latest(run):
 
 
 def _load(run):
-    from kiln.serve.engine import load_model
-
-    path, info = _latest(run)
-    return load_model(path, info, torch.device("cpu"), torch.float32)
+    return load(run, "cpu").model
 
 
 def test_quantized_checkpoints_are_small_and_tagged(trained, quantized):
@@ -198,17 +197,17 @@ def test_a_quantized_model_predicts_what_the_float_model_does(trained, quantized
 
 def test_engine_eval_and_export_read_quantized_runs(trained, quantized, capsys):
     from kiln.config import SampleConfig
-    from kiln.evaluate import heldout_bits_per_byte, load_model
-    from kiln.serve.engine import Engine
+    from kiln.eval.scoring import heldout_bits_per_byte
+    from kiln.infer.generate import Engine
 
     engine = Engine.from_run(quantized["int4"], "cpu")
-    assert isinstance(engine.model.lm_head, Q.QuantLinear)
+    assert isinstance(engine.model.lm_head, QF.QuantLinear)
     (text,) = engine.generate("def ", SampleConfig(max_new_tokens=8, temperature=0))
     assert isinstance(text, str)
-    lm = load_model(quantized["int8"], "cpu")
-    assert isinstance(lm.model.tok_emb, Q.QuantEmbedding) and lm.data is not None
+    lm = load(quantized["int8"], "cpu")
+    assert isinstance(lm.model.tok_emb, QF.QuantEmbedding) and lm.data is not None
     bpb = heldout_bits_per_byte(lm, lm.data, 64, 4, 2)["bpb"]
-    float_bpb = heldout_bits_per_byte(load_model(trained, "cpu"), lm.data, 64, 4, 2)["bpb"]
+    float_bpb = heldout_bits_per_byte(load(trained, "cpu"), lm.data, 64, 4, 2)["bpb"]
     assert abs(bpb / float_bpb - 1) < 0.01
     capsys.readouterr()
     assert kiln("export", f"out={quantized['int8']}") == 2
@@ -216,7 +215,8 @@ def test_engine_eval_and_export_read_quantized_runs(trained, quantized, capsys):
 
 
 def test_plan_int4_weights_match_what_kiln_quantize_writes(tmp_path):
-    from kiln.plan import GPUS, inference_estimate
+    from kiln.hardware import GPUS
+    from kiln.plan import inference_estimate
 
     mc = preset("mini", vocab_size=1024, n_layers=1)
     model = Transformer(mc)
@@ -224,7 +224,7 @@ def test_plan_int4_weights_match_what_kiln_quantize_writes(tmp_path):
     stored = Q.quantize_model(model, "int4", 64)
     from safetensors.torch import save_file
 
-    save_file(Q.stored_tensors(model, stored), tmp_path / "m.safetensors")
+    save_file(QF.stored_tensors(model, stored), tmp_path / "m.safetensors")
     row = inference_estimate(mc, GPUS["H100"], "bf16", 1, 1, 1.0, weights="int4", group_size=64)
     assert row["weights_per_gpu"] == pytest.approx((tmp_path / "m.safetensors").stat().st_size, rel=0.03)
     bf16 = inference_estimate(mc, GPUS["H100"], "bf16", 1, 1, 1.0)
@@ -261,11 +261,11 @@ def test_a_damaged_quantized_file_is_refused(quantized, tmp_path):
     data[-10] ^= 0xFF
     (ck / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(KilnError, match="is corrupt"):
-        Q.load_model(ck)
+        load(ck)
     run, ck = _copy(quantized["int4"], tmp_path, "truncated")
     (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:-100])
     with pytest.raises(KilnError, match="is truncated"):
-        Q.load_model(ck)
+        load(ck)
 
 
 def test_a_format_tag_the_loader_does_not_know_is_refused(quantized, tmp_path):
@@ -273,7 +273,7 @@ def test_a_format_tag_the_loader_does_not_know_is_refused(quantized, tmp_path):
     info = json.loads((ck / "checkpoint.json").read_text())
     (ck / "checkpoint.json").write_text(json.dumps({**info, "quantization": {**info["quantization"], "format": "int3"}}))
     with pytest.raises(KilnError, match="format this kiln does not know \\('int3'"):
-        Q.load_model(ck)
+        load(ck)
     (ck / "checkpoint.json").write_text(json.dumps({**info, "quantization": {**info["quantization"], "version": 9}}))
     with pytest.raises(KilnError, match="newer than this kiln's"):
-        Q.load_model(ck)
+        load(ck)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import preset
 from kiln.model.heads import ScalarHeadModel, sequence_scores
-from kiln.workloads.reward import accuracy_of, bradley_terry_loss
+from kiln.workloads.preference import accuracy_of
+from kiln.workloads.reward import bradley_terry_loss
 
 FAST = [*TINY_TRAIN, "train.ckpt_every=1000", "train.log_every=5"]
 
@@ -169,9 +171,23 @@ def test_a_reward_model_learns_the_preference_and_reports_held_out_accuracy(rewa
     assert info["head"] == "scalar" and info["workload"] == "reward"
 
 
+def test_a_resumed_reward_run_keeps_every_section_of_its_report(tmp_path, reward_run):
+    """Every stage pushes its own report section: a run that resumes and finishes (rebuilding the
+    report) keeps the sections other stages wrote, here `kiln eval`'s, and replaces its own."""
+    run = tmp_path / "run"
+    shutil.copytree(reward_run, run)
+    assert kiln("eval", f"out={run}", "eval.text=" + str(Path(__file__)), "eval.tasks=false") == 0
+    sections = ("## Training", "## Reward model", "## Evaluation")
+    assert all(s in (run / "report.md").read_text() for s in sections)
+    assert kiln("reward", f"out={run}", "resume=auto", "train.max_steps=24") == 0  # 4 more steps
+    report = (run / "report.md").read_text()
+    assert [report.count(s) for s in sections] == [1, 1, 1], report
+    assert "| start (step 0) | end (step 24) |" in report  # its own section, replaced
+
+
 def test_a_policy_can_start_from_a_reward_run_leaving_the_head_out(tmp_path, reward_run):
     from kiln.model.transformer import Transformer
-    from kiln.workloads.common import find_checkpoint, load_init_weights
+    from kiln.train.restore import find_checkpoint, load_init_weights
 
     ckpt = find_checkpoint(str(reward_run))
     info = json.loads((ckpt / "checkpoint.json").read_text())

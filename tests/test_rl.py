@@ -15,11 +15,13 @@ from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the 
 
 from conftest import kiln
 from kiln.config import Config, SandboxConfig, load
-from kiln.data.preference_default import code_reward, docstring_prompts, docstring_reward
+from kiln.data.preference_default import docstring_prompts
 from kiln.errors import KilnError
 from kiln.model.config import preset
 from kiln.model.transformer import Transformer
-from kiln.workloads.rl import body_end, group_advantages, grpo_loss, run_rl, sample_completions, score_job
+from kiln.rewards.code import code_reward, docstring_reward
+from kiln.rewards.runner import score_job
+from kiln.workloads.rl import body_end, complete, group_advantages, grpo_loss, run_rl
 
 SANDBOX = SandboxConfig(timeout_s=1.0, memory_mb=128, max_output_bytes=65536, max_procs=16)
 HEADER = 'def double(x):\n    """Twice x.\n\n    >>> double(2)\n    4\n    """\n'
@@ -68,8 +70,7 @@ def test_batched_sampling_matches_each_prompt_alone():
     m.init_weights(3)
     m.eval()
     prompts = [[1, 5, 9], [1, 7, 8, 20, 30, 4, 2], [1, 40]]
-    batched = sample_completions(m, prompts, 6, 0.0, 0, 1.0, stop_ids={95}, generator=None,
-                                 device=torch.device("cpu"), vocab=96)
+    batched = complete(m, prompts, 6, 0.0, 0, 1.0, "test", stop_ids={95}, vocab=96)
     for p, got in zip(prompts, batched, strict=True):
         seq = list(p)
         for _ in range(6):  # greedy, the whole sequence each step, no cache
@@ -283,6 +284,17 @@ def test_a_run_goes_through_failing_rewards_and_attacks_counting_each(rl_run):
     assert all({"prompt", "completion", "reward", "reason"} <= set(r) for r in samples)
     assert {r["prompt"] for r in samples} == {f"def c{i}(y):\n" for i in range(4)}
     assert "Held-out greedy completions" in report and "- step 4, reward" in report
+
+
+def test_a_resumed_rl_run_keeps_every_section_of_its_report(tmp_path, rl_run):
+    """A resumed GRPO run that finishes rebuilds report.md from every stage's section: its own
+    (replaced, with the new last step) and the training section both stay, once each."""
+    out = tmp_path / "run"
+    shutil.copytree(rl_run[0], out)
+    assert kiln("rl", f"out={out}", "resume=auto", "train.max_steps=6", "train.eval_every=6") == 0
+    report = (out / "report.md").read_text()
+    assert report.count("## GRPO") == 1 and report.count("## Training") == 1, report
+    assert "- step 6, reward" in report
 
 
 def test_rollouts_are_reused_for_updates_per_rollout_steps(rl_run):

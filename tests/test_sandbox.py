@@ -1,4 +1,4 @@
-"""The sandbox that runs model-written code (`kiln.train.sandbox`), attacked the ways a policy could:
+"""The sandbox that runs model-written code (`kiln.rewards.sandbox`), attacked the ways a policy could:
 loop forever, allocate 10 GB, fork repeatedly, print 1 GB, open sockets, read the home directory
 and the environment, delete files. Each ends in a failed run with its reason, quickly, and leaves
 nothing changed outside the sandbox's own (removed) directory. Bounded: 10 GB is asked for under
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kiln.config import SandboxConfig
-from kiln.train.sandbox import describe_isolation, run_python
+from kiln.rewards.sandbox import describe_isolation, run_python
 
 LIMITS = SandboxConfig(timeout_s=2.0, memory_mb=128, max_output_bytes=65536, max_procs=16)
 

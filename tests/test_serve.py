@@ -24,8 +24,10 @@ from conftest import TINY_TRAIN, kiln
 from kiln.config import Config, SampleConfig, ServeConfig
 from kiln.data.chat import prompt_ids
 from kiln.errors import KilnError
+from kiln.infer.engine import SamplingParams, Sequence
+from kiln.infer.generate import Engine
 from kiln.serve.api import Server, resolve_api_key
-from kiln.serve.engine import Engine, SamplingParams, Sequence, measure_serving
+from kiln.serve.measure import measure_serving
 from kiln.serve.scheduler import QueueFull, Scheduler
 
 REPO = Path(__file__).resolve().parent.parent

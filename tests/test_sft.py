@@ -227,13 +227,18 @@ def test_the_default_task_is_deterministic_and_never_trains_on_a_held_out_functi
 
 
 def test_the_task_metric_decodes_batched_prompts_as_one_by_one_and_scores_word_overlap(tok):
-    from kiln.workloads.sft import greedy_replies, word_f1
+    from kiln.infer.generate import generate, greedy
+    from kiln.workloads.sft import word_f1
 
     model = tiny().eval()
     prompts = [tok.encode(t).ids for t in ("def f(x):", "import os\nimport sys\n", "class A:\n    pass")]
-    end = tok.token_to_id(END)
-    together = greedy_replies(model, prompts, 10, end, tok.get_vocab_size())
-    assert together == [greedy_replies(model, [p], 10, end, tok.get_vocab_size())[0] for p in prompts]
+    end = {tok.token_to_id(END)}
+
+    def replies(ps: list[list[int]]) -> list[list[int]]:
+        return [s.tokens for s in generate(model, ps, greedy(10), stop_ids=end, vocab=tok.get_vocab_size())]
+
+    together = replies(prompts)
+    assert together == [replies([p])[0] for p in prompts]
     assert word_f1("Return the value.", "Return the key") == pytest.approx(2 / 3)
     assert word_f1("the the the the", "The cat") == pytest.approx(2 * (1 / 4) * (1 / 2) / (1 / 4 + 1 / 2))
     assert word_f1("", "x") == 0.0 and word_f1("Same words", "same, WORDS") == 1.0
@@ -328,7 +333,7 @@ def test_lora_run_on_the_default_task_beats_its_base_and_reports_it(lora_run):
 
 def test_generate_serves_the_merged_model_equal_to_adapters_on_the_base(lora_run, base, capsys):
     from kiln.config import SampleConfig
-    from kiln.serve.engine import Engine
+    from kiln.infer.generate import Engine
 
     sc = SampleConfig(prompt="def ", max_new_tokens=12, temperature=0.0)
     (served,) = Engine.from_run(lora_run, "cpu").generate(sc.prompt, sc)

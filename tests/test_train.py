@@ -17,7 +17,7 @@ from kiln.train import parallel
 from kiln.train.objectives import LanguageModeling
 from kiln.train.optim import lr_at
 from kiln.train.trainer import Trainer
-from kiln.workloads.pretrain import model_config_for
+from kiln.workloads.common import model_config_for
 
 
 def metrics(run) -> list[dict]:

@@ -20,7 +20,7 @@ from kiln.model.transformer import Transformer
 from kiln.train import parallel
 from kiln.train.objectives import LanguageModeling, Objective, next_token_loss
 from kiln.train.trainer import SpikeGuard, Trainer
-from kiln.workloads.pretrain import model_config_for
+from kiln.workloads.common import model_config_for
 
 FAST = [*TINY_TRAIN, "train.eval_every=1000", "train.ckpt_every=1000"]
 
@@ -122,7 +122,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(run_dir, tmp_path)
 
 
 def test_init_from_takes_subsets_and_supersets_and_refuses_anything_else(run_dir, tmp_path):
-    from kiln.workloads.common import load_init_weights
+    from kiln.train.restore import load_init_weights
 
     mc = model_config_for(load(Config, None, FAST), 512)
     src = Transformer(mc)
@@ -222,14 +222,14 @@ def test_a_run_of_another_workload_is_not_continued_by_pretrain(run_dir):
 
 
 def test_the_report_calls_an_mfu_above_100_percent_a_measurement_error(tmp_path):
-    from kiln.report import write_report
+    from kiln.train.report import push_training_section  # what the Trainer does at the end of a run
 
     run = tmp_path / "r"
     run.mkdir()
     rows = [{"step": s, "loss": 3.0, "tokens_per_s": 1000.0, "mfu": 1.05, "peak_flops": 1e11} for s in (1, 2, 3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = write_report(run).read_text()
+    text = push_training_section(run).read_text()
     assert "MFU median 105.0% of 100 GFLOP/s" in text and "measurement error, not a result" in text
     rows = [{**r, "mfu": 0.8} for r in rows]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert "measurement error" not in write_report(run).read_text()
+    assert "measurement error" not in push_training_section(run).read_text()

@@ -107,7 +107,7 @@ VERBS: dict[str, Verb] = {
         shorthand="quantize",
     ),
     "generate": Verb(
-        "kiln.serve.engine:run_generate",
+        "kiln.infer.generate:run_generate",
         "sample from a run's latest checkpoint with the KV cache",
         sections=("out", "device", "sample"),
         shorthand="sample",
@@ -149,7 +149,7 @@ VERBS: dict[str, Verb] = {
         positional="hf_import.path",
     ),
     "eval": Verb(
-        "kiln.evaluate:run_eval",
+        "kiln.eval.evaluate:run_eval",
         "bits per byte, code task metrics and samples for a run, checkpoint or export; eval.json and the report",
         sections=("out", "device", "eval"),
         shorthand="eval",

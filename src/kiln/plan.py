@@ -27,6 +27,7 @@ from typing import Literal
 
 from kiln.config import model_section, ranged
 from kiln.errors import KilnError
+from kiln.hardware import GPU_PRICES, GPUS, GPUSpec, gpu_spec
 from kiln.model.config import ModelConfig
 
 GB = 1e9  # datasheets count memory and bandwidth in powers of ten
@@ -53,10 +54,10 @@ class InterconnectConfig:
 @dataclass
 class PricesConfig:
     # $ per GPU-hour: assumptions (typical 2025 cloud on-demand rates), not quotes.
-    a100: float = ranged(1.8, ge=0)
-    h100: float = ranged(2.5, ge=0)
-    h200: float = ranged(3.5, ge=0)
-    b200: float = ranged(5.5, ge=0)
+    a100: float = ranged(GPU_PRICES["a100"], ge=0)
+    h100: float = ranged(GPU_PRICES["h100"], ge=0)
+    h200: float = ranged(GPU_PRICES["h200"], ge=0)
+    b200: float = ranged(GPU_PRICES["b200"], ge=0)
 
 
 @dataclass
@@ -100,42 +101,6 @@ class PlanConfig:
     lora: LoraPlanConfig = field(default_factory=LoraPlanConfig)
     inference: InferencePlanConfig = field(default_factory=InferencePlanConfig)
     json: bool = False  # print one JSON object instead of tables
-
-
-# ---- GPUs ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GPUSpec:
-    """Datasheet numbers for one SXM GPU; TFLOPS are dense (no 2:4 sparsity)."""
-
-    name: str
-    memory_gb: float
-    bf16_tflops: float  # fp16 is the same on all of these
-    fp8_tflops: float | None  # None: no fp8 tensor cores
-    tf32_tflops: float  # what fp32 training runs on
-    hbm_tbps: float
-    nvlink_gbps: float  # per GPU, both directions
-
-    def peak_flops(self, precision: str) -> float:
-        """Dense tensor-core FLOP/s for `precision`; fp8 without fp8 cores falls back to bf16."""
-        tflops = {"fp32": self.tf32_tflops, "fp8": self.fp8_tflops or self.bf16_tflops}.get(precision, self.bf16_tflops)
-        return tflops * 1e12
-
-
-GPUS: dict[str, GPUSpec] = {
-    "A100": GPUSpec("A100", 80, 312, None, 156, 2.0, 600),  # A100 80GB SXM
-    "H100": GPUSpec("H100", 80, 989, 1979, 495, 3.35, 900),  # H100 SXM
-    "H200": GPUSpec("H200", 141, 989, 1979, 495, 4.8, 900),  # H100 compute, bigger and faster HBM
-    # B200: 180 GB is what HGX/DGX B200 expose per GPU (the HBM3e stacks hold 192 GB).
-    "B200": GPUSpec("B200", 180, 2250, 4500, 1100, 8.0, 1800),
-}
-
-
-def gpu_spec(name: str) -> GPUSpec:
-    """The GPU named `name` (any case), or a KilnError listing the known ones."""
-    spec = GPUS.get(name.upper())
-    if spec is None:
-        raise KilnError(f"unknown gpu={name!r}; choose one of {', '.join(GPUS)}")
-    return spec
 
 
 # ---- sizes -----------------------------------------------------------------------------------

@@ -17,14 +17,13 @@ from pathlib import Path
 
 from kiln.config import Config, RLConfig
 from kiln.data.pipeline import run_prepare
-from kiln.report import write_report
+from kiln.infer.generate import Engine
+from kiln.report import write_report, write_section
 from kiln.runs import atomic_write_text
-from kiln.serve.engine import Engine
 from kiln.train.metrics import read_metrics
 from kiln.workloads.pretrain import run_pretrain
 from kiln.workloads.rl import TASK_REWARDS
 
-SECTION = "report.d/80_post_training.md"
 SPEEDRUN_RL = {"max_new_tokens": 48, "temperature": 0.8, "prompts_per_step": 8}
 
 
@@ -49,11 +48,19 @@ def run_speedrun(cfg: Config) -> None:
         samples.append((prompt, completion))
         print(f"--- {prompt!r}\n{prompt}{completion}\n")
     del engine
-    path = write_report(cfg.out, samples)  # the pretraining report now; the stages below refresh it
+    path = write_section(cfg.out, "samples", sample_lines(samples))
     if cfg.speedrun.stages:
         run_post_training(cfg)
-        path = write_report(cfg.out, samples)
+        path = write_report(cfg.out)
     print(f"== done in {time.perf_counter() - t0:.0f} s; report: {path}")
+
+
+def sample_lines(samples: list[tuple[str, str]]) -> list[str]:
+    """The report's "Samples" section: each report prompt with the pretrained model's completion."""
+    lines = ["## Samples", ""]
+    for prompt, completion in samples:
+        lines += ["```python", prompt + completion, "```", ""]
+    return lines
 
 
 # ---- post-training ---------------------------------------------------------------------------------
@@ -145,7 +152,7 @@ def run_post_training(cfg: Config) -> list[dict]:
         rows.append({"stage": name, "out": scfg.out, "seconds": seconds, **stage_effect(name, scfg)})
     if "eval" in cfg.speedrun.stages:
         print("== eval")
-        from kiln.evaluate import evaluate_run, summary_lines
+        from kiln.eval.evaluate import evaluate_run, summary_lines
 
         t0 = time.perf_counter()
         results = evaluate_run(cfg.out, dataclasses.replace(cfg.eval, path=""), cfg.device)
@@ -155,7 +162,7 @@ def run_post_training(cfg: Config) -> list[dict]:
     serving = None
     if "serve" in cfg.speedrun.stages:
         print("== serve")
-        from kiln.serve.engine import measure_serving
+        from kiln.serve.measure import measure_serving
 
         t0 = time.perf_counter()
         serving = measure_serving(cfg.out, cfg)
@@ -164,9 +171,7 @@ def run_post_training(cfg: Config) -> list[dict]:
     models = compress(cfg, rows)
     atomic_write_text(out / "post_training.json", json.dumps({"stages": rows, "serving": serving, "models": models},
                                                             indent=2))
-    section = out / SECTION
-    section.parent.mkdir(exist_ok=True)
-    atomic_write_text(section, "\n".join(post_training_lines(out, rows, serving, models)) + "\n")
+    write_section(out, "post_training", post_training_lines(out, rows, serving, models), rebuild=False)
     return rows
 
 
@@ -178,7 +183,8 @@ def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
     """The `quantize` and `distill` stages: INT8 and INT4 copies of the pretrained model and a
     distilled student (each a run under `out`), then one table row per model (size, bits per byte
     on the same validation windows, decode tokens/s measured in turns, $ per million tokens)."""
-    from kiln.post.quantize import compare_decode, model_row, quantize_checkpoint
+    from kiln.eval.compare import compare_decode, model_row
+    from kiln.post.quantize import quantize_checkpoint
 
     out, stages = Path(cfg.out), cfg.speedrun.stages
     runs: dict[str, Path] = {}
@@ -329,7 +335,7 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
         if grpo:
             lines += [f"![GRPO: rollout and held-out reward]({_rel(out, grpo[0]['out'])}/rl_reward.png)", ""]
     if models:
-        from kiln.post.quantize import format_rows
+        from kiln.eval.compare import format_rows
 
         distilled = [r for r in rows if r["stage"] == "distill"]
         lines += ["## Compression", "",

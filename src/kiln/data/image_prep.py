@@ -28,7 +28,8 @@ import numpy as np
 from kiln.config import Config, ImageDataConfig
 from kiln.data.executor import Executor
 from kiln.data.images import SPLITS, BadImage, decode_image, write_shards
-from kiln.data.pipeline import _check_not_a_trained_run, data_dir, work_dir
+from kiln.data.layout import check_not_a_trained_run, data_dir, work_dir
+from kiln.data.report import image_data_lines, push_data_section
 from kiln.data.tasks import save_json
 from kiln.errors import KilnError
 from kiln.runs import (
@@ -317,8 +318,10 @@ def prepare_images(cfg: Config) -> dict:
     old = read_manifest(ddir)
     if old and old.get("kind") == "images" and old.get("inputs") == inputs:
         print(f"prepare: {ddir} is up to date with its inputs, skipping")
+        if ddir.resolve() == (out / "data").resolve():
+            push_data_section(out)
         return old
-    _check_not_a_trained_run(cfg, out, ddir)
+    check_not_a_trained_run(cfg, out, ddir)
     work = work_dir(ddir)
     if (work / "inputs").is_file() and (work / "inputs").read_text() != inputs:
         shutil.rmtree(work)
@@ -326,6 +329,27 @@ def prepare_images(cfg: Config) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (work / "inputs").write_text(inputs)
 
+    images, labels, dropped, messages, meta = _decode_all(cfg, listing, work, resumed)
+    man = _write_data(cfg, ddir, listing, images, labels, dropped, messages, inputs, meta, t_start)
+    splits, c, n_classes = man["splits"], man["channels"], len(listing.classes)
+    drops = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none"
+    mean, std = man["mean"], man["std"]
+    write_image_report(out, ddir, man)
+    shutil.rmtree(work, ignore_errors=True)
+    s = {k: v["images"] for k, v in splits.items()}
+    print(f"prepare: {len(labels):,} images kept of {man['read']['listed']:,} (dropped: {drops}); "
+          f"{s['train']:,} train, {s['val']:,} validation, {s['test']:,} test; {n_classes} classes, "
+          f"{c}×{ic.size}×{ic.size}; mean {[round(m, 3) for m in mean]}, std {[round(v, 3) for v in std]}")
+    if ddir.resolve() == (out / "data").resolve():  # the run's own data: its report's data section
+        push_data_section(out)
+    return man
+
+
+def _decode_all(cfg: Config, listing, work: Path, resumed: int):
+    """Decode and resize every listed image in tasks on the executor (each task's result kept in
+    `work`, so an interrupted run resumes); returns (images, labels, drop counts, messages,
+    {executor, tasks, decode seconds}), refusing a corpus with no image left or an empty class."""
+    ic = cfg.data.images
     per = ic.task_images
     jobs = [ImageJob(i, listing.items[s : s + per], listing.source, ic, cfg.data.strict, str(work))
             for i, s in enumerate(range(0, len(listing.items), per))]
@@ -354,7 +378,15 @@ def prepare_images(cfg: Config) -> dict:
     if empty:
         raise KilnError(f"class(es) {empty[:5]} have no usable image (dropped: {drops}); add images to them or "
                         "remove them from data.images.classes / the listing")
+    return images, labels, dropped, messages, {"executor": label, "tasks": len(jobs), "decode_s": decode_s}
 
+
+def _write_data(cfg: Config, ddir: Path, listing, images: np.ndarray, labels: np.ndarray, dropped: Counter,
+                messages: list[str], inputs: str, meta: dict, t_start: float) -> dict:
+    """Split by class, write the uint8 shards, the contact sheet and the manifest into `ddir`
+    (whole or not at all); returns the manifest."""
+    ic = cfg.data.images
+    c, n_classes = (1 if ic.mode == "L" else 3), len(listing.classes)
     t = time.perf_counter()
     split = split_indices(labels, n_classes, cfg.data.val_fraction, ic.test_fraction, cfg.data.seed)
     if not len(split["train"]):
@@ -372,55 +404,17 @@ def prepare_images(cfg: Config) -> dict:
                        classes=listing.classes, size=ic.size, mode=ic.mode, channels=c, mean=mean, std=std,
                        splits=splits, read={"listed": len(listing.items) + sum(listing.dropped.values()),
                                             "kept": int(len(labels)), "dropped": dict(dropped)},
-                       messages=messages, executor=label, tasks=len(jobs),
-                       seconds={"decode": round(decode_s, 2), "shards": round(time.perf_counter() - t, 2),
+                       messages=messages, executor=meta["executor"], tasks=meta["tasks"],
+                       seconds={"decode": round(meta["decode_s"], 2), "shards": round(time.perf_counter() - t, 2),
                                 "total": round(time.perf_counter() - t_start, 2)})
         (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
-    write_image_report(out, ddir, man)
-    shutil.rmtree(work, ignore_errors=True)
-    s = {k: v["images"] for k, v in splits.items()}
-    print(f"prepare: {len(labels):,} images kept of {man['read']['listed']:,} (dropped: {drops}); "
-          f"{s['train']:,} train, {s['val']:,} validation, {s['test']:,} test; {n_classes} classes, "
-          f"{c}×{ic.size}×{ic.size}; mean {[round(m, 3) for m in mean]}, std {[round(v, 3) for v in std]}")
     return man
 
 
 # ---- reports -----------------------------------------------------------------------------------
-def data_lines(run: Path, man: dict, ddir: Path | None = None) -> list[str]:
-    """The image data section of a report: where from, counts per split and class, drops, the contact sheet."""
-    ddir = ddir or run / "data"
-    splits, read = man["splits"], man["read"]
-    sheet = run / "contact_sheet.png"
-    if (ddir / "contact_sheet.png").is_file() and ddir.resolve() != run.resolve():
-        shutil.copyfile(ddir / "contact_sheet.png", sheet)
-    drops = ", ".join(f"{k}: {v:,}" for k, v in sorted(read["dropped"].items(), key=lambda kv: -kv[1])) or "none"
-    lines = [
-        "## Data (images)",
-        "",
-        f"- input: `{man['config'].get('input')}` ({man['source']}): {read['listed']:,} listed → {read['kept']:,} kept; "
-        f"dropped: {drops}",
-        f"- {len(man['classes'])} classes, stored as {man['channels']}×{man['size']}×{man['size']} uint8 ({man['mode']}); "
-        f"training-split mean {[round(m, 3) for m in man['mean']]}, std {[round(s, 3) for s in man['std']]}",
-        f"- decoded in {man.get('tasks', '?')} tasks on {man.get('executor', '?')}; seconds: "
-        + ", ".join(f"{k} {v}" for k, v in man.get("seconds", {}).items()),
-        "",
-        "| class | " + " | ".join(SPLITS) + " |",
-        "|---|" + "---:|" * len(SPLITS),
-        *[f"| {name} | " + " | ".join(f"{splits[s]['per_class'][k]:,}" for s in SPLITS) + " |"
-          for k, name in enumerate(man["classes"][:50])],
-        "| **total** | " + " | ".join(f"**{splits[s]['images']:,}**" for s in SPLITS) + " |",
-        "",
-    ]
-    if sheet.is_file():
-        lines += ["Training samples per class:", "", "![contact sheet](contact_sheet.png)", ""]
-    if man.get("messages"):
-        lines += ["Skipped input (first messages):", "", *[f"- {m}" for m in man["messages"][:20]], ""]
-    return lines
-
-
 def write_image_report(run: Path, ddir: Path, man: dict) -> Path:
     run.mkdir(parents=True, exist_ok=True)
-    lines = ["# kiln prepare report (images)", "", *data_lines(run, man, ddir)]
+    lines = ["# kiln prepare report (images)", "", *image_data_lines(run, man, ddir)]
     path = run / "prepare_report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -26,6 +26,7 @@ import torch
 
 from kiln.config import ClassifyConfig
 from kiln.data.sources import stdlib_root
+from kiln.data.tokenizer import SPECIAL_TOKENS
 from kiln.errors import KilnError
 
 STDLIB_TASKS = ("stdlib-order", "stdlib-packages")
@@ -246,6 +247,29 @@ def ordered_batches(ids: list[np.ndarray], labels: list[int], batch_size: int, p
     mine = range(n) if per == 0 else range(rank, per * world, world)
     return [padded_batch(ids[b * batch_size : (b + 1) * batch_size], labels[b * batch_size : (b + 1) * batch_size],
                          pad_id) for b in mine]
+
+
+MASK = "<|mask|>"  # the masked-LM mask token: the first id after the tokenizer's own
+
+
+def mask_tokens(ids: torch.Tensor, gen: torch.Generator, *, mask_id: int, vocab: int, rate: float,
+                mask_share: float = 0.8, random_share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption: each ordinary token (special tokens never) is chosen with probability
+    `rate`; a chosen one becomes the mask token (`mask_share`), a random ordinary token
+    (`random_share`) or stays itself (the rest). Returns (inputs, labels): labels are the original
+    ids at the chosen positions, -100 elsewhere. At least one token of the batch is chosen."""
+    ordinary = ids >= len(SPECIAL_TOKENS)
+    chosen = (torch.rand(ids.shape, generator=gen) < rate) & ordinary
+    if not chosen.any() and ordinary.any():
+        chosen.view(-1)[ordinary.view(-1).nonzero()[0]] = True
+    kind = torch.rand(ids.shape, generator=gen)
+    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab, ids.shape, generator=gen)
+    inputs = ids.clone()
+    inputs[chosen & (kind < mask_share)] = mask_id
+    swap = chosen & (kind >= mask_share) & (kind < mask_share + random_share)
+    inputs[swap] = random_ids[swap]
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    return inputs, labels
 
 
 class MaskedTokenLoader:

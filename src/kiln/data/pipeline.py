@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from kiln.config import Config
 from kiln.data.document import StageStats, doc_record
 from kiln.data.executor import Executor
+from kiln.data.layout import check_not_a_trained_run, data_dir, tokenizer_path, work_dir
 from kiln.data.meter import StepMeter
 from kiln.data.sharded_dedup import global_dedup
 from kiln.data.shuffle import write_shards
@@ -43,16 +44,37 @@ from kiln.runs import (
     write_json,
 )
 
-__all__ = ["data_dir", "is_validation", "run_prepare", "tokenizer_path", "work_dir"]
+__all__ = ["is_validation", "run_prepare"]
 STEPS = ["read_filter", "dedup", "post", "tokenizer", "tokenize", "shards", "records"]
 
 
-def data_dir(cfg: Config) -> Path:
-    return Path(cfg.data.path) if cfg.data.path else Path(cfg.out) / "data"
+@dataclass
+class _Prepare:
+    """One text prepare: what it reads, where it writes, and what its output depends on."""
+
+    cfg: Config
+    out: Path  # the run directory (prepare_report.md, and the run's tokenizer unless data.path)
+    ddir: Path  # the data directory
+    tok_out: Path  # where the tokenizer lands: out/tokenizer, or inside data.path
+    files: list[Path]
+    inputs: str  # the fingerprint of the input files and the data config
+    work: Path  # intermediate results, one completion marker per task
 
 
-def work_dir(ddir: Path) -> Path:
-    return ddir.with_name(ddir.name + ".work")
+@dataclass
+class _Kept:
+    """What the per-document stages and the global dedup kept, per task in task order."""
+
+    jobs: list[Job]  # each with its dedup limit (keep_first)
+    tasks: int
+    filtered: list[dict]  # reading and the stages before dedup
+    dedup: dict  # global_dedup's limits, stats, info and removed documents
+    posted: list[dict]  # the stages after dedup
+    messages: list[str]  # the first skipped-input messages
+
+    @property
+    def n_docs(self) -> int:
+        return sum(r["docs"] for r in self.posted)
 
 
 def _resolved_stages(cfg: Config, files: list[Path]) -> list:
@@ -65,22 +87,46 @@ def _resolved_stages(cfg: Config, files: list[Path]) -> list:
     return entries
 
 
-def _check_not_a_trained_run(cfg: Config, out: Path, ddir: Path) -> None:
-    """Refuse to replace the tokenizer and data that a run's checkpoints were trained with."""
-    if cfg.data.path and ddir.resolve() != (out / "data").resolve():
-        return  # the data goes elsewhere and brings its own tokenizer; the run keeps its own
-    ckpts = sorted(p.parent.name for p in (out / "checkpoints").glob("*/checkpoint.json"))
-    if ckpts:
-        raise KilnError(
-            f"'{out}' holds checkpoints ({', '.join(ckpts[-2:])}) trained with its tokenizer and data, which this "
-            f"prepare would replace; give a new out= for a new run, or data.path= to prepare the data elsewhere")
-
-
 def run_prepare(cfg: Config) -> dict:
     if cfg.data.kind == "images":  # labelled images: their own stage (kiln.data.image_prep)
         from kiln.data.image_prep import prepare_images
 
         return prepare_images(cfg)
+    p = _plan(cfg)
+    old = _up_to_date(p)
+    if old:
+        _push_report(p)
+        return old
+    check_not_a_trained_run(cfg, p.out, p.ddir)
+    entries = _resolved_stages(cfg, p.files)
+    resumed = _open_work(p)
+
+    meter = StepMeter()
+    with Executor(cfg.data.executor) as ex:
+        kept = _filter_and_dedup(p, ex, entries, resumed, meter)
+        # What the report shows whether or not the run gets to write shards.
+        summary = _summary(p, ex, entries, kept)
+        _check_enough_docs(p, kept, summary, meter)
+        n_val = _fix_split(p.work, kept.jobs, kept.posted)
+        tok_file, vocab, want = _tokenizer(p, kept, n_val, meter)
+        man = _write_data(p, ex, kept, summary, tok_file, vocab, want, meter)
+    from kiln.data.report import write_prepare_report
+
+    write_prepare_report(p.out, man)
+    shutil.rmtree(p.work, ignore_errors=True)
+    tr, va = man["splits"]["train"], man["splits"]["val"]
+    print(
+        f"prepare: {tr['docs']} train docs ({tr['tokens']:,} tokens), {va['docs']} val docs "
+        f"({va['tokens']:,} tokens), vocab {vocab}, {tr['bytes'] / max(tr['tokens'], 1):.2f} bytes/token, "
+        f"unigram baseline {man['unigram_bpb']:.3f} bits/byte"
+    )
+    _push_report(p)
+    return man
+
+
+# ---- the steps of run_prepare, in order ----------------------------------------------------------
+def _plan(cfg: Config) -> _Prepare:
+    """Where this prepare writes, its input files, and the fingerprint its output depends on."""
     out = Path(cfg.out)
     ddir = data_dir(cfg)
     # The run's tokenizer is out/tokenizer; data prepared elsewhere (data.path) keeps its own inside it.
@@ -91,133 +137,165 @@ def run_prepare(cfg: Config) -> dict:
     # What the output depends on: the input files and the data config, not where it runs.
     inputs = fingerprint({"files": listing_fingerprint(files),
                           "data": {k: v for k, v in asdict(cfg.data).items() if k != "executor"}})
-    old = read_manifest(ddir)
-    if old and old.get("inputs") == inputs:
-        tpath = tokenizer_path(ddir, old)
+    return _Prepare(cfg, out, ddir, tok_out, files, inputs, work_dir(ddir))
+
+
+def _up_to_date(p: _Prepare) -> dict | None:
+    """The data directory's manifest when it was made from these inputs with the tokenizer it names, else None."""
+    old = read_manifest(p.ddir)
+    if old and old.get("inputs") == p.inputs:
+        tpath = tokenizer_path(p.ddir, old)
         if tpath.is_file() and old.get("tokenizer_sha256") == sha256_file(tpath):
-            print(f"prepare: {ddir} is up to date with its inputs, skipping")
+            print(f"prepare: {p.ddir} is up to date with its inputs, skipping")
             return old
-    _check_not_a_trained_run(cfg, out, ddir)
-    entries = _resolved_stages(cfg, files)
-    work = work_dir(ddir)
-    if (work / "inputs").is_file() and (work / "inputs").read_text() != inputs:
+    return None
+
+
+def _open_work(p: _Prepare) -> int:
+    """The work directory for these inputs (one left by other inputs is removed first); returns the
+    number of tasks a killed earlier run already filtered."""
+    work = p.work
+    if (work / "inputs").is_file() and (work / "inputs").read_text() != p.inputs:
         shutil.rmtree(work)
     resumed = sum(1 for _ in (work / "filter").glob("*.json")) if work.is_dir() else 0
     work.mkdir(parents=True, exist_ok=True)
-    (work / "inputs").write_text(inputs)
+    (work / "inputs").write_text(p.inputs)
+    return resumed
 
-    meter = StepMeter()
-    with Executor(cfg.data.executor) as ex:
-        target = max(1 << 20, min(cfg.data.reader.task_bytes, sum(f.stat().st_size for f in files) // (4 * ex.workers)))
-        tasks = plan_tasks(cfg.data.input, cfg.data.reader, target)
-        print(f"prepare: {len(files)} files in {len(tasks)} tasks on {ex.label}; stages: "
-              + " → ".join(n for n, _ in entries) + (f"; resuming ({resumed} tasks already filtered)" if resumed else ""))
-        jobs = [Job(t, cfg.data, entries, str(work)) for t in tasks]
 
-        with meter.step("read_filter"):
-            filtered = ex.map(filter_task, jobs, "prepare: read+filter")
-        messages = _print_skips(filtered)
+def _filter_and_dedup(p: _Prepare, ex: Executor, entries: list, resumed: int, meter: StepMeter) -> _Kept:
+    """Plan the tasks, then run them through reading and the stages before dedup, the global dedup,
+    and the stages after it."""
+    cfg, files = p.cfg, p.files
+    target = max(1 << 20, min(cfg.data.reader.task_bytes, sum(f.stat().st_size for f in files) // (4 * ex.workers)))
+    tasks = plan_tasks(cfg.data.input, cfg.data.reader, target)
+    print(f"prepare: {len(files)} files in {len(tasks)} tasks on {ex.label}; stages: "
+          + " → ".join(n for n, _ in entries) + (f"; resuming ({resumed} tasks already filtered)" if resumed else ""))
+    jobs = [Job(t, cfg.data, entries, str(p.work)) for t in tasks]
 
-        with meter.step("dedup"):
-            dedup = global_dedup(ex, cfg.data, work, jobs, filtered, meter)
+    with meter.step("read_filter"):
+        filtered = ex.map(filter_task, jobs, "prepare: read+filter")
+    messages = _print_skips(filtered)
 
-        with meter.step("post"):
-            jobs = [replace(j, keep_first=k) for j, k in zip(jobs, dedup["limits"])]
-            posted = ex.map(post_task, jobs, "prepare: after-dedup stages")
-        stats = _merge_stats(filtered, dedup["stats"], posted)
-        n_docs = sum(r["docs"] for r in posted)
-        # What the report shows whether or not the run gets to write shards.
-        summary = dict(files=len(files), tasks=len(tasks), executor=ex.label, stage_order=["read", *[n for n, _ in entries]],
-                      stages=stats, dedup=dedup["info"], messages=messages,
-                      histograms={"bins": [float(b) for b in _bins()], "before": _sum_lists(filtered, "hist_before"),
-                                  "after": _sum_lists(posted, "hist_after")})
-        if n_docs < 2:
-            partial = manifest("prepare", asdict(cfg.data), inputs, **summary, seconds=meter.seconds(STEPS),
-                               driver=meter.to_dict())
-            if not n_docs:
-                dropped = {r: n for s in stats.values() for r, n in s["dropped"].items() if n}
-                _stop(out, partial,
-                      f"no documents left from data.input '{cfg.data.input}' ({len(files)} files; dropped: "
-                      f"{dropped or 'none'}); point data.input at non-empty text, lower data.min_chars or loosen "
-                      "data.stages")
-            _stop(out, partial, "the corpus has a single document after the stages; give at least two so one can be "
-                                "held out for validation, or loosen data.stages")
-        n_val = _fix_split(work, jobs, posted)
+    with meter.step("dedup"):
+        dedup = global_dedup(ex, cfg.data, p.work, jobs, filtered, meter)
 
-        # Tokenizer: the given one, or trained on the training split only (in corpus order).
-        with meter.step("tokenizer"):
-            tok_file = work / "tokenizer.json"
-            want = cfg.data.tokenizer.vocab_size
-            if cfg.data.tokenizer.path:
-                tok = load_tokenizer(cfg.data.tokenizer.path)
-                tok_file = Path(cfg.data.tokenizer.path)
-                tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
-                want = tok.get_vocab_size()
-            elif tok_file.is_file():
-                tok = load_tokenizer(tok_file)
-            else:
-                budget = cfg.data.tokenizer.train_bytes
-                print(f"prepare: training a {want}-token BPE on {n_docs - n_val:,} training documents"
-                      + (f" (their first {budget / 1e6:.1f} MB)" if budget else ""))
-                tok = train_tokenizer(_budget(_split_texts(work, jobs, want_val=False), budget), want)
-                atomic_write_text(tok_file, tok.to_str())
-        vocab = tok.get_vocab_size()
-        if vocab < want:
-            print(f"prepare: note: the tokenizer has {vocab} tokens, not the {want} of data.tokenizer.vocab_size: "
-                  "the corpus has no more pairs to merge; models take the smaller vocabulary (give more text for more)")
-        dtype = token_dtype(vocab)
+    with meter.step("post"):
+        jobs = [replace(j, keep_first=k) for j, k in zip(jobs, dedup["limits"])]
+        posted = ex.map(post_task, jobs, "prepare: after-dedup stages")
+    return _Kept(jobs, len(tasks), filtered, dedup, posted, messages)
 
-        with meter.step("tokenize"):
-            tjobs = [replace(j, tokenizer=str(tok_file), dtype=dtype) for j in jobs]
-            toks = ex.map(tokenize_task, tjobs, "prepare: tokenize", threaded=True)
 
-        if not cfg.data.path:
-            with atomic_dir(tok_out.parent) as tmp:
-                shutil.copyfile(tok_file, tmp / "tokenizer.json")
-                write_json(tmp / "manifest.json", manifest("tokenizer", asdict(cfg.data.tokenizer), inputs,
-                                                           vocab_size=vocab))
-        tok_hash = sha256_file(tok_file)
+def _summary(p: _Prepare, ex: Executor, entries: list, kept: _Kept) -> dict:
+    """The manifest's account of the stages: counts per stage, dedup, skipped input, length histograms."""
+    stats = _merge_stats(kept.filtered, kept.dedup["stats"], kept.posted)
+    return dict(files=len(p.files), tasks=kept.tasks, executor=ex.label, stage_order=["read", *[n for n, _ in entries]],
+                stages=stats, dedup=kept.dedup["info"], messages=kept.messages,
+                histograms={"bins": [float(b) for b in _bins()], "before": _sum_lists(kept.filtered, "hist_before"),
+                            "after": _sum_lists(kept.posted, "hist_after")})
 
-        # The corpus-wide shuffle of training documents into shards; validation in corpus order.
-        with atomic_dir(ddir) as tmp:
-            with meter.step("shards"):
-                splits, unigram_bpb = write_shards(ex, cfg.data, work, toks, tmp, dtype, vocab)
-            with meter.step("records"):
-                excluded = _write_exclusions(tmp, work, jobs, filtered, dedup, posted) if cfg.data.exclusions else None
-                described = _write_metadata(tmp, work, jobs)
-            if cfg.data.path:
-                shutil.copyfile(tok_file, tmp / tok_out.name)
-            man = manifest(
-                "prepare",
-                asdict(cfg.data),
-                inputs,
-                dtype=dtype,
-                vocab_size=vocab,
-                vocab_size_requested=want,
-                tokenizer=tok_out.name if cfg.data.path else "../tokenizer/tokenizer.json",
-                tokenizer_sha256=tok_hash,
-                splits=splits,
-                unigram_bpb=unigram_bpb,
-                **summary,
-                exclusions=excluded,
-                metadata=described,
-                seconds=meter.seconds(STEPS),
-                driver=meter.to_dict(),
-            )
-            write_json(tmp / "manifest.json", man)
-    from kiln.data.report import write_prepare_report
 
-    write_prepare_report(out, man)
-    shutil.rmtree(work, ignore_errors=True)
-    tr, va = splits["train"], splits["val"]
-    print(
-        f"prepare: {tr['docs']} train docs ({tr['tokens']:,} tokens), {va['docs']} val docs "
-        f"({va['tokens']:,} tokens), vocab {vocab}, {tr['bytes'] / max(tr['tokens'], 1):.2f} bytes/token, "
-        f"unigram baseline {unigram_bpb:.3f} bits/byte"
-    )
+def _check_enough_docs(p: _Prepare, kept: _Kept, summary: dict, meter: StepMeter) -> None:
+    """Stop (with the report of what each stage dropped) unless at least two documents are left."""
+    n_docs, cfg = kept.n_docs, p.cfg
+    if n_docs >= 2:
+        return
+    partial = manifest("prepare", asdict(cfg.data), p.inputs, **summary, seconds=meter.seconds(STEPS),
+                       driver=meter.to_dict())
+    if not n_docs:
+        dropped = {r: n for s in summary["stages"].values() for r, n in s["dropped"].items() if n}
+        _stop(p.out, partial,
+              f"no documents left from data.input '{cfg.data.input}' ({len(p.files)} files; dropped: "
+              f"{dropped or 'none'}); point data.input at non-empty text, lower data.min_chars or loosen "
+              "data.stages")
+    _stop(p.out, partial, "the corpus has a single document after the stages; give at least two so one can be "
+                          "held out for validation, or loosen data.stages")
+
+
+def _tokenizer(p: _Prepare, kept: _Kept, n_val: int, meter: StepMeter) -> tuple[Path, int, int]:
+    """The given tokenizer, or one trained on the training split only (in corpus order).
+    Returns (its file, its vocabulary size, the vocabulary size asked for)."""
+    cfg, work = p.cfg, p.work
+    with meter.step("tokenizer"):
+        tok_file = work / "tokenizer.json"
+        want = cfg.data.tokenizer.vocab_size
+        if cfg.data.tokenizer.path:
+            tok = load_tokenizer(cfg.data.tokenizer.path)
+            tok_file = Path(cfg.data.tokenizer.path)
+            tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
+            want = tok.get_vocab_size()
+        elif tok_file.is_file():
+            tok = load_tokenizer(tok_file)
+        else:
+            budget = cfg.data.tokenizer.train_bytes
+            print(f"prepare: training a {want}-token BPE on {kept.n_docs - n_val:,} training documents"
+                  + (f" (their first {budget / 1e6:.1f} MB)" if budget else ""))
+            tok = train_tokenizer(_budget(_split_texts(work, kept.jobs, want_val=False), budget), want)
+            atomic_write_text(tok_file, tok.to_str())
+    vocab = tok.get_vocab_size()
+    if vocab < want:
+        print(f"prepare: note: the tokenizer has {vocab} tokens, not the {want} of data.tokenizer.vocab_size: "
+              "the corpus has no more pairs to merge; models take the smaller vocabulary (give more text for more)")
+    return tok_file, vocab, want
+
+
+def _write_data(p: _Prepare, ex: Executor, kept: _Kept, summary: dict, tok_file: Path, vocab: int, want: int,
+                meter: StepMeter) -> dict:
+    """Tokenize every task, install the tokenizer, then write the data directory: the training
+    documents shuffled corpus-wide into shards (validation in corpus order), the per-document
+    records and the manifest, which it returns."""
+    cfg, work, tok_out = p.cfg, p.work, p.tok_out
+    dtype = token_dtype(vocab)
+    with meter.step("tokenize"):
+        tjobs = [replace(j, tokenizer=str(tok_file), dtype=dtype) for j in kept.jobs]
+        toks = ex.map(tokenize_task, tjobs, "prepare: tokenize", threaded=True)
+
+    if not cfg.data.path:
+        with atomic_dir(tok_out.parent) as tmp:
+            shutil.copyfile(tok_file, tmp / "tokenizer.json")
+            write_json(tmp / "manifest.json", manifest("tokenizer", asdict(cfg.data.tokenizer), p.inputs,
+                                                       vocab_size=vocab))
+    tok_hash = sha256_file(tok_file)
+
+    with atomic_dir(p.ddir) as tmp:
+        with meter.step("shards"):
+            splits, unigram_bpb = write_shards(ex, cfg.data, work, toks, tmp, dtype, vocab)
+        with meter.step("records"):
+            excluded = (_write_exclusions(tmp, work, kept.jobs, kept.filtered, kept.dedup, kept.posted)
+                        if cfg.data.exclusions else None)
+            described = _write_metadata(tmp, work, kept.jobs)
+        if cfg.data.path:
+            shutil.copyfile(tok_file, tmp / tok_out.name)
+        man = manifest(
+            "prepare",
+            asdict(cfg.data),
+            p.inputs,
+            dtype=dtype,
+            vocab_size=vocab,
+            vocab_size_requested=want,
+            tokenizer=tok_out.name if cfg.data.path else "../tokenizer/tokenizer.json",
+            tokenizer_sha256=tok_hash,
+            splits=splits,
+            unigram_bpb=unigram_bpb,
+            **summary,
+            exclusions=excluded,
+            metadata=described,
+            seconds=meter.seconds(STEPS),
+            driver=meter.to_dict(),
+        )
+        write_json(tmp / "manifest.json", man)
     return man
 
 
+def _push_report(p: _Prepare) -> None:
+    """The run report's data section, when the data is the run's own (out/data)."""
+    if p.ddir.resolve() == (p.out / "data").resolve():
+        from kiln.data.report import push_data_section
+
+        push_data_section(p.out)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
 def _fix_split(work: Path, jobs: list[Job], posted: list[dict]) -> int:
     """Write `split.json`: the one document whose split changes when the id split put every document, or
     none, in validation (a tiny corpus holds out its last document, and trains on its first). Returns
@@ -336,8 +414,3 @@ def _budget(texts, max_bytes: int):
             return
         yield t
         n += len(t)
-
-
-def tokenizer_path(data_path: Path, man: dict) -> Path:
-    """Where the tokenizer a data directory was made with lives."""
-    return (data_path / man["tokenizer"]).resolve()

@@ -1,12 +1,16 @@
-"""`prepare_report.md` and its plots: what the data pipeline kept, dropped (and why), and how fast."""
+"""What the data layer reports: `prepare_report.md` and its plots (what the data pipeline kept,
+dropped, and why, and how fast), and the "Data" section it pushes into a run's `report.md`."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from kiln.runs import atomic_write_text
+from kiln.data.images import SPLITS
+from kiln.report import write_section
+from kiln.runs import atomic_write_text, read_manifest
 
 
 def _plot_lengths(man: dict, path: Path) -> bool:
@@ -58,16 +62,44 @@ def _plot_stages(man: dict, order: list[str], path: Path) -> bool:
 
 
 def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
+    """`prepare_report.md` (and its plots) beside the data: totals, each stage's counts and drops,
+    near-duplicate clusters, the driver's memory, document lengths and skipped input."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    stages = man.get("stages", {})
+    order = _stage_order(man.get("stages", {}), man)
+    lines = _totals(man) + _stage_table(man, order) + _minhash_lines(man) + _driver_lines(man)
+    if _plot_lengths(man, run / "prepare_lengths.png"):
+        lines += ["", "## Document lengths", "", "![document length distribution](prepare_lengths.png)"]
+    if _plot_stages(man, order, run / "prepare_stages.png"):
+        lines += ["", "## Documents per stage", "", "![documents in and out per stage](prepare_stages.png)"]
+    if man.get("messages"):
+        lines += ["", "## Skipped input (first messages)", "", *[f"- {m}" for m in man["messages"][:20]]]
+    if man.get("exclusions") is not None:
+        lines += ["", f"Every dropped document with its stage, reason, URL or source file and what the stages "
+                      f"measured (e.g. its language score): `exclusions.jsonl` in the data directory "
+                      f"({man['exclusions']:,} lines)."]
+    if man.get("metadata") is not None:
+        lines += ["", f"Every kept document's id, split, source and what the stages measured (language and "
+                      f"score, classifier score, PII counts): `metadata.jsonl` in the data directory "
+                      f"({man['metadata']:,} lines)."]
+    path = run / "prepare_report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _stage_order(stages: dict, man: dict) -> list[str]:
+    """The stages in the order they ran; the document cap right after dedup, where it applies."""
     order = [n for n in man.get("stage_order", []) if n in stages]
     order += [n for n in stages if n not in order]
-    if "max_docs" in order:  # the cap applies right after dedup
+    if "max_docs" in order:
         order.remove("max_docs")
         after = max([i for i, n in enumerate(order) if n in ("exact_dedup", "minhash_dedup")], default=len(order) - 1)
         order.insert(after + 1, "max_docs")
-    read = stages.get("read", {})
+    return order
+
+
+def _totals(man: dict) -> list[str]:
+    read = man.get("stages", {}).get("read", {})
     lines = [
         "# kiln prepare report",
         "",
@@ -89,8 +121,12 @@ def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
             f"- tokens out: {tr['tokens']:,} train, {va['tokens']:,} validation; {vocab}; "
             f"unigram baseline {man.get('unigram_bpb', float('nan')):.3f} bits/byte",
         ]
-    lines += [
-        "- seconds: " + ", ".join(f"{k} {v}" for k, v in man.get("seconds", {}).items()),
+    return lines + ["- seconds: " + ", ".join(f"{k} {v}" for k, v in man.get("seconds", {}).items())]
+
+
+def _stage_table(man: dict, order: list[str]) -> list[str]:
+    stages = man.get("stages", {})
+    lines = [
         "",
         "## Stages",
         "",
@@ -106,46 +142,103 @@ def write_prepare_report(run_dir: str | Path, man: dict) -> Path:
         drops = ", ".join(f"{k}: {v:,}" for k, v in sorted(s["dropped"].items(), key=lambda kv: -kv[1])) or "—"
         lines.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | {kept} | {s['bytes_in'] / 1e6:.2f} | "
                      f"{s['bytes_out'] / 1e6:.2f} | {s['seconds']:.2f} | {rate} | {drops} |")
+    return lines
+
+
+def _minhash_lines(man: dict) -> list[str]:
     mh = (man.get("dedup") or {}).get("minhash")
-    if mh:
-        sizes = mh["cluster_sizes"]
-        lines += [
-            "",
-            "## Near-duplicate clusters (MinHash LSH)",
-            "",
-            f"{mh['n_grams']}-word shingles, {mh['bands']} bands × {mh['rows']} rows. "
-            f"{sum(sizes.values()):,} clusters of two or more documents; each keeps its first document.",
-            f"Signatures on disk: {mh['signature_bytes'] / 1e6:.1f} MB; band-key records partitioned into "
-            f"{man['dedup']['buckets']['minhash_dedup']} buckets: {mh['record_bytes'] / 1e6:.1f} MB; "
-            f"{mh['pairs']:,} candidate pairs over {mh['docs_in_clusters']:,} documents, clustered in the driver.",
-            "",
-            "| cluster size | clusters |",
-            "|---:|---:|",
-            *[f"| {k} | {v:,} |" for k, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))],
-        ]
+    if not mh:
+        return []
+    sizes = mh["cluster_sizes"]
+    return [
+        "",
+        "## Near-duplicate clusters (MinHash LSH)",
+        "",
+        f"{mh['n_grams']}-word shingles, {mh['bands']} bands × {mh['rows']} rows. "
+        f"{sum(sizes.values()):,} clusters of two or more documents; each keeps its first document.",
+        f"Signatures on disk: {mh['signature_bytes'] / 1e6:.1f} MB; band-key records partitioned into "
+        f"{man['dedup']['buckets']['minhash_dedup']} buckets: {mh['record_bytes'] / 1e6:.1f} MB; "
+        f"{mh['pairs']:,} candidate pairs over {mh['docs_in_clusters']:,} documents, clustered in the driver.",
+        "",
+        "| cluster size | clusters |",
+        "|---:|---:|",
+        *[f"| {k} | {v:,} |" for k, v in sorted(sizes.items(), key=lambda kv: int(kv[0]))],
+    ]
+
+
+def _driver_lines(man: dict) -> list[str]:
     driver = man.get("driver") or {}
-    if driver.get("steps"):
-        lines += ["", "## Driver memory per step", "",
+    if not driver.get("steps"):
+        return []
+    return ["", "## Driver memory per step", "",
                   f"Measured: {driver['method']}. The global steps run as tasks, so the driver's memory follows "
                   "the number of tasks and of duplicates, not of documents; with `data.executor.workers=1` the "
                   "tasks run inside the driver and count here too.", "",
                   "| step | seconds | resident at start (MB) | peak (MB) |", "|---|---:|---:|---:|",
                   *[f"| {k} | {v['seconds']:.2f} | {v['rss_start_mb']:,.1f} | {v['rss_peak_mb']:,.1f} |"
                     for k, v in driver["steps"].items()]]
-    if _plot_lengths(man, run / "prepare_lengths.png"):
-        lines += ["", "## Document lengths", "", "![document length distribution](prepare_lengths.png)"]
-    if _plot_stages(man, order, run / "prepare_stages.png"):
-        lines += ["", "## Documents per stage", "", "![documents in and out per stage](prepare_stages.png)"]
+
+
+def push_data_section(run: Path) -> None:
+    """Push the "data" section of the run's report from `run/data`'s manifest: counts, tokenizer
+    and per-stage table for text, counts per class and the contact sheet for images. Nothing when
+    the run has no prepared data of its own."""
+    run = Path(run)
+    data = read_manifest(run / "data")
+    if not data:
+        return
+    if data.get("kind") == "images":  # image shards: counts per class, drops, contact sheet
+        write_section(run, "data", image_data_lines(run, data))
+        return
+    tr, va = data["splits"]["train"], data["splits"]["val"]
+    lines = [
+        "## Data",
+        "",
+        f"- input: `{data['config'].get('input')}`, {data.get('files', '?')} files",
+        f"- train: {tr['docs']:,} documents, {tr['tokens']:,} tokens; validation: {va['docs']:,} documents, "
+        f"{va['tokens']:,} tokens",
+        f"- tokenizer: byte-level BPE, vocab {data['vocab_size']}, {tr['bytes'] / max(tr['tokens'], 1):.2f} bytes/token",
+        "",
+        "| stage | docs in | docs out | dropped (reason: count) | seconds |",
+        "|---|---:|---:|---|---:|",
+    ]
+    stages = data.get("stages", {})
+    for name in [n for n in data.get("stage_order", stages) if n in stages]:
+        s = stages[name]
+        drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "—"
+        lines.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | {drops} | {s['seconds']} |")
+    if (run / "prepare_report.md").exists():
+        lines += ["", "The data pipeline's full report: [prepare_report.md](prepare_report.md)."]
+    write_section(run, "data", lines)
+
+
+def image_data_lines(run: Path, man: dict, ddir: Path | None = None) -> list[str]:
+    """The image data section of a report: where from, counts per split and class, drops, the contact sheet."""
+    ddir = ddir or run / "data"
+    splits, read = man["splits"], man["read"]
+    sheet = run / "contact_sheet.png"
+    if (ddir / "contact_sheet.png").is_file() and ddir.resolve() != run.resolve():
+        shutil.copyfile(ddir / "contact_sheet.png", sheet)
+    drops = ", ".join(f"{k}: {v:,}" for k, v in sorted(read["dropped"].items(), key=lambda kv: -kv[1])) or "none"
+    lines = [
+        "## Data (images)",
+        "",
+        f"- input: `{man['config'].get('input')}` ({man['source']}): {read['listed']:,} listed → {read['kept']:,} kept; "
+        f"dropped: {drops}",
+        f"- {len(man['classes'])} classes, stored as {man['channels']}×{man['size']}×{man['size']} uint8 ({man['mode']}); "
+        f"training-split mean {[round(m, 3) for m in man['mean']]}, std {[round(s, 3) for s in man['std']]}",
+        f"- decoded in {man.get('tasks', '?')} tasks on {man.get('executor', '?')}; seconds: "
+        + ", ".join(f"{k} {v}" for k, v in man.get("seconds", {}).items()),
+        "",
+        "| class | " + " | ".join(SPLITS) + " |",
+        "|---|" + "---:|" * len(SPLITS),
+        *[f"| {name} | " + " | ".join(f"{splits[s]['per_class'][k]:,}" for s in SPLITS) + " |"
+          for k, name in enumerate(man["classes"][:50])],
+        "| **total** | " + " | ".join(f"**{splits[s]['images']:,}**" for s in SPLITS) + " |",
+        "",
+    ]
+    if sheet.is_file():
+        lines += ["Training samples per class:", "", "![contact sheet](contact_sheet.png)", ""]
     if man.get("messages"):
-        lines += ["", "## Skipped input (first messages)", "", *[f"- {m}" for m in man["messages"][:20]]]
-    if man.get("exclusions") is not None:
-        lines += ["", f"Every dropped document with its stage, reason, URL or source file and what the stages "
-                      f"measured (e.g. its language score): `exclusions.jsonl` in the data directory "
-                      f"({man['exclusions']:,} lines)."]
-    if man.get("metadata") is not None:
-        lines += ["", f"Every kept document's id, split, source and what the stages measured (language and "
-                      f"score, classifier score, PII counts): `metadata.jsonl` in the data directory "
-                      f"({man['metadata']:,} lines)."]
-    path = run / "prepare_report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+        lines += ["Skipped input (first messages):", "", *[f"- {m}" for m in man["messages"][:20]], ""]
+    return lines

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import re
 import textwrap
 import time
 from collections import Counter
@@ -126,19 +125,3 @@ def build_default_task(out_dir: str | Path, source: str = "stdlib", max_chars: i
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         write_json(tmp / "manifest.json", man)
     return man
-
-
-# ---- the task metric (also GRPO's reward on the docstring task) ----------------------------------
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def word_f1(reply: str, reference: str) -> float:
-    """Unigram F1 between the words of a reply and of the reference (ROUGE-1 F): 1 = the same
-    words, 0 = none shared. Cheap, order-blind, and honest about partial answers."""
-    got, want = Counter(words(reply)), Counter(words(reference))
-    common = sum((got & want).values())
-    if not common:
-        return float(not got and not want)
-    precision, recall = common / sum(got.values()), common / sum(want.values())
-    return 2 * precision * recall / (precision + recall)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.model.transformer import ModelConfig, Transformer, _copy_into
+from kiln.model.config import ModelConfig
+from kiln.model.transformer import Transformer
+from kiln.model.weights import copy_into
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,8 +35,8 @@ class ScalarHeadModel(Transformer):
         """The backbone's initialization, then a zero head: every sequence starts at reward 0, so the
         first steps learn the ranking instead of undoing a random offset."""
         super().init_weights(seed)
-        _copy_into(self.score.weight, torch.zeros(self.score.weight.shape))
-        _copy_into(self.score.bias, torch.zeros(self.score.bias.shape))
+        copy_into(self.score.weight, torch.zeros(self.score.weight.shape))
+        copy_into(self.score.bias, torch.zeros(self.score.bias.shape))
 
     def forward(self, input_ids: torch.Tensor, *, score: bool = False, **kw) -> torch.Tensor:
         """As `Transformer.forward`; with `score=True`, the head's (B, T) scalar per position instead.

@@ -10,7 +10,7 @@ Like every other change to the model, adapters are applied from outside, before 
 FSDP2 and DDP treat the frozen base and the adapters like any other parameters; tensor
 parallelism would split A and B along the wrong dimension, so a LoRA run refuses `parallel.tp>1`.
 
-A LoRA run's checkpoint (`LoRACheckpoints`) holds the adapters alone in `adapter.safetensors`
+A LoRA run's checkpoint (`kiln.train.lora_checkpoints.LoRACheckpoints`) holds the adapters alone in `adapter.safetensors`
 (with the LoRA config in its metadata), and `model.safetensors` with the adapters merged into the
 base: what `kiln generate`, export and a later stage's `init_from` read, with no LoRA code. A
 resumed run reloads the frozen base from the checkpoint it started from.
@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.train.checkpoint import CheckpointManager, load_model_tensors
+from kiln.model.weights import load_model_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 _META_KEY = "kiln_lora"  # the adapter file's metadata entry holding the LoRA config (JSON)
@@ -101,13 +102,13 @@ def init_lora(model: nn.Module, seed: int = 0) -> None:
 
     Each A is drawn whole in a fixed order and copied into the local shard of a sharded (DTensor)
     parameter, so every layout starts from the same adapters."""
-    from kiln.model.transformer import _copy_into
+    from kiln.model.weights import copy_into
 
     gen = torch.Generator().manual_seed(seed)
     for _, m in lora_modules(model):
         bound = 1.0 / math.sqrt(m.lora_a.shape[1])
-        _copy_into(m.lora_a, torch.empty(m.lora_a.shape, dtype=m.lora_a.dtype).uniform_(-bound, bound, generator=gen))
-        _copy_into(m.lora_b, torch.zeros(m.lora_b.shape, dtype=m.lora_b.dtype))
+        copy_into(m.lora_a, torch.empty(m.lora_a.shape, dtype=m.lora_a.dtype).uniform_(-bound, bound, generator=gen))
+        copy_into(m.lora_b, torch.zeros(m.lora_b.shape, dtype=m.lora_b.dtype))
 
 
 @torch.no_grad()
@@ -175,50 +176,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Put the adapters saved at `path` (a LoRA checkpoint or its adapter.safetensors) onto a base
     model: adapters are applied first if the model has none. Returns the model (`merge_lora` it to serve)."""
-    from kiln.config import LoRAConfig
-
     tensors, spec = read_adapter(path)
     if not any(True for _ in lora_modules(model)):
-        apply_lora(model, LoRAConfig(**spec))
+        apply_lora(model, SimpleNamespace(**spec))
     want = {f"{name}{s}" for name, _ in lora_modules(model) for s in _SUFFIXES}
     if set(tensors) != want:
         raise KilnError(f"adapters in '{path}' do not fit this model's adapted projections "
                         f"({len(tensors)} tensors there, {len(want)} here); load them onto the base they were trained on")
     load_model_tensors(model, tensors, str(path), partial=True)
     return model
-
-
-class LoRACheckpoints(CheckpointManager):
-    """Checkpoints of a LoRA run, in every layout.
-
-    Whatever wrote the checkpoint (one process: `model.safetensors` with base and adapters; many
-    ranks: `dcp/`, consolidated or not), before it is hashed and published this adds
-    `adapter.safetensors` (the adapters alone, with the config) and makes `model.safetensors` the
-    merged model. Sharded checkpoints resume from `dcp/` as usual; a single-process resume reads
-    the adapters from `adapter.safetensors` into a model whose frozen base is already loaded.
-    """
-
-    def __init__(self, run_dir: str | Path, keep_last: int, lora, tied: bool) -> None:
-        super().__init__(run_dir, keep_last)
-        self.lora, self.tied = lora, tied
-
-    def write_info(self, tmp: Path, step: int, meta: dict) -> None:
-        from kiln.train import distributed_checkpoint
-
-        full = tmp / "model.safetensors"
-        if full.is_file():
-            tensors = load_file(full)
-        else:  # a sharded checkpoint not consolidated: gather it here, once, on this (main) rank
-            tensors = distributed_checkpoint.read_tensors(tmp, self.tied)
-        save_adapter(tmp / ADAPTER_FILE, adapter_tensors(tensors), self.lora)
-        merged = tmp / ".model.safetensors.tmp"
-        save_file(merged_tensors(tensors, self.lora), merged)
-        os.replace(merged, full)
-        CheckpointManager.write_info(tmp, step, meta)
-
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        tensors, _ = read_adapter(Path(path) / ADAPTER_FILE)
-        load_model_tensors(model, tensors, str(Path(path) / ADAPTER_FILE), partial=True)
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu"))
-        return torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")

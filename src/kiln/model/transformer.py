@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.model.config import PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
+from kiln.model.config import ModelConfig
+from kiln.model.weights import copy_into
 
 
 # ---- layers ----------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
             else:
                 std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 full.normal_(0.0, std, generator=gen)
-            _copy_into(p, full)
+            copy_into(p, full)
         self.init_buffers()
 
     @torch.no_grad()
@@ -300,16 +301,3 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM logits from `forward(..., return_hidden=True)`'s hidden states."""
         return self.lm_head(hidden)
-
-
-def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter, or into its local shard if it is a DTensor."""
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # a build without distributed support
-        DTensor = ()  # noqa: N806
-    if isinstance(p, DTensor):
-        local = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-        p.to_local().copy_(local.to_local())
-    else:
-        p.copy_(full)

@@ -20,7 +20,8 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
-from kiln.model.transformer import Transformer, _copy_into
+from kiln.model.transformer import Transformer
+from kiln.model.weights import copy_into
 
 
 @dataclass
@@ -146,7 +147,7 @@ class SmallCNN(nn.Module):
                 full.normal_(0.0, math.sqrt(2.0 / (p.shape[1] * p.shape[2] * p.shape[3])), generator=gen)
             else:
                 full.normal_(0.0, 0.02, generator=gen)
-            _copy_into(p, full)
+            copy_into(p, full)
 
     def flops_per_image(self) -> float:
         """Training FLOPs per image: 3 × (2 · multiply-adds of every convolution + the head)."""

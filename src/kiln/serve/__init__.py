@@ -1,4 +1,5 @@
-"""Serving: the engine, the OpenAI-compatible API and the labelling app, and what their servers share."""
+"""Serving: the OpenAI-compatible API, the scheduler thread that steps the engine's batch, serving
+figures, the labelling app, and what their servers share (binding, loopback checks)."""
 
 from __future__ import annotations
 

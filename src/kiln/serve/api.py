@@ -37,8 +37,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from kiln.config import Config, ServeConfig
 from kiln.data.chat import check_messages, prompt_ids
 from kiln.errors import KilnError
+from kiln.infer.engine import SamplingParams, Sequence
+from kiln.infer.generate import Engine
 from kiln.serve import bind, is_loopback
-from kiln.serve.engine import Engine, SamplingParams, Sequence
 from kiln.serve.scheduler import QueueFull, Scheduler
 from kiln.train.parallel import use_compile
 

@@ -15,7 +15,8 @@ import threading
 import time
 from collections import deque
 
-from kiln.serve.engine import Engine, Sequence
+from kiln.infer.engine import Sequence
+from kiln.infer.generate import Engine
 
 log = logging.getLogger("kiln.serve")
 

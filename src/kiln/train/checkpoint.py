@@ -22,52 +22,8 @@ from torch import nn
 
 from kiln import __version__
 from kiln.errors import KilnError
+from kiln.model.weights import load_model_tensors, model_tensors
 from kiln.runs import atomic_dir, atomic_write_text, clean_stale_temps, sha256_file
-
-# Wrappers applied from outside (activation checkpointing, torch.compile, DDP) add these to names.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
-
-
-def clean_name(name: str) -> str:
-    for w in _WRAPPER_PREFIXES:
-        name = name.replace(w, "")
-    return name
-
-
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under their plain names, each shared (tied) tensor once."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[clean_name(name)] = t.detach().cpu().contiguous()
-    return out
-
-
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, partial: bool = False) -> None:
-    """Copy `tensors` into `model`, matching plain names; every weight must be present (unless
-    `partial`: then only those given) and fit. Sharded (DTensor) weights take their local shard."""
-    from kiln.model.transformer import _copy_into
-
-    own = {clean_name(n): p for n, p in model.state_dict(keep_vars=True).items()}
-    tied = {n for n in own if n not in tensors and any(own[n] is own[m] for m in tensors if m in own)}
-    missing = [] if partial else sorted(set(own) - set(tensors) - tied)
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise KilnError(
-            f"{source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "it was saved from a different model: use its model settings or a new out="
-        )
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if tuple(own[name].shape) != tuple(t.shape):
-                raise KilnError(
-                    f"{source}: weight '{name}' has shape {tuple(t.shape)}, the model wants {tuple(own[name].shape)}; "
-                    "it was saved from a different model: use its model settings or a new out="
-                )
-            _copy_into(own[name], t.to(own[name].dtype))
 
 
 class CheckpointManager:

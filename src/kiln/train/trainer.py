@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 from kiln.config import Config
 from kiln.errors import KilnError
+from kiln.hardware import peak_flops
 from kiln.train import distributed_checkpoint, parallel
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.metrics import MetricsLog, format_duration, peak_flops
+from kiln.train.metrics import MetricsLog, format_duration
 from kiln.train.objectives import Batch, Objective
 from kiln.train.optim import build_optimizer, lr_at, set_lr
+from kiln.train.report import push_training_section
 
 
 @dataclass
@@ -346,9 +348,7 @@ class Trainer:
             bar.close()
         log.close()
         if env.is_main:
-            from kiln.report import write_report
-
-            report = write_report(self.run_dir)
+            report = push_training_section(self.run_dir)
             where = f"checkpoint {checkpoint}, " if checkpoint else ""
             summary = _fmt({k: v for k, v in last.items() if k.startswith("val_")})
             self.say(f"done: {self.step} steps, {self.tokens:,} tokens in {format_duration(self.elapsed)}"

@@ -1,25 +1,34 @@
 """What every training workload shares before and around `Trainer.fit`: where the run starts
 (`resume` continues this run, `init_from` starts a new one from another run's weights), the run
-directory (resolved config, tokenizer), the tokenizer check against a checkpoint's record,
-frozen parameters, and preparing the embedded default data on first use."""
+directory (resolved config, tokenizer, the data's report section), the model shape a recipe
+asks for, frozen parameters, and preparing the embedded default data on first use.
+
+Workloads never import each other: what several of them need lives here (or in
+`kiln.workloads.preference` / `kiln.workloads.classification`)."""
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from kiln.config import Config, dump_yaml
+from kiln.data.layout import tokenizer_path
+from kiln.data.report import push_data_section
+from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
+from kiln.model.weights import clean_name
 from kiln.runs import atomic_write_text, read_manifest, sha256_file
-from kiln.train import distributed_checkpoint
-from kiln.train.checkpoint import CheckpointManager, clean_name, load_model_tensors
+from kiln.train.checkpoint import CheckpointManager
 from kiln.train.parallel import ParallelEnv
+from kiln.train.restore import load_init_weights
 
 
 def resolve_resume(cfg: Config, ckpt: CheckpointManager, model_cfg: ModelConfig, workload: str) -> Path | None:
@@ -56,68 +65,6 @@ def resolve_resume(cfg: Config, ckpt: CheckpointManager, model_cfg: ModelConfig,
     return path
 
 
-def find_checkpoint(spec: str, key: str = "init_from") -> Path:
-    """A run directory (its newest intact checkpoint) or one checkpoint directory, checked."""
-    path = Path(spec)
-    if (path / "checkpoint.json").is_file():
-        problem = CheckpointManager(path.parent.parent).verify(path)
-        if problem:
-            raise KilnError(f"{key}={spec}: {problem}")
-        return path
-    if (path / "checkpoints").is_dir():
-        found = CheckpointManager(path).latest_intact()
-        if found is not None:
-            return found
-        raise KilnError(f"{key}={spec}: the run holds no intact checkpoint; train it first or name a checkpoint directory")
-    raise KilnError(f"{key}={spec} is neither a run directory with checkpoints nor a checkpoint directory "
-                    "(holding checkpoint.json); point it at e.g. runs/NAME or runs/NAME/checkpoints/step_0000400")
-
-
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a checkpoint under its plain name, single-process or sharded."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if (path / "model.safetensors").is_file():
-        try:
-            return load_file(path / "model.safetensors")
-        except (SafetensorError, OSError) as e:
-            raise KilnError(f"{path / 'model.safetensors'} cannot be read ({e}); name another checkpoint") from None
-    if distributed_checkpoint.is_sharded(path):
-        tied = bool(CheckpointManager.info(path).get("model", {}).get("tie_embeddings", True))
-        return distributed_checkpoint.read_tensors(path, tied)
-    raise KilnError(f"{path} holds no weights (no model.safetensors or dcp/); name another checkpoint")
-
-
-def load_init_weights(model: nn.Module, path: Path, workload: str) -> str:
-    """Copy `path`'s weights into `model` for a new run; returns a one-line account.
-
-    The checkpoint may hold exactly the model's weights, a subset of them (adapters only: the
-    rest keep their initialization) or a superset (a base with a head this model does not have:
-    the extra tensors are left out). Anything else (names that only partly overlap, or a shape
-    that differs) is a different model and is refused in one line.
-    """
-    tensors = checkpoint_tensors(path)
-    own = {clean_name(n): p for n, p in model.state_dict(keep_vars=True).items()}
-    tied = {n for n in own if n not in tensors and any(own[n] is own[m] for m in tensors if m in own)}
-    wanted = set(own) - tied
-    given = set(tensors)
-    if not (given <= set(own) or wanted <= given):
-        missing, unexpected = sorted(wanted - given), sorted(given - set(own))
-        raise KilnError(
-            f"{workload}: init_from {path} does not fit this model: it lacks {missing[:3]} and has {unexpected[:3]} "
-            "that the model does not; it was saved from a different model: use its model settings"
-        )
-    use = {k: v for k, v in tensors.items() if k in own}
-    load_model_tensors(model, use, str(path), partial=True)
-    notes = [f"loaded {len(use)} tensors from {path}"]
-    if wanted - given:
-        notes.append(f"{len(wanted - given)} new ones keep their initialization ({', '.join(sorted(wanted - given)[:3])})")
-    if given - set(own):
-        notes.append(f"{len(given - set(own))} not used by this model ({', '.join(sorted(given - set(own))[:3])})")
-    return "; ".join(notes)
-
-
 def apply_freeze(model: nn.Module, patterns: list[str], workload: str) -> int:
     """Freeze parameters whose plain name matches any of `patterns` (fnmatch); returns how many."""
     if not patterns:
@@ -133,28 +80,15 @@ def apply_freeze(model: nn.Module, patterns: list[str], workload: str) -> int:
     return n
 
 
-def check_tokenizer(tokenizer: Path, info: dict, what: str) -> None:
-    """The tokenizer beside a run must be the one its checkpoint was trained with (checkpoint.json
-    records its SHA-256): a replaced tokenizer turns every output into garbage."""
-    want = info.get("tokenizer_sha256")
-    if not want:
-        return
-    if not tokenizer.is_file():
-        raise KilnError(f"{what}: '{tokenizer}' is missing; the checkpoint needs the tokenizer it was trained with")
-    if sha256_file(tokenizer) != want:
-        raise KilnError(
-            f"{what}: '{tokenizer}' is not the tokenizer this checkpoint was trained with (its SHA-256 differs from "
-            "checkpoint.json's); was `kiln prepare` re-run into this run? Restore the run's tokenizer or retrain"
-        )
-
-
 def prepare_run_dir(cfg: Config, env: ParallelEnv, tokenizer: Path, workload: str) -> None:
-    """Write the resolved config and keep the run's own copy of its tokenizer (main rank)."""
+    """Write the resolved config, keep the run's own copy of its tokenizer and put its data's section
+in the report (main rank)."""
     if not env.is_main:
         return
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    push_data_section(out)  # the run's own prepared data, in its report
     mine = out / "tokenizer" / "tokenizer.json"
     if not mine.is_file():
         mine.parent.mkdir(exist_ok=True)
@@ -218,3 +152,54 @@ def build_trained(make, cfg: Config, env: ParallelEnv, source: Path | None, resu
 
     torch.manual_seed(cfg.train.seed)
     return parallel.build_model(make, cfg, env, init)
+
+
+def model_config_for(cfg: Config, vocab_size: int, base: ModelConfig | None = None) -> ModelConfig:
+    """The model for a tokenizer of `vocab_size` (padded to a multiple of 64: matmul-friendly; the
+    extra rows are never targets): the preset and overrides, or with `base` (init_from) that
+    run's model, which overrides may not reshape."""
+    padded = 64 * math.ceil(vocab_size / 64)
+    over = cfg.model.overrides()
+    if "vocab_size" in over and over["vocab_size"] != padded:
+        raise KilnError(f"model.vocab_size={over['vocab_size']} is set by the tokenizer ({vocab_size} tokens, padded to "
+                        f"{padded}); leave model.vocab_size unset")
+    over["vocab_size"] = padded
+    if base is not None:
+        clash = {k: v for k, v in over.items() if k != "max_seq_len" and getattr(base, k) != v}
+        if clash:
+            raise KilnError(f"init_from's model differs from model.* here ({', '.join(f'{k}={v}' for k, v in clash.items())}"
+                            f" vs {', '.join(f'{k}={getattr(base, k)}' for k in clash)}); drop those model overrides")
+        mc = ModelConfig(**{**base.to_dict(), **over})
+    else:
+        if over.get("max_seq_len") is None:
+            over["max_seq_len"] = max(cfg.model.build(vocab_size=padded).max_seq_len, cfg.train.seq_len)
+        mc = cfg.model.build(**over)
+    if cfg.train.seq_len > mc.max_seq_len:
+        raise KilnError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={mc.max_seq_len}; "
+                        "raise model.max_seq_len or lower train.seq_len")
+    return mc
+
+
+def check_shards_match_tokenizer(ddir: Path, man: dict) -> Path:
+    """The tokenizer the shards were written with, checked against them; returns its path."""
+    tpath = tokenizer_path(ddir, man)
+    tok = load_tokenizer(tpath)
+    if tok.get_vocab_size() != man["vocab_size"] or sha256_file(tpath) != man["tokenizer_sha256"]:
+        raise KilnError(
+            f"token shards in '{ddir}' were written with a different tokenizer (vocab {man['vocab_size']}) than "
+            f"'{tpath}' (vocab {tok.get_vocab_size()}); re-run `kiln prepare` so shards and tokenizer match"
+        )
+    first = man["splits"]["train"]["shards"][0]
+    sample = np.memmap(ddir / first["file"], dtype=man["dtype"], mode="r")[:1_000_000]
+    if len(sample) and int(sample.max()) >= man["vocab_size"]:
+        raise KilnError(
+            f"token shard '{ddir / first['file']}' holds id {int(sample.max())} ≥ the vocab size {man['vocab_size']}; "
+            "the shards do not belong to this tokenizer: re-run `kiln prepare`"
+        )
+    return tpath
+
+
+def matmul_shapes(mc: ModelConfig, tokens: int) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) of the model's main matmuls for a micro-batch: what its MFU peak is timed at."""
+    return ((tokens, mc.d_model, mc.ffn_hidden), (tokens, mc.d_model, mc.n_heads * mc.head_dim),
+            (tokens, mc.d_model, mc.vocab_size))

@@ -27,26 +27,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.pipeline import data_dir
+from kiln.data.layout import data_dir
 from kiln.data.shards import TokenLoader, eval_batches, open_data
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
+from kiln.infer.engine import SamplingParams
+from kiln.infer.generate import generate
 from kiln.model.config import ModelConfig
-from kiln.model.transformer import KVCache, Transformer
+from kiln.model.transformer import Transformer
+from kiln.model.weights import load_model_tensors
+from kiln.report import write_section
 from kiln.runs import atomic_write_text, fingerprint, sha256_file
 from kiln.train import parallel
-from kiln.train.checkpoint import CheckpointManager, load_model_tensors
+from kiln.train.checkpoint import CheckpointManager
 from kiln.train.objectives import Batch, LanguageModeling, model_inputs, token_cross_entropy
+from kiln.train.restore import checkpoint_tensors, find_checkpoint
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
     build_trained,
-    checkpoint_tensors,
+    check_shards_match_tokenizer,
     ensure_data,
-    find_checkpoint,
+    matmul_shapes,
+    model_config_for,
     prepare_run_dir,
     resolve_resume,
 )
-from kiln.workloads.pretrain import check_shards_match_tokenizer, matmul_shapes, model_config_for
 
 WORKLOAD = "distill"
 
@@ -129,19 +134,15 @@ class Distillation(LanguageModeling):
     @torch.no_grad()
     def student_batch(self, model: nn.Module, batch: Batch) -> Batch:
         """The student continues each window's first `prompt_len` tokens to the window's length
-        (sampling at temperature 1 with the KV cache); labels cover the sampled tokens only."""
+        (sampling at temperature 1, `kiln.infer.generate`); labels cover the sampled tokens only."""
         ids = batch["input_ids"]
         b, t = ids.shape
         p = min(self.prompt_len, t - 1)
-        cache = KVCache(self.student_cfg, b, t + 1, device=ids.device)
-        out = [ids[:, :p]]
-        logits = model(ids[:, :p], cache=cache)[:, -1]
-        for _ in range(t + 1 - p):
-            nxt = torch.multinomial(F.softmax(logits[:, : self.n_vocab].float(), dim=-1), 1)
-            out.append(nxt)
-            if sum(x.shape[1] for x in out) == t + 1:
-                break
-            logits = model(nxt, cache=cache)[:, -1]
+        seed = int(torch.randint(0, 2**62, ()))  # from torch's seeded generator: a resumed run samples the same
+        params = [SamplingParams(t + 1 - p, temperature=1.0, seed=f"{seed}/{i}") for i in range(b)]
+        prompts = ids[:, :p].tolist()
+        seqs = generate(model, prompts, params, stop_ids=set(), vocab=self.n_vocab, inference=False, ranks_in_step=True)
+        out = [ids[:, :p], torch.tensor([s.tokens for s in seqs], dtype=ids.dtype, device=ids.device)]
         seq = torch.cat(out, dim=1)
         labels = seq[:, 1:].clone()
         labels[:, : p - 1] = -100
@@ -343,8 +344,6 @@ def run_distill(cfg: Config) -> dict:
 
 def _write_report(out: Path, student: ModelConfig, teacher: ModelConfig, teacher_path: Path, last: dict,
                   cache: TeacherCache | None) -> None:
-    from kiln.report import write_report
-
     lines = ["## Distillation", "",
              f"- teacher `{teacher_path}`: {teacher.num_params():,} parameters, validation "
              f"{last.get('val_teacher_bpb', float('nan')):.4f} bits/byte",
@@ -354,8 +353,7 @@ def _write_report(out: Path, student: ModelConfig, teacher: ModelConfig, teacher
     if cache is not None:
         lines.append(f"- teacher top-{cache.top_k} cache `{cache.dir}`: {cache.hits:,} windows read, "
                      f"{cache.misses:,} scored by the teacher in this session")
-    atomic_write_text(out / "report.d" / "distill.md", "\n".join(lines) + "\n")
-    write_report(out)
+    write_section(out, "distill", lines)
 
 
 def distill_into(cfg: Config, teacher: str, out: str, preset: str = "tiny", **model) -> dict:

@@ -20,9 +20,8 @@ from kiln.model.transformer import Transformer
 from kiln.train import parallel
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer, to_device
-from kiln.workloads.common import prepare_run_dir
-from kiln.workloads.pretrain import matmul_shapes
-from kiln.workloads.reward import accuracy_of, pad_id, report_preferences, right_of, start_point
+from kiln.workloads.common import matmul_shapes, prepare_run_dir
+from kiln.workloads.preference import accuracy_of, pad_id, report_preferences, right_of, start_point
 
 WORKLOAD = "dpo"
 
@@ -149,7 +148,7 @@ def run_dpo(cfg: Config) -> dict:
     with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
         last = trainer.fit()
     if env.is_main:
-        report_preferences(cfg.out, "DPO", train_stats, val_stats, [
+        report_preferences(cfg.out, "dpo", "DPO", train_stats, val_stats, [
             ("policy prefers chosen (log-prob accuracy)", "val_logp_accuracy", "{:.1%}"),
             ("log-prob margin, chosen − rejected (nats)", "val_logp_margin", "{:+.3f}"),
             ("implicit-reward accuracy vs the reference", "val_rewards_accuracy", "{:.1%}"),

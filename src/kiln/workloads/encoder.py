@@ -23,36 +23,39 @@ from kiln.data.labelled_text import (
     class_counts,
     encode,
     load_examples,
+    mask_tokens,
     ordered_batches,
 )
-from kiln.data.pipeline import data_dir
+from kiln.data.layout import data_dir
 from kiln.data.shards import TokenLoader, eval_batches, open_data
-from kiln.data.tokenizer import BOS, PAD, load_tokenizer
+from kiln.data.tokenizer import BOS, PAD
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
+from kiln.infer.load import open_checkpoint
 from kiln.model.config import ModelConfig
-from kiln.model.encoder import EncoderClassifier, export_eurobert, mask_tokens
+from kiln.model.encoder import EncoderClassifier
 from kiln.model.transformer import Transformer
-from kiln.report import write_report
-from kiln.runs import atomic_write_text, write_json
+from kiln.model.weights import model_tensors
+from kiln.post.eurobert import export_eurobert
+from kiln.report import write_section
+from kiln.runs import write_json
 from kiln.train import parallel
-from kiln.train.checkpoint import CheckpointManager, model_tensors
+from kiln.train.checkpoint import CheckpointManager
 from kiln.train.objectives import Batch, LanguageModeling, Objective, model_inputs, token_cross_entropy
+from kiln.train.restore import find_checkpoint
 from kiln.train.trainer import Trainer
+from kiln.workloads.classification import Classification, confusion, latest_metrics, plot_confusion, predict
 from kiln.workloads.common import (
     build_trained,
-    check_tokenizer,
+    check_shards_match_tokenizer,
     ensure_data,
-    find_checkpoint,
+    matmul_shapes,
+    model_config_for,
     prepare_run_dir,
     resolve_resume,
 )
-from kiln.workloads.pretrain import check_shards_match_tokenizer, matmul_shapes, model_config_for
-from kiln.workloads.vision import Classification, confusion, latest_metrics, plot_confusion, predict
 
 MLM, CLASSIFY = "encoder", "classify"
-MLM_SECTION = Path("report.d") / "encoder.md"
-CLASSIFY_SECTION = Path("report.d") / "classify.md"
 CLASSIFY_EVAL = "classify_eval.json"
 MLM_EVAL = "encoder_eval.json"
 
@@ -172,9 +175,7 @@ def run_encoder(cfg: Config) -> dict:
              "most frequent token"]
     if export:
         lines.append(f"- Hugging Face export: `{export}` (`EuroBertForMaskedLM`; see README, Encoders)")
-    (Path(cfg.out) / MLM_SECTION).parent.mkdir(exist_ok=True)
-    atomic_write_text(Path(cfg.out) / MLM_SECTION, "\n".join(lines) + "\n")
-    write_report(cfg.out)
+    write_section(cfg.out, "encoder", lines)
     return last
 
 
@@ -203,16 +204,13 @@ def run_classify(cfg: Config) -> dict:
     env = parallel.init_env(cfg)
     if env.device.type == "cpu":
         tune_cpu_allocator()
-    source = find_checkpoint(cfg.init_from)
-    info = CheckpointManager.info(source)
-    if info.get("workload") not in (MLM, CLASSIFY) or info.get("model", {}).get("causal", True):
-        raise KilnError(f"init_from={cfg.init_from} is a {info.get('workload')} run, not an encoder; pretrain one with "
+    ck = open_checkpoint(cfg.init_from, "init_from", f"{CLASSIFY}: init_from={cfg.init_from}")
+    if ck.info.get("workload") not in (MLM, CLASSIFY) or ck.model.causal:
+        raise KilnError(f"init_from={cfg.init_from} is a {ck.info.get('workload')} run, not an encoder; pretrain one with "
                         "`kiln encoder` first")
-    tpath = source.parent.parent / "tokenizer" / "tokenizer.json"
-    check_tokenizer(tpath, info, f"{CLASSIFY}: init_from={cfg.init_from}")
-    tok = load_tokenizer(tpath)
+    source, tpath, tok = ck.path, ck.tokenizer_file, ck.tokenizer
     vocab = tok.get_vocab_size()
-    mc = encoder_model_config(cfg, vocab, ModelConfig.from_dict(info["model"]))
+    mc = encoder_model_config(cfg, vocab, ck.model)
     splits, classes = load_examples(cfg.classify)
     tc = cfg.train
     ids = {s: encode(splits[s], tok, tok.token_to_id(BOS), min(tc.seq_len, mc.max_seq_len)) for s in splits}
@@ -236,7 +234,7 @@ def run_classify(cfg: Config) -> dict:
         eval_batches=ordered_batches(ids["val"], labels["val"], tc.batch_size, pad, env.dp_rank, env.dp_world),
         flops_per_token=mc.flops_per_token(tc.seq_len),
         meta={"model": mc.to_dict(), "classes": classes, "pooling": cfg.classify.pooling, "mask_id": vocab,
-              "tokenizer_sha256": info.get("tokenizer_sha256"), "init_from": str(source)},
+              "tokenizer_sha256": ck.info.get("tokenizer_sha256"), "init_from": str(source)},
         name=CLASSIFY, matmul_shapes=matmul_shapes(mc, tc.batch_size * tc.seq_len),
     )
     for note in notes:
@@ -286,6 +284,4 @@ def write_classify_report(out: Path, r: dict) -> Path:
              "![test confusion matrix](confusion.png)", ""]
     if r.get("export"):
         lines.append(f"Hugging Face export: `{r['export']}` (`EuroBertForSequenceClassification`).")
-    (out / CLASSIFY_SECTION).parent.mkdir(exist_ok=True)
-    atomic_write_text(out / CLASSIFY_SECTION, "\n".join(lines) + "\n")
-    return write_report(out)
+    return write_section(out, "classify", lines)

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
-import math
 import re
-import signal
-import threading
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,28 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.config import Config, SandboxConfig
+from kiln.config import Config
 from kiln.data.chat import check_messages, prompt_ids
 from kiln.data.executor import Executor
 from kiln.data.tokenizer import BOS, END, EOS
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
+from kiln.infer.engine import SamplingParams
+from kiln.infer.generate import generate
+from kiln.infer.load import open_checkpoint
 from kiln.model.heads import ScalarHeadModel, sequence_scores
-from kiln.model.transformer import KVCache, Transformer
+from kiln.model.transformer import Transformer
+from kiln.model.weights import load_model_tensors
+from kiln.report import write_section
+from kiln.rewards.runner import _resolve_reward, score_job
 from kiln.runs import atomic_write_text
-from kiln.serve.engine import sample_next
 from kiln.train import parallel
-from kiln.train.checkpoint import CheckpointManager, load_model_tensors
 from kiln.train.objectives import Batch, Objective
 from kiln.train.trainer import Trainer
-from kiln.workloads.common import (
-    check_tokenizer,
-    checkpoint_tensors,
-    find_checkpoint,
-    prepare_run_dir,
-)
-from kiln.workloads.pretrain import matmul_shapes
-from kiln.workloads.reward import append_report, pad_id, start_point
+from kiln.workloads.common import matmul_shapes, prepare_run_dir
+from kiln.workloads.preference import pad_id, start_point
 
 WORKLOAD = "rl"
 CHAT_AFTER = ("sft", "dpo", "rl")  # init_from workloads whose models speak the chat format
@@ -150,125 +144,20 @@ def body_end(text: str) -> int | None:
 
 
 # ---- generation ------------------------------------------------------------------------------
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-@torch.no_grad()
-def sample_completions(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                       top_k: int, top_p: float, stop_ids: set[int], generator: torch.Generator | None,
-                       device: torch.device, vocab: int, stop_text=None) -> list[list[int]]:
-    """Completion ids of each prompt, all rows decoding together with a per-row KV cache: the
-    prompts are right-padded into one prefill (each row's first token comes from its own last
-    prompt position), then every row appends at its own length. A row ends at a stop id (kept,
-    it is the policy's choice too), when `stop_text(ids)` says so, or at `max_new_tokens`."""
-    cfg = unwrap(model).cfg
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    cache = KVCache(cfg, b, longest + max_new_tokens, device=device)
-    ids = torch.zeros((b, longest), dtype=torch.long)
-    mask = torch.zeros((b, longest), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
-    lengths = mask.sum(-1).to(device)
-    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache)
-    last = logits[torch.arange(b, device=device), lengths - 1]
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    for step in range(max_new_tokens):
-        nxt = sample_next(last[:, :vocab], temperature, top_k, top_p, generator)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            out[i].append(t)
-            if t in stop_ids or (stop_text is not None and stop_text(out[i])):
-                done[i] = True
-        finished = all(done)
-        if distributed:  # sharded weights: every rank runs the same number of forward passes
-            flag = torch.tensor([0.0 if finished else 1.0], device=device)
-            torch.distributed.all_reduce(flag)
-            finished = flag.item() == 0
-        if finished or step == max_new_tokens - 1:
-            break
-        last = model(nxt[:, None].to(device), cache=cache)[:, -1]
-    return out
+def complete(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, seed: str, stop_ids: set[int], vocab: int, stop_text=None) -> list[list[int]]:
+    """Completion ids of each prompt, by `kiln.infer.generate` on the policy in training (through its
+    DDP / FSDP2 wrapper, every rank stepping together). A row ends at a stop id (kept: it is the
+    policy's choice too), when `stop_text(ids)` says so, or at `max_new_tokens`; row i samples
+    with the seed `seed/i`."""
+    params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=f"{seed}/{i}") for i in range(len(prompts))]
+    until = (lambda _, ids: stop_text(ids)) if stop_text is not None else None
+    seqs = generate(model, prompts, params, stop_ids=stop_ids, vocab=vocab, until=until, inference=False,
+                    ranks_in_step=True)
+    return [s.tokens + ([s.stop_token] if s.stop_token is not None else []) for s in seqs]
 
 
 # ---- rewards ---------------------------------------------------------------------------------
-class RewardTimeout(BaseException):
-    """Raised in a reward call that ran past its time (a BaseException: `except Exception` in the
-    reward does not swallow it)."""
-
-
-def _resolve_reward(spec: str):
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise KilnError(f"rl.reward={spec!r} cannot be imported ({e}); give module:function, e.g. "
-                        "kiln.data.preference_default:code_reward") from None
-    if not callable(fn):
-        raise KilnError(f"rl.reward={spec!r} is not a function")
-    return fn
-
-
-def _call_with_timeout(fn, timeout_s: float, kwargs: dict):
-    """`fn(**kwargs)`, stopped after `timeout_s` (SIGALRM on the main thread; elsewhere a helper
-    thread is abandoned to finish on its own)."""
-    if threading.current_thread() is threading.main_thread():
-        def on_alarm(signum, frame):
-            raise RewardTimeout
-
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return fn(**kwargs)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-    box: list = []
-    worker = threading.Thread(target=lambda: box.append(_capture(fn, kwargs)), daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if not box:
-        raise RewardTimeout
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def _capture(fn, kwargs):
-    try:
-        return True, fn(**kwargs)
-    except Exception as e:  # noqa: BLE001 - handed to the caller
-        return False, e
-
-
-def score_job(job: dict) -> tuple[float, str]:
-    """One reward: (value, reason). A reward that raises, hangs past its time or returns something
-    that is not a finite number scores 0 with the reason counted; the run goes on."""
-    fn = _resolve_reward(job["reward"])
-    kwargs = {**job["fields"], "prompt": job["prompt"], "completion": job["completion"],
-              "sandbox": SandboxConfig(**job["sandbox"])}
-    try:
-        value = _call_with_timeout(fn, job["timeout_s"], kwargs)
-    except RewardTimeout:
-        return 0.0, "reward_timeout"
-    except Exception:  # noqa: BLE001 - a user's reward function failing on one completion
-        return 0.0, "reward_error"
-    reason = "scored"
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
-        value, reason = value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0, "reward_not_a_number"
-    if not math.isfinite(value):
-        return 0.0, "reward_nan"
-    return value, reason
-
-
 class Scorer:
     """Scores completions: the `rl.reward` function through an `Executor` (in this process, local
     workers or Ray tasks), or a reward model over the token sequences."""
@@ -369,15 +258,15 @@ class RolloutLoader:
     def rollout(self) -> Batch:
         rc, env = self.rc, self.env
         prompts = [p for p in self._next_prompts() for _ in range(rc.group_size)]
-        gen = torch.Generator(device=env.device).manual_seed(hash((self.seed, self.rollouts, env.dp_rank)) % 2**62)
+        seed = f"{self.seed}/{self.rollouts}/{env.dp_rank}"
         self.rollouts += 1
         was_training = self.policy.training
         self.policy.eval()
         try:
             with self.autocast:
-                completions = sample_completions(
-                    self.policy, [p.ids for p in prompts], rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p,
-                    self.stop_ids, gen, env.device, self.tok.get_vocab_size(), self._stop_text())
+                completions = complete(self.policy, [p.ids for p in prompts], rc.max_new_tokens, rc.temperature,
+                                       rc.top_k, rc.top_p, seed, self.stop_ids, self.tok.get_vocab_size(),
+                                       self._stop_text())
         finally:
             self.policy.train(was_training)
         texts = [self.completion_text(c) for c in completions]
@@ -483,9 +372,8 @@ class GRPO(Objective):
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
         prompts = [self.eval_prompts[i] for i in batch["prompt_index"].tolist()]
         loader = self.loader
-        completions = sample_completions(model, [p.ids for p in prompts], self.rc.max_new_tokens, 0.0, 0, 1.0,
-                                         loader.stop_ids, None, loader.env.device,
-                                         loader.tok.get_vocab_size(), loader._stop_text())
+        completions = complete(model, [p.ids for p in prompts], self.rc.max_new_tokens, 0.0, 0, 1.0, "eval",
+                               loader.stop_ids, loader.tok.get_vocab_size(), loader._stop_text())
         texts = [loader.completion_text(c) for c in completions]
         rewards, reasons = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
         self._pending += [{"prompt": p.text, "completion": t, "reward": r, "reason": why}
@@ -514,28 +402,23 @@ def eval_prompt_batches(prompts: list[Prompt], batch_size: int, rank: int, world
 
 def load_reward_model(spec: str, tokenizer_sha: str, env: parallel.ParallelEnv, cfg: Config) -> nn.Module:
     """A `kiln reward` run's model, frozen, placed like the policy; its tokenizer must be the policy's."""
-    path = find_checkpoint(spec, "rl.reward_model")
-    info = CheckpointManager.info(path)
-    if info.get("head") != "scalar":
-        raise KilnError(f"rl.reward_model={spec} is a {info.get('workload', '?')} run, not a reward model; "
+    ck = open_checkpoint(spec, "rl.reward_model")
+    if ck.info.get("head") != "scalar":
+        raise KilnError(f"rl.reward_model={spec} is a {ck.info.get('workload', '?')} run, not a reward model; "
                         "train one with `kiln reward` and name that run")
-    check_tokenizer(path.parent.parent / "tokenizer" / "tokenizer.json", info, f"rl.reward_model={spec}")
-    if info.get("tokenizer_sha256") != tokenizer_sha:
+    if ck.info.get("tokenizer_sha256") != tokenizer_sha:
         raise KilnError(f"rl.reward_model={spec} was trained with a different tokenizer than the policy (init_from); "
                         "train the reward model from the same base run")
-    from kiln.model.config import ModelConfig
-
-    mc = ModelConfig.from_dict(info["model"])
 
     def init(model: ScalarHeadModel) -> None:
         model.init_buffers()
-        load_model_tensors(model, checkpoint_tensors(path), str(path))
+        load_model_tensors(model, ck.tensors, str(ck.path))
 
-    return parallel.build_model(lambda: ScalarHeadModel(mc), cfg, env, init, frozen=True)
+    return parallel.build_model(lambda: ScalarHeadModel(ck.model), cfg, env, init, frozen=True)
 
 
-TASK_REWARDS = {"code": "kiln.data.preference_default:code_reward",
-                "docstring": "kiln.data.preference_default:docstring_reward"}
+TASK_REWARDS = {"code": "kiln.rewards.code:code_reward",
+                "docstring": "kiln.rewards.code:docstring_reward"}
 
 
 def run_rl(cfg: Config) -> dict:
@@ -600,7 +483,7 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
                 f"{rc.max_new_tokens} tokens; rewards from "
                 + (f"the reward model {rc.reward_model}" if rc.reward_model else f"{rc.reward} ({executor.label})"))
     if not rc.reward_model:
-        from kiln.train.sandbox import describe_isolation
+        from kiln.rewards.sandbox import describe_isolation
 
         trainer.say(f"sandbox: {describe_isolation(rc.sandbox)}")
     if sp.resume is not None:
@@ -655,7 +538,7 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
                 lines += [f"- step {step}, reward {r['reward']:.2f} ({r['reason']}) — `{prompt}`", "",
                           "  ```", *[f"  {ln}" for ln in (r["completion"].rstrip() or "(empty)").splitlines()[:12]],
                           "  ```"]
-    append_report(cfg.out, "GRPO", lines)
+    write_section(cfg.out, "grpo", ["## GRPO", "", *lines])
 
 
 def _plot_rewards(train: list, val: list, path: Path) -> bool:

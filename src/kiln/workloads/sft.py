@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kiln.config import Config
 from kiln.data.chat import prompt_ids
@@ -31,32 +32,29 @@ from kiln.data.chat_data import (
     read_conversations,
     tokenize,
 )
-from kiln.data.sft_default import word_f1
 from kiln.data.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, load_tokenizer
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
+from kiln.infer.generate import generate, greedy
+from kiln.infer.load import load
 from kiln.model.config import ModelConfig
-from kiln.model.lora import LoRACheckpoints, apply_lora, init_lora, lora_dict
-from kiln.model.transformer import KVCache, Transformer
+from kiln.model.lora import apply_lora, init_lora, lora_dict
+from kiln.model.transformer import Transformer
 from kiln.plan import training_flops_per_token
-from kiln.runs import atomic_write_text, sha256_file
+from kiln.report import write_section
+from kiln.rewards.text import word_f1
+from kiln.runs import sha256_file
 from kiln.train import parallel
-from kiln.train.checkpoint import CheckpointManager, load_model_tensors
+from kiln.train.checkpoint import CheckpointManager
+from kiln.train.lora_checkpoints import LoRACheckpoints
 from kiln.train.metrics import MetricsLog
 from kiln.train.objectives import LanguageModeling
+from kiln.train.restore import find_checkpoint
 from kiln.train.trainer import Trainer
-from kiln.workloads.common import (
-    build_trained,
-    checkpoint_tensors,
-    find_checkpoint,
-    prepare_run_dir,
-    resolve_resume,
-)
-from kiln.workloads.pretrain import matmul_shapes, model_config_for
+from kiln.workloads.common import build_trained, matmul_shapes, model_config_for, prepare_run_dir, resolve_resume
 
 WORKLOAD = "sft"
 DEFAULT_DATA_DIR = "sft_data"  # under the run directory: the default task's train.jsonl / val.jsonl
-REPORT_SECTION = Path("report.d") / "sft.md"
 
 
 # ---- tokenizer and data ----------------------------------------------------------------------
@@ -157,38 +155,6 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
 
 # ---- the task metric -------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_replies(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop: int, vocab: int,
-                   batch: int = 16) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (each up to `stop`, excluded), `batch` at a time with
-    the per-row KV cache: prompts of different lengths are right-padded and each row decodes at its
-    own position."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        lengths = torch.tensor([len(p) for p in chunk], device=device)
-        width = int(lengths.max())
-        x = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        for r, p in enumerate(chunk):
-            x[r, : len(p)] = torch.tensor(p)
-        mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
-        cache = KVCache(model.cfg, len(chunk), width + max_new_tokens, device=device)
-        logits = model(x, attention_mask=mask, cache=cache)[torch.arange(len(chunk)), lengths - 1]
-        replies = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        for step in range(max_new_tokens):
-            nxt = logits[:, :vocab].argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                done[r] = done[r] or t == stop
-                if not done[r]:
-                    replies[r].append(t)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = model(nxt[:, None], cache=cache)[:, -1]
-        out.extend(replies)
-    return out
-
-
 def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tokens: int,
                  context: int) -> list[tuple[list[int], str]]:
     """(prompt ids, reference reply) of up to `n` held-out conversations, in order: everything before
@@ -211,21 +177,21 @@ def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tok
 
 def task_score(model: Transformer, tokenizer, prompts: list[tuple[list[int], str]], max_new_tokens: int) -> dict:
     """Mean word-overlap F1 and exact-match rate of greedy replies against the references."""
-    replies = greedy_replies(model, [p for p, _ in prompts], max_new_tokens, tokenizer.token_to_id(END),
-                             tokenizer.get_vocab_size())
-    texts = [tokenizer.decode(r).strip() for r in replies]
+    replies = generate(model, [p for p, _ in prompts], greedy(max_new_tokens), stop_ids={tokenizer.token_to_id(END)},
+                       vocab=tokenizer.get_vocab_size(), rows=16)
+    texts = [tokenizer.decode(r.tokens).strip() for r in replies]
     f1 = [word_f1(t, ref) for t, (_, ref) in zip(texts, prompts)]
     exact = [float(t == ref.strip()) for t, (_, ref) in zip(texts, prompts)]
     return {"f1": sum(f1) / len(f1), "exact": sum(exact) / len(exact), "replies": texts}
 
 
-def plain_model(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor] | None, seed: int,
-                device: torch.device) -> Transformer:
-    """A single-device model with `tensors` (or its seeded initialization), ready to generate."""
+def reply_model(spec: Path | None, model_cfg: ModelConfig, seed: int, device: torch.device) -> nn.Module:
+    """The model whose replies are scored: a checkpoint read back as `kiln generate` reads it, or
+    (no init_from) the seeded initialization the run started from."""
+    if spec is not None:
+        return load(spec, device, key="init_from").model
     model = Transformer(model_cfg)
     model.init_weights(seed)
-    if tensors is not None:
-        load_model_tensors(model, tensors, "checkpoint")
     return model.to(device).eval()
 
 
@@ -338,7 +304,6 @@ def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelCo
            device: torch.device) -> dict:
     """After training (main rank): the task metric of base and fine-tuned model, read back from the
     checkpoints as `kiln generate` would, into metrics.jsonl and the report's SFT section."""
-    from kiln.report import write_report
     from kiln.train.metrics import read_metrics
 
     sc, out = cfg.sft, Path(cfg.out)
@@ -346,11 +311,10 @@ def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelCo
     prompts = task_prompts(tok, data.val_conversations, sc.eval_prompts, sc.eval_max_new_tokens, model_cfg.max_seq_len)
     if prompts:
         final = CheckpointManager(out).latest_intact()
-        base = plain_model(model_cfg, checkpoint_tensors(source) if source else None, cfg.train.seed, device)
+        base = reply_model(source, model_cfg, cfg.train.seed, device)
         before = task_score(base, tok, prompts, sc.eval_max_new_tokens)
         del base
-        after = task_score(plain_model(model_cfg, checkpoint_tensors(final), cfg.train.seed, device), tok, prompts,
-                           sc.eval_max_new_tokens)
+        after = task_score(reply_model(final, model_cfg, cfg.train.seed, device), tok, prompts, sc.eval_max_new_tokens)
         scores = {"task_f1": after["f1"], "task_exact": after["exact"], "base_task_f1": before["f1"],
                   "base_task_exact": before["exact"], "task_prompts": len(prompts)}
         log = MetricsLog(out, trainer.step, tensorboard=False)
@@ -381,8 +345,7 @@ def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelCo
         lines += ["", "| held-out prompt (end) | reference | fine-tuned reply |", "|---|---|---|"]
         for (ids, ref), reply in list(zip(prompts, after["replies"]))[:3]:
             lines.append(f"| {_cell(tok.decode(ids)[-80:])} | {_cell(ref)} | {_cell(reply)} |")
-    atomic_write_text(out / REPORT_SECTION, "\n".join(lines) + "\n")
-    write_report(out)
+    write_section(out, "sft", lines)
     return scores
 
 

@@ -13,106 +13,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kiln.config import Config, dump_yaml
 from kiln.data.images import ImageLoader, open_image_data, read_split, split_batches
-from kiln.data.pipeline import data_dir
+from kiln.data.layout import data_dir
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.config import ModelConfig
 from kiln.model.vision import VisionSpec, build_vision_model
-from kiln.report import write_report
+from kiln.report import write_section
 from kiln.runs import atomic_write_text, read_manifest, write_json
 from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.objectives import Batch, Objective
-from kiln.train.trainer import Trainer, to_device
-from kiln.workloads.common import build_trained, ensure_data, find_checkpoint, resolve_resume
+from kiln.train.restore import find_checkpoint
+from kiln.train.trainer import Trainer
+from kiln.workloads.classification import Classification, confusion, latest_metrics, plot_confusion, predict
+from kiln.workloads.common import build_trained, ensure_data, resolve_resume
 
 WORKLOAD = "vision"
-REPORT_SECTION = Path("report.d") / "vision.md"
 EVAL_FILE = "vision_eval.json"
 BASELINE_MAX_TRAIN = 10_000  # scikit-learn's SVC is quadratic in the training set: fit on at most this many
-
-
-class Classification(Objective):
-    """Cross-entropy over classes of a model that maps the batch's `inputs` to (B, classes) logits;
-    logs accuracy, and validation loss and accuracy summed over every example."""
-
-    name = "classification cross-entropy"
-
-    def __init__(self, inputs: tuple[str, ...] = ("pixel_values",), label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.inputs, self.label_smoothing = inputs, label_smoothing
-
-    def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(**{k: batch[k] for k in self.inputs if k in batch}).float()
-
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(model, batch)
-        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
-        return loss, {"accuracy": (logits.detach().argmax(-1) == batch["labels"]).float().mean()}
-
-    def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
-        logits = self.logits(model, batch)
-        n = float(batch["labels"].numel())
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
-        return {"val_loss": (float(loss), n), "val_accuracy": (float((logits.argmax(-1) == batch["labels"]).sum()), n)}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, batches: list[Batch], objective: Classification, env: parallel.ParallelEnv) -> np.ndarray:
-    """Predicted classes of every batch, in order. Every rank runs every batch (sharded models need
-    all ranks in each forward), so every rank returns the same predictions."""
-    model.eval()
-    try:
-        out = [objective.logits(model, to_device(b, env.device)).argmax(-1).cpu() for b in batches]
-    finally:
-        model.train()
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
-
-
-def latest_metrics(run: Path) -> dict:
-    """The newest logged value of every metric of the run (across resumes): what a launch that
-    found the run already finished still reports."""
-    from kiln.train.metrics import read_metrics
-
-    out: dict = {}
-    for record in read_metrics(run):
-        out.update(record)
-    return out
-
-
-def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
-    """(true, predicted) counts."""
-    m = np.zeros((n, n), dtype=np.int64)
-    np.add.at(m, (labels, predicted), 1)
-    return m
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1 + 0.45 * n))
-    ax.imshow(matrix, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n), classes, rotation=90 if max(map(len, classes)) > 2 else 0)
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_accuracy(metrics: list[dict], path: Path) -> bool:
@@ -275,7 +195,7 @@ def run_vision(cfg: Config) -> dict:
 
 
 def write_vision_report(out: Path) -> Path:
-    """report.d/vision.md (test accuracy, confusion matrix, baselines, the speedrun's comparison), then report.md."""
+    """The report's vision section (test accuracy, confusion matrix, baselines, the speedrun's comparison), then report.md."""
     from kiln.train.metrics import read_metrics
 
     r = json.loads((out / EVAL_FILE).read_text())
@@ -301,9 +221,7 @@ def write_vision_report(out: Path) -> Path:
         lines += ["Test accuracy on the same split:", "", "| run | model | augmentation | test accuracy | cost |",
                   "|---|---|---|---:|---|",
                   *[f"| {n} | {m} | {a} | {100 * acc:.2f}% | {c} |" for n, m, a, acc, c in rows], ""]
-    (out / REPORT_SECTION).parent.mkdir(exist_ok=True)
-    atomic_write_text(out / REPORT_SECTION, "\n".join(lines) + "\n")
-    return write_report(out)
+    return write_section(out, "vision", lines)
 
 
 VARIANTS = {

@@ -69,57 +69,59 @@ def make_app(db: LabelDB, *, admin_key: str, per_pair: int = 1, lease_s: float =
     if not admin_key:
         raise ValueError("an admin key is required")
     app = FastAPI(title="kiln label", docs_url=None, redoc_url=None, openapi_url=None)
-    files = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC}
-    secret = bytes.fromhex(db.secret)
+    _add_error_handlers(app)
+    _add_guard(app, allowed_hosts)
+    _add_pages(app)
+    _add_labeller_api(app, db, per_pair, lease_s)
+    _add_admin_api(app, db, admin_key, per_pair, base_url)
+    return app
 
-    def csrf_token(token: str) -> str:
-        return hmac.new(secret, b"csrf:" + token_hash(token).encode(), hashlib.sha256).hexdigest()
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal, the database's, a route's or a malformed request's, is `{"error": "<one line>"}`."""
 
     @app.exception_handler(LabelDBError)
     async def _db_error(request: Request, e: LabelDBError):
-        return error(e.status, str(e))
+        return _error(e.status, str(e))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
-        return error(e.status_code, str(e.detail))
+        return _error(e.status_code, str(e.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError):
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(422, f"bad request: {where or 'body'}: {first.get('msg', 'invalid')}")
+        return _error(422, f"bad request: {where or 'body'}: {first.get('msg', 'invalid')}")
+
+
+def _add_guard(app: FastAPI, allowed_hosts: list[str] | None) -> None:
+    """Before any route: refuse an unknown Host (DNS rebinding) and a cross-site write; after it:
+    the security headers on every answer."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if allowed_hosts is not None and request.url.hostname not in allowed_hosts:
-            return error(400, f"unknown host {request.url.hostname!r}; open the address `kiln label serve` printed")
+            return _error(400, f"unknown host {request.url.hostname!r}; open the address `kiln label serve` printed")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("origin")
             if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-                return error(403, "cross-site request refused")
+                return _error(403, "cross-site request refused")
             if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-                return error(403, "cross-site request refused")
+                return _error(403, "cross-site request refused")
         response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response
 
-    def labeller(request: Request) -> tuple[Labeller, str]:
-        token = request.cookies.get(COOKIE, "")
-        who = db.labeller(token) if 0 < len(token) <= MAX_TOKEN else None
-        if who is None:
-            raise HTTPException(401, "no valid labeller token: open your invite link "
-                                     "(made by `kiln label invite name=...`)")
-        return who, token
 
-    def admin(authorization: str = Header("")) -> None:
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), admin_key.encode()):
-            raise HTTPException(401, "admin key required: send `Authorization: Bearer <admin key>` "
-                                     "(printed by `kiln label serve`, or label.admin_key)")
+def _add_pages(app: FastAPI) -> None:
+    """The labeller's page (/), the admin's (/admin) and their scripts and style (/static/NAME): only `STATIC`."""
+    files = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC}
 
     def page(name: str) -> Response:
         return Response(files[name], media_type=STATIC[name])
@@ -141,6 +143,23 @@ def make_app(db: LabelDB, *, admin_key: str, per_pair: int = 1, lease_s: float =
         if name not in STATIC or name.endswith(".html"):
             raise HTTPException(404, "no such file")
         return page(name)
+
+
+def _add_labeller_api(app: FastAPI, db: LabelDB, per_pair: int, lease_s: float) -> None:
+    """The labeller's API: /api/session trades an invite token for the cookie; /api/next and /api/vote
+    act as the labeller that cookie names, and a vote needs the CSRF token /api/next gave."""
+    secret = bytes.fromhex(db.secret)
+
+    def csrf_token(token: str) -> str:
+        return hmac.new(secret, b"csrf:" + token_hash(token).encode(), hashlib.sha256).hexdigest()
+
+    def labeller(request: Request) -> tuple[Labeller, str]:
+        token = request.cookies.get(COOKIE, "")
+        who = db.labeller(token) if 0 < len(token) <= MAX_TOKEN else None
+        if who is None:
+            raise HTTPException(401, "no valid labeller token: open your invite link "
+                                     "(made by `kiln label invite name=...`)")
+        return who, token
 
     @app.post("/api/session")
     def session(body: Session, response: Response) -> dict:
@@ -169,6 +188,16 @@ def make_app(db: LabelDB, *, admin_key: str, per_pair: int = 1, lease_s: float =
         recorded = db.vote(who, body.pair_id, body.choice, body.comment)
         return {"recorded": recorded, "progress": db.progress(who, per_pair, lease_s)}
 
+
+def _add_admin_api(app: FastAPI, db: LabelDB, admin_key: str, per_pair: int, base_url: str) -> None:
+    """The admin's API (/api/admin/report, export, invite), each behind `Authorization: Bearer <admin key>`."""
+
+    def admin(authorization: str = Header("")) -> None:
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), admin_key.encode()):
+            raise HTTPException(401, "admin key required: send `Authorization: Bearer <admin key>` "
+                                     "(printed by `kiln label serve`, or label.admin_key)")
+
     @app.get("/api/admin/report", dependencies=[Depends(admin)])
     def report() -> dict:
         return db.report(per_pair)
@@ -183,8 +212,6 @@ def make_app(db: LabelDB, *, admin_key: str, per_pair: int = 1, lease_s: float =
     def invite(body: Invite) -> dict:
         token = db.invite(body.name)
         return {"name": body.name.strip(), "link": invite_link(base_url, token)}
-
-    return app
 
 
 def invite_link(base_url: str, token: str) -> str:

@@ -111,7 +111,7 @@ def run_generate(cfg: Config) -> int:
         open_db(cfg)
     chat = uses_chat(cfg)
     contexts = [as_chat(p, i) if chat else p for i, p in enumerate(prompts)]
-    from kiln.serve.engine import Engine
+    from kiln.infer.generate import Engine
 
     engine = Engine.from_run(cfg.out, cfg.device)
     db = LabelDB.create(path, lc.busy_timeout_s)

@@ -7,7 +7,7 @@
   headers that parse (`ast.parse`);
 - every task example as a sample dump (`eval_samples.jsonl`), results in `eval.json` beside the
   model, and an "Evaluation" section in the run's report;
-- optionally lm-evaluation-harness tasks through `kiln.post.lm_eval_adapter`.
+- optionally lm-evaluation-harness tasks through `kiln.eval.harness`.
 
 Scores use only the tokenizer's ids: the padded vocabulary rows are left out of every softmax.
 """
@@ -17,223 +17,26 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import math
 import random
 import textwrap
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from kiln import __version__
 from kiln.config import Config, EvalConfig
-from kiln.data.tokenizer import BOS, EOS
 from kiln.errors import KilnError
-from kiln.model.transformer import KVCache, Transformer
+from kiln.eval.scoring import (
+    DEFAULT_MAX_WINDOW,
+    greedy_generate,
+    heldout_bits_per_byte,
+    read_text_file,
+    text_bits_per_byte,
+)
+from kiln.infer.load import Loaded, load
+from kiln.report import write_section
 from kiln.runs import atomic_write_text, read_manifest, write_json
-from kiln.train.checkpoint import load_model_tensors
-
-# Scoring windows when eval.seq_len=0: the model's context, up to this (imported models may declare 128k).
-DEFAULT_MAX_WINDOW = 2048
-
-
-# ---- loading what is evaluated -----------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    model: Transformer
-    tokenizer: object  # tokenizers.Tokenizer
-    device: torch.device
-    kind: str  # "checkpoint" (of a run) or "hf" (a Hugging Face directory, e.g. a kiln export)
-    source: Path  # the checkpoint or export directory
-    home: Path  # where eval.json goes: the run, or the export directory
-    data: Path | None  # prepared data whose held-out split is scored
-    step: int | None
-
-    @property
-    def n_vocab(self) -> int:
-        """Ids the tokenizer produces: the model's rows past them are padding."""
-        from kiln.post.export import token_count
-
-        return min(token_count(self.tokenizer), self.model.cfg.vocab_size)
-
-    @property
-    def bos(self) -> int:
-        return self.tokenizer.token_to_id(BOS)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def load_model(spec: str | Path, device: str = "auto", allow_pickle: bool = False, key: str = "eval.path") -> LoadedModel:
-    """A run (its newest intact checkpoint), a checkpoint directory, or a Hugging Face directory
-    (a kiln export, or any Llama one), ready to score on `device`."""
-    from kiln.post.export import read_checkpoint, read_hf
-    from kiln.post.quantize import open_for_eval
-    from kiln.train.parallel import pick_device
-
-    path = Path(spec)
-    dev = pick_device(device)
-    quantized = open_for_eval(path, dev, key)  # a `kiln quantize` run or checkpoint, else None
-    if quantized is not None:
-        return LoadedModel(**quantized)
-    if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
-        ck = read_checkpoint(path, key=key)
-        model = Transformer(ck.model)
-        load_model_tensors(model, ck.tensors, str(ck.path))
-        data = ck.run / "data" if read_manifest(ck.run / "data") else (Path(ck.info["data"]) if ck.info.get("data") else None)
-        loaded = LoadedModel(model, ck.tokenizer, dev, "checkpoint", ck.path, ck.run, data, ck.info.get("step"))
-    elif (path / "config.json").is_file():
-        hf = read_hf(path, allow_pickle)
-        model = Transformer(hf.model)
-        load_model_tensors(model, hf.tensors, str(path))
-        loaded = LoadedModel(model, hf.tokenizer, dev, "hf", path, path, None, None)
-    elif not path.exists():
-        raise KilnError(f"{key}={spec} does not exist; name a run, a checkpoint directory or an export directory")
-    elif (path / "tokenizer").is_dir() or (path / "data").is_dir():
-        raise KilnError(f"{key}={spec} holds no checkpoint yet; train one first (kiln pretrain out={spec})")
-    else:
-        raise KilnError(f"{key}={spec} is not a run (checkpoints/), a checkpoint (checkpoint.json) or a Hugging Face "
-                        "directory (config.json); point it at e.g. runs/NAME or runs/NAME/export/hf")
-    loaded.model.init_buffers()
-    loaded.model.to(dev).eval()
-    return loaded
-
-
-# ---- scoring ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_windows(lm: LoadedModel, windows: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[tuple[float, bool]]:
-    """For each (inputs, targets) window: the summed log-probability of `targets`, read at the last
-    len(targets) positions of `inputs` (inputs[k] predicts the next token), and whether each target
-    is the greedy choice."""
-    out: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))  # similar lengths together
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(windows[i][0]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(windows[i][0])] = torch.tensor(windows[i][0])
-        logits = lm.model(ids.to(lm.device))  # causal: the padding after a row's tokens never reaches them
-        logp = F.log_softmax(logits[..., : lm.n_vocab].float(), dim=-1)
-        for r, i in enumerate(idx):
-            inputs, targets = windows[i]
-            at = torch.arange(len(inputs) - len(targets), len(inputs), device=lm.device)
-            tgt = torch.tensor(targets, device=lm.device)
-            rows = logp[r, at]
-            out[i] = (float(rows.gather(-1, tgt[:, None]).sum()), bool((rows.argmax(-1) == tgt).all()))
-    return out
-
-
-def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """Windows that predict every token of `tokens` exactly once (lm-evaluation-harness's rolling
-    scheme): the first starts from `prefix`; each later one predicts the next up to `max_len`
-    tokens with as much context as fits, so the last window has a full context too."""
-    if not tokens:
-        return []
-    first = min(max_len, len(tokens))
-    out = [([prefix, *tokens[: first - 1]], tokens[:first])]
-    done = first
-    while done < len(tokens):
-        end = min(done + max_len, len(tokens))
-        out.append((tokens[end - max_len - 1 : end - 1], tokens[done:end]))
-        done = end
-    return out
-
-
-def read_text_file(path: Path) -> str:
-    """A text file to score, or a one-line error (read before any scoring starts)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KilnError(f"eval.text: '{path}' does not exist; name a text file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KilnError(f"eval.text: '{path}' is not readable UTF-8 text ({e.__class__.__name__}); name a text file") from None
-    if not text:
-        raise KilnError(f"eval.text: '{path}' is empty; name a file with text in it")
-    return text
-
-
-def text_bits_per_byte(lm: LoadedModel, text: str, seq_len: int, batch_size: int) -> dict:
-    """Bits per byte of a text, read as one document after <|bos|>, over its exact UTF-8 bytes."""
-    tokens = lm.encode(text)
-    scores = score_windows(lm, rolling_windows(tokens, lm.bos, seq_len), batch_size)
-    nats = -sum(s for s, _ in scores)
-    n_bytes = len(text.encode("utf-8"))
-    return {"bpb": nats / math.log(2) / n_bytes, "tokens": len(tokens), "bytes": n_bytes}
-
-
-@torch.no_grad()
-def heldout_bits_per_byte(lm: LoadedModel, ddir: Path, seq_len: int, batch_size: int, max_batches: int) -> dict:
-    """Bits per byte of the held-out (validation) split in windows of `seq_len`, with the split's
-    bytes per token (what training's val_bpb uses, so the two compare)."""
-    from kiln.data.shards import eval_batches, open_data
-
-    man = open_data(ddir)
-    val = man["splits"]["val"]
-    batches = eval_batches(ddir, batch_size, seq_len, max_batches)
-    if not batches:
-        raise KilnError(f"the held-out split of '{ddir}' is shorter than one window of {seq_len + 1} tokens; "
-                        "lower eval.seq_len or prepare more data")
-    nats, count = 0.0, 0
-    for b in batches:
-        logits = lm.model(b["input_ids"].to(lm.device))
-        labels = b["labels"].to(lm.device)
-        nats += float(F.cross_entropy(logits[..., : lm.n_vocab].flatten(0, 1).float(), labels.flatten(), reduction="sum"))
-        count += labels.numel()
-    loss = nats / count
-    return {"bpb": loss / math.log(2) * val["tokens"] / max(val["bytes"], 1), "loss": loss, "tokens": count,
-            "seq_len": seq_len, "data": str(ddir), "unigram_bpb": man.get("unigram_bpb")}
-
-
-# ---- generation -------------------------------------------------------------------------------------
-@torch.no_grad()
-def greedy_generate(lm: LoadedModel, prompts: list[list[int]], max_new: int,
-                    done: Callable[[int, list[int]], bool] | None = None, batch_size: int = 8) -> list[tuple[list[int], str]]:
-    """Greedy continuations of token-id prompts, batched with the KV cache: each row stops at
-    <|bos|> / <|eos|> ("end"), when `done(prompt index, new ids)` says so ("done"), or at its
-    budget of `max_new` tokens within the model's context ("length"). Returns (new ids, why it stopped)."""
-    cfg = lm.model.cfg
-    stop = {lm.bos, lm.tokenizer.token_to_id(EOS)}
-    out: list[tuple[list[int], str]] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        if any(not p or len(p) >= cfg.max_seq_len for p in chunk):
-            raise ValueError(f"prompts must hold 1 to {cfg.max_seq_len - 1} tokens")
-        budget = [min(max_new, cfg.max_seq_len - len(p)) for p in chunk]
-        width = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, : len(p)] = torch.tensor(p)
-            mask[r, : len(p)] = 1
-        cache = KVCache(cfg, len(chunk), min(cfg.max_seq_len, width + max(budget)), device=lm.device)
-        logits = lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device), cache=cache)
-        last = logits[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])]
-        gen: list[list[int]] = [[] for _ in chunk]
-        why: list[str | None] = [None] * len(chunk)
-        for _ in range(max(budget)):
-            nxt = last[:, : lm.n_vocab].argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if why[r] is not None:
-                    continue
-                if t in stop:
-                    why[r] = "end"
-                    continue
-                gen[r].append(t)
-                if done is not None and done(s + r, gen[r]):
-                    why[r] = "done"
-                elif len(gen[r]) >= budget[r]:
-                    why[r] = "length"
-            if all(w is not None for w in why):
-                break
-            # rows already finished decode on (their output is ignored) until the batch is done
-            last = lm.model(nxt[:, None], cache=cache)[:, -1]
-        out += [(g, w or "length") for g, w in zip(gen, why)]
-    return out
 
 
 # ---- code tasks on held-out files -------------------------------------------------------------------
@@ -266,7 +69,7 @@ def python_sources(docs: list[str]) -> list[tuple[str, ast.Module]]:
     return out
 
 
-def _prompt_ids(lm: LoadedModel, text: str, room: int) -> list[int]:
+def _prompt_ids(lm: Loaded, text: str, room: int) -> list[int]:
     """`text` as a prompt of at most `room` tokens: <|bos|> + all of it, or its last tokens."""
     ids = lm.encode(text)
     return [lm.bos, *ids] if len(ids) < room else ids[-room:]
@@ -295,7 +98,7 @@ def predicted_line(text: str, final: bool = False) -> str | None:
     return whole[0] if whole else ("" if final else None)
 
 
-def next_line_task(lm: LoadedModel, sources: list[tuple[str, ast.Module]], n: int, rng: random.Random,
+def next_line_task(lm: Loaded, sources: list[tuple[str, ast.Module]], n: int, rng: random.Random,
                    batch_size: int, max_line_tokens: int = 48) -> tuple[dict, list[dict]]:
     """Greedy next-line prediction on held-out files; exact match ignores trailing whitespace only."""
     examples = next_line_examples(sources, n, rng)
@@ -348,7 +151,7 @@ def parses(header: str, body: str) -> bool:
         return False
 
 
-def function_task(lm: LoadedModel, sources: list[tuple[str, ast.Module]], n: int, rng: random.Random,
+def function_task(lm: Loaded, sources: list[tuple[str, ast.Module]], n: int, rng: random.Random,
                   max_new: int, batch_size: int) -> tuple[dict, list[dict]]:
     """Complete held-out functions from their header, with the file before it as context: the share
     of completions that parse. A body cut by the token budget (at most half the model's context,
@@ -382,7 +185,7 @@ def evaluate_run(run_dir: str | Path, ec: EvalConfig | None = None, device: str 
     if ec.harness_tasks and importlib.util.find_spec("lm_eval") is None:
         raise KilnError("eval.harness_tasks needs lm-evaluation-harness: pip install lm-eval")
     texts = {p: read_text_file(Path(p)) for p in ec.text}
-    lm = load_model(run_dir, device, key=key)
+    lm = load(run_dir, device, key=key)
     seq_len = min(ec.seq_len or min(lm.model.cfg.max_seq_len, DEFAULT_MAX_WINDOW), lm.model.cfg.max_seq_len)
     results: dict = {"model": str(lm.source), "kind": lm.kind, "step": lm.step, "kiln_version": __version__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -415,7 +218,7 @@ def evaluate_run(run_dir: str | Path, ec: EvalConfig | None = None, device: str 
         else:
             notes.append("no held-out document parses as Python; the code tasks were skipped")
     if ec.harness_tasks:
-        from kiln.post.lm_eval_adapter import run_harness
+        from kiln.eval.harness import run_harness
 
         results["harness"] = run_harness(lm, ec.harness_tasks, ec.harness_include, ec.harness_limit, ec.batch_size)
     results["notes"] = notes
@@ -424,15 +227,13 @@ def evaluate_run(run_dir: str | Path, ec: EvalConfig | None = None, device: str 
         write_json(lm.home / "eval.json", results)
         atomic_write_text(lm.home / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         if (lm.home / "checkpoints").is_dir():
-            from kiln.report import write_evaluation
-
-            write_evaluation(lm.home)
+            write_section(lm.home, "evaluation", evaluation_section(lm.home))
     return results
 
 
-def _check_data_tokenizer(lm: LoadedModel, ddir: Path) -> None:
+def _check_data_tokenizer(lm: Loaded, ddir: Path) -> None:
     """The held-out shards must be token ids of the model's own tokenizer."""
-    from kiln.data.pipeline import tokenizer_path
+    from kiln.data.layout import tokenizer_path
     from kiln.data.tokenizer import load_tokenizer
 
     tpath = tokenizer_path(ddir, read_manifest(ddir))
@@ -456,6 +257,28 @@ def summary_lines(results: dict) -> list[str]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
         out.append(f"harness {task}: {shown}")
     return out + results.get("notes", [])
+
+
+def evaluation_section(run: Path) -> list[str]:
+    """The "Evaluation" section from the run's eval.json (written by `kiln eval`), or nothing."""
+    try:
+        results = json.loads((run / "eval.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    step = f" at step {results['step']}" if results.get("step") is not None else ""
+    lines = ["## Evaluation", "", f"`kiln eval` of `{results['model']}`{step} ({results.get('created', '')}):", ""]
+    lines += [f"- {line}" for line in summary_lines(results)]
+    try:
+        examples = [s for s in map(json.loads, (run / "eval_samples.jsonl").read_text().splitlines())
+                    if s.get("task") == "function_completion"][:3]
+    except (OSError, json.JSONDecodeError):
+        examples = []
+    if examples:
+        lines += ["", "Function completions from held-out headers (greedy):"]
+        for s in examples:
+            lines += ["", f"{'parses' if s.get('parses') else 'does not parse'}:", "", "```python",
+                      s.get("header", "") + s.get("completion", ""), "```"]
+    return lines + ["", "All results: [eval.json](eval.json); every example: [eval_samples.jsonl](eval_samples.jsonl).", ""]
 
 
 def run_eval(cfg: Config) -> dict:

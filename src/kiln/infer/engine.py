@@ -1,36 +1,26 @@
-"""Generation: a run's model and tokenizer, and a running batch over one preallocated KV cache in
-which sequences join and leave at their own positions (continuous batching), each with its own
-sampling settings, streamed as text; `kiln generate`; `measure_serving` for the speedrun's report.
+"""The engine: a running batch over one preallocated KV cache in which sequences join and leave at
+their own positions (continuous batching), each with its own sampling settings, streamed as text.
 
-The serving loop (`kiln.serve.scheduler`) and `kiln generate` share `Batch`: a sequence is
-prefilled into a free row of the cache (right-padded with the others that join with it), then
-every step decodes one token for each running row, and a row is freed the moment its sequence
-stops (end token, stop string, `max_new_tokens`, the context's end, or a cancel).
+A sequence is prefilled into a free row of the cache (right-padded with the others that join
+with it), then every step decodes one token for each running row, and a row is freed the moment
+its sequence stops (end token, stop string, its own `until` test, `max_new_tokens`, the
+context's end, or a cancel). The serving loop (`kiln.serve.scheduler`) steps a `Batch` on its
+thread; `kiln.infer.generate.generate` runs one to completion for everything else that generates
+(`kiln generate`, evaluation, SFT's replies, GRPO's rollouts, distillation, speed measurements).
 """
 
 from __future__ import annotations
 
 import random
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from kiln.config import Config, SampleConfig
-from kiln.data.tokenizer import BOS, END, EOS, load_tokenizer
-from kiln.errors import KilnError
-from kiln.model.transformer import KVCache, ModelConfig, Transformer
-from kiln.serve import decode
-from kiln.train import distributed_checkpoint
-from kiln.train.checkpoint import CheckpointManager
-from kiln.train.parallel import pick_device
-from kiln.workloads.common import check_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kiln.infer import decode
+from kiln.model.transformer import KVCache
 
 
 def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torch.Generator | None = None,
@@ -106,20 +96,27 @@ class SamplingParams:
 class Sequence:
     """One generation: prompt ids, sampling settings, the output as tokens and as streamed text,
     and its timings. `listener(seq, text)` is called with each new piece of text and once more,
-    with what is left (maybe ""), when `finish_reason` is set: "stop" (end token or stop string),
-    "length" (max_new_tokens or the context's end), "cancelled" or "error"."""
+    with what is left (maybe ""), when `finish_reason` is set: "stop" (end token, stop string or
+    `until`), "length" (max_new_tokens or the context's end), "cancelled" or "error".
+
+    `until(tokens)`, if given, is asked after each token whether the sequence is complete (e.g. a
+    whole line or function body). With `tokenizer=None` the sequence keeps token ids only (no text,
+    no stop strings): what callers that score or train on ids need, without decoding each token."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer,
-                 listener: Callable[[Sequence, str], None] | None = None, tag=None) -> None:
-        self.prompt, self.params, self.listener, self.tag = list(prompt), params, listener, tag
+                 listener: Callable[[Sequence, str], None] | None = None, tag=None,
+                 until: Callable[[list[int]], bool] | None = None) -> None:
+        self.prompt, self.params, self.listener, self.tag, self.until = list(prompt), params, listener, tag, until
         self.tokens: list[int] = []
+        self.stop_token: int | None = None  # the end token that stopped it (not in `tokens`)
+        self.ended_by: str | None = None  # "end" (an end token), "stop" (a stop string), "until", "length"
         self.text = ""
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.context_ended = False  # stopped by the context's end before max_new_tokens
         self.cancelled = False
         self.rng = random.Random(params.seed)
-        self._decoder = StreamDecoder(tokenizer)
+        self._decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self._held = ""  # text that may be the start of a stop string
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
@@ -145,9 +142,13 @@ class Sequence:
             self.listener(self, text)
 
     def push(self, token: int) -> None:
-        """Take one generated token; a stop string it completes finishes the sequence."""
+        """Take one generated token; a stop string it completes, or `until`, finishes the sequence."""
         self.tokens.append(token)
-        self._take_text(self._decoder.push(token))
+        if self._decoder is not None:
+            self._take_text(self._decoder.push(token))
+        if self.finish_reason is None and self.until is not None and self.until(self.tokens):
+            self.ended_by = "until"
+            self.finish("stop")
 
     def _take_text(self, piece: str) -> None:
         stops = self.params.stop
@@ -159,6 +160,7 @@ class Sequence:
         if hits:
             self._held = ""
             self._emit(held[: min(hits)])
+            self.ended_by = "stop"
             self._end("stop")  # the text after the stop string is dropped
             return
         keep = max((n for s in stops for n in range(min(len(s) - 1, len(held)), 0, -1) if held.endswith(s[:n])),
@@ -172,7 +174,7 @@ class Sequence:
         if self.finish_reason is not None:
             return
         rest = ""
-        if reason in ("stop", "length"):
+        if reason in ("stop", "length") and self._decoder is not None:
             self._take_text(self._decoder.flush())
             if self.finish_reason is not None:  # that text completed a stop string
                 return
@@ -182,6 +184,7 @@ class Sequence:
 
     def _end(self, reason: str, rest: str = "", error: str | None = None) -> None:
         self.finish_reason, self.error, self.finished_at = reason, error, time.perf_counter()
+        self.ended_by = self.ended_by or ("length" if reason == "length" else reason)
         if self.listener:
             self.listener(self, rest)
 
@@ -202,14 +205,23 @@ class Batch:
     """Sequences decoding together over one preallocated KV cache, one row each, each at its
     own position. `add` prefills new sequences into free rows (the lowest first, so the running
     rows stay packed at the front and a step runs over rows 0..hi-1 only); `step` decodes one
-    token for every running row; a finished or cancelled sequence frees its row at once."""
+    token for every running row; a finished or cancelled sequence frees its row at once.
 
-    def __init__(self, model: Transformer, vocab_size: int, stop_ids: set[int], rows: int, max_len: int,
-                 compile: bool = False) -> None:
+    The model may be one being trained (GRPO's policy, a distilled student), also wrapped by DDP
+    or FSDP2: then every forward goes through the wrapper (its hooks gather sharded weights), the
+    model's own logits come from that forward, and gradients are off without `inference_mode`
+    (its tensors could not be trained on later; `inference=False` asks for that on a plain model
+    too). `fused=False` keeps the model's own forward for decoding."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, stop_ids: set[int], rows: int, max_len: int,
+                 compile: bool = False, fused: bool = True, inference: bool = True) -> None:
+        core = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 is the model itself
         p = next(model.parameters())
-        self.model, self.vocab, self.stop_ids, self.max_len = model, vocab_size, stop_ids, max_len
+        self.model, self.core, self.vocab, self.stop_ids, self.max_len = model, core, vocab_size, stop_ids, max_len
+        self.wrapped = core is not model or type(core).__name__.startswith("FSDP")
+        self.inference = inference and not self.wrapped
         self.device = p.device
-        self.cache = KVCache(model.cfg, rows, max_len, device=p.device, dtype=p.dtype)
+        self.cache = KVCache(core.cfg, rows, max_len, device=p.device, dtype=p.dtype)
         self.seqs: list[Sequence | None] = [None] * rows
         self.last = torch.zeros(rows, 1, dtype=torch.long, device=p.device)  # each row's newest token
         self.live = torch.zeros(rows, dtype=torch.long, device=p.device)  # 1 = the row holds a sequence
@@ -222,7 +234,7 @@ class Batch:
         # The decode step: the fused, sync-free one for a plain model (compiled whole when asked),
         # else the model's own forward (compiled when asked). Prefill (other shapes, once per
         # request) stays eager.
-        self.fast = decode.decode_step(model, compile) if decode.supports(model) else None
+        self.fast = decode.decode_step(model, compile) if fused and decode.supports(model) else None
         if self.fast is not None:
             self.fast.warm_up(self.cache)  # while every row is free
         self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model
@@ -244,15 +256,29 @@ class Batch:
     def _view(self, a: int, b: int) -> KVCache:
         return self.cache if (a, b) == (0, self.rows) else _RowView(self.cache, a, b)
 
-    def _forward(self, fn, ids: torch.Tensor, a: int, b: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, fn, ids: torch.Tensor, a: int, b: int, mask: torch.Tensor | None,
+                ends: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at position `ends` of each row (the last position when None) of a forward over
+        cache rows a..b-1."""
         view = self._view(a, b)
-        hidden = fn(ids, cache=view, attention_mask=mask, return_hidden=True)
+        at = torch.arange(b - a, device=self.device)
+        ends = torch.full((b - a,), ids.shape[1] - 1, device=self.device) if ends is None else ends
+        if self.wrapped:  # through the wrapper's forward (its hooks), which gives the logits itself
+            logits = fn(ids, cache=view, attention_mask=mask)[at, ends]
+        else:  # the LM head on the wanted positions only
+            logits = self.core.logits(fn(ids, cache=view, attention_mask=mask, return_hidden=True)[at, ends])
         if view is not self.cache:
             self.cache.lengths[a:b] = view.lengths
-        return hidden
+        return logits
 
-    @torch.inference_mode()
+    def _no_grad(self):
+        return torch.inference_mode() if self.inference else torch.no_grad()
+
     def add(self, seqs: list[Sequence]) -> None:
+        with self._no_grad():
+            self._add(seqs)
+
+    def _add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` into free rows (the caller checks `free_rows()`) and sample their first tokens."""
         free = [i for i, s in enumerate(self.seqs) if s is None]
         if len(seqs) > len(free):
@@ -288,14 +314,17 @@ class Batch:
             for i, s in enumerate(group):
                 ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
                 mask[i, : len(s.prompt)] = 1
-            hidden = self._forward(self.model, ids.to(self.device), a, b, mask.to(self.device) if b - a > 1 else None)
             ends = torch.tensor([len(s.prompt) - 1 for s in group], device=self.device)
-            logits = self.model.logits(hidden[torch.arange(b - a, device=self.device), ends])
+            logits = self._logits(self.model, ids.to(self.device), a, b, mask.to(self.device) if b - a > 1 else None,
+                                  ends)
             self._take(self._sample(logits, a, b), a)
 
-    @torch.inference_mode()
     def step(self) -> None:
         """Decode one token for every running row."""
+        with self._no_grad():
+            self._step()
+
+    def _step(self) -> None:
         hi = self._hi()
         if hi == 0:
             return
@@ -305,7 +334,7 @@ class Batch:
             self.cache.lengths[:hi] += live
         else:
             mask = None if all(s is not None for s in self.seqs[:hi]) else live[:, None]
-            logits = self.model.logits(self._forward(self.decode, self.last[:hi], 0, hi, mask)[:, -1])
+            logits = self._logits(self.decode, self.last[:hi], 0, hi, mask)
         for row in range(hi):
             self.length[row] += self.seqs[row] is not None
         self._take(self._sample(logits, 0, hi), 0)
@@ -335,6 +364,7 @@ class Batch:
             if seq.first_token_at is None:
                 seq.first_token_at = now
             if token in self.stop_ids:
+                seq.stop_token, seq.ended_by = token, "end"
                 seq.finish("stop")
             else:
                 seq.push(token)
@@ -350,6 +380,12 @@ class Batch:
         self.live[row] = 0
         self.cache.reset([row])
 
+    def idle_step(self) -> None:
+        """A forward whose output is dropped: with sharded weights (or DDP's buffer broadcast) a rank
+        that has nothing left to decode still joins each forward of the ranks that have."""
+        with self._no_grad():
+            self.model(self.last[:1], attention_mask=None)
+
     @torch.inference_mode()
     def remove(self, seq: Sequence, reason: str = "cancelled", error: str | None = None) -> None:
         """Take a sequence out of the batch now (a client left, or a failure), freeing its row."""
@@ -357,169 +393,3 @@ class Batch:
             if s is seq:
                 self._free(row)
         seq.finish(reason, error)
-
-
-def load_model(ckpt: Path, info: dict, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """A checkpoint's model on `device` in `dtype`, ready for inference: the one place where
-    another kind of checkpoint (e.g. a quantized one) plugs in."""
-    from kiln.post.quantize import load_model as load_quantized
-
-    quantized = load_quantized(ckpt, device, dtype)  # None unless checkpoint.json has a `quantization` entry
-    if quantized is not None:
-        return quantized
-    model = Transformer(ModelConfig.from_dict(info["model"]))
-    if (ckpt / "model.safetensors").is_file():
-        CheckpointManager.load(ckpt, model)
-    else:  # a sharded checkpoint from a multi-process run, before its consolidation
-        distributed_checkpoint.load(ckpt, model, None)
-    model.init_buffers()
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA (half the bytes each decode step reads), fp32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise KilnError(f"dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-@dataclass
-class Engine:
-    model: Transformer
-    tokenizer: object
-    device: torch.device
-    notes: list[str] = field(default_factory=list)  # what the last generate had to say (e.g. context end)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Engine:
-        run_dir = Path(run_dir)
-        ckpt = CheckpointManager(run_dir).latest_intact()
-        if ckpt is None:
-            raise KilnError(f"'{run_dir}' has no intact checkpoint; train one with `kiln pretrain out={run_dir}`")
-        info = CheckpointManager.info(ckpt)
-        check_tokenizer(run_dir / "tokenizer" / "tokenizer.json", info, "generate")
-        tok = load_tokenizer(run_dir / "tokenizer")
-        dev = pick_device(device)
-        return cls(load_model(ckpt, info, dev, pick_dtype(dtype, dev)), tok, dev)
-
-    @property
-    def context(self) -> int:
-        return self.model.cfg.max_seq_len
-
-    @property
-    def stop_ids(self) -> set[int]:
-        """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
-        return {i for i in (self.tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        return [tok.token_to_id(BOS), *tok.encode(prompt, add_special_tokens=False).ids]
-
-    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False) -> Batch:
-        return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
-                     min(max_len or self.context, self.context), compile)
-
-    def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None) -> list[str]:
-        """`sc.num_samples` completions of `prompt` (the prompt itself not included).
-
-        The whole prompt is always kept: one that leaves no room in the model's context is
-        refused. Generation stops at `max_new_tokens`, an end token, or the context's end, which
-        is then noted in `self.notes` (and said by `kiln generate`), never silently.
-        """
-        ids = self.encode_prompt(prompt)
-        self.notes = []
-        if len(ids) >= self.context:
-            raise KilnError(f"the prompt is {len(ids)} tokens but the model's context holds {self.context}; "
-                            "shorten the prompt")
-        budget = min(sc.max_new_tokens, self.context - len(ids))
-        listener = (lambda seq, text: text and on_token(seq.tag, text)) if on_token else None
-        seqs = [Sequence(ids, SamplingParams(sc.max_new_tokens, sc.temperature, sc.top_k, sc.top_p,
-                                             sc.repetition_penalty, f"{sc.seed}/{i}", tuple(sc.stop)),
-                         self.tokenizer, listener, tag=i)
-                for i in range(sc.num_samples)]
-        batch = self.new_batch(sc.num_samples, len(ids) + budget)
-        batch.add(seqs)
-        while batch.running:
-            batch.step()
-        if any(s.context_ended for s in seqs):
-            self.notes.append(f"stopped at the model's context of {self.context} tokens "
-                              f"({len(ids)} prompt + {budget} new) before max_new_tokens={sc.max_new_tokens}")
-        return [s.text for s in seqs]
-
-
-def run_generate(cfg: Config) -> list[str]:
-    engine = Engine.from_run(cfg.out, cfg.device)
-    sc = cfg.sample
-    stream = sc.num_samples == 1
-    if stream:
-        print(sc.prompt, end="", flush=True)
-    texts = engine.generate(sc.prompt, sc, on_token=(lambda i, s: print(s, end="", flush=True)) if stream else None)
-    if stream:
-        print()
-    else:
-        for i, t in enumerate(texts):
-            print(f"--- sample {i}\n{sc.prompt}{t}")
-    for note in engine.notes:
-        print(f"kiln generate: {note}", file=sys.stderr)
-    return texts
-
-
-def usd_per_hour(setting: float, device: torch.device) -> float:
-    """The configured price of the serving machine, or (0 = auto) kiln plan's assumed price for
-    the GPU in use, or $0.10/hour for a CPU host (both assumptions, not quotes)."""
-    if setting > 0:
-        return setting
-    if device.type == "cuda":
-        from kiln.plan import PricesConfig
-
-        name = torch.cuda.get_device_name(device).lower()
-        for gpu, price in vars(PricesConfig()).items():
-            if gpu in name:
-                return price
-    return 0.10
-
-
-def measure_serving(run_dir: str | Path, cfg: Config, prompts: list[str] | None = None) -> dict:
-    """Serving figures for a run (for `kiln speedrun`'s report): each prompt alone (time to first
-    token, latency and decode tokens/s per query), then all together through the continuous
-    batcher (tokens/s), and the cost per query and per million generated tokens at
-    `serve.usd_per_hour`."""
-    from kiln.serve.scheduler import Scheduler
-
-    sv = cfg.serve
-    engine = Engine.from_run(run_dir, cfg.device, sv.dtype)
-    prompts = prompts or list(cfg.sample.report_prompts)
-    params = SamplingParams(max_new_tokens=cfg.sample.max_new_tokens, temperature=0.0)
-
-    def one(prompt: str) -> Sequence:
-        return Sequence(engine.encode_prompt(prompt)[: engine.context - 1], params, engine.tokenizer)
-
-    with Scheduler(engine, max_batch=max(len(prompts), 1), max_queue=len(prompts)) as sched:
-        alone = []
-        for prompt in prompts:
-            seq = one(prompt)
-            sched.submit([seq])
-            sched.wait([seq])
-            alone.append(seq)
-        together = [one(p) for p in prompts]
-        t0 = time.perf_counter()
-        sched.submit(together)
-        sched.wait(together)
-        wall = time.perf_counter() - t0
-    price = usd_per_hour(sv.usd_per_hour, engine.device)
-    tokens = sum(len(s.tokens) for s in together)
-    tokens_per_s = tokens / max(wall, 1e-9)
-    latency = statistics.median(s.latency_s for s in alone)
-    return {
-        "queries": len(prompts),
-        "ttft_s": statistics.median(s.ttft_s for s in alone),
-        "latency_s": latency,
-        "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s or 0.0 for s in alone),
-        "batched_tokens_per_s": tokens_per_s,
-        "usd_per_hour": price,
-        "usd_per_query": price / 3600 * latency,
-        "usd_per_million_tokens": price / 3600 / tokens_per_s * 1e6 if tokens else None,
-        "device": str(engine.device),
-    }

@@ -3,7 +3,7 @@
 so the standard benchmarks run on kiln checkpoints:
 
     import lm_eval
-    from kiln.post.lm_eval_adapter import KilnLM
+    from kiln.eval.harness import KilnLM
     lm_eval.simple_evaluate(model=KilnLM("runs/NAME"), tasks=["hellaswag"])
 
 or `kiln eval eval.harness_tasks=hellaswag` (lm-eval downloads the task's data set). Importing
@@ -19,7 +19,8 @@ from lm_eval.api.registry import register_model
 
 from kiln.data.chat import CHAT_TEMPLATE, ROLE_TOKENS, render_text
 from kiln.errors import KilnError
-from kiln.evaluate import LoadedModel, greedy_generate, load_model, rolling_windows, score_windows
+from kiln.eval.scoring import greedy_generate, rolling_windows, score_windows
+from kiln.infer.load import Loaded, load
 
 
 @register_model("kiln")
@@ -27,11 +28,11 @@ class KilnLM(LM):
     """A kiln model behind lm-evaluation-harness's `LM` interface."""
 
     def __init__(self, pretrained: str | None = None, device: str = "auto", batch_size: int | str = 8,
-                 max_gen_toks: int | str = 256, allow_pickle: bool = False, loaded: LoadedModel | None = None) -> None:
+                 max_gen_toks: int | str = 256, allow_pickle: bool = False, loaded: Loaded | None = None) -> None:
         super().__init__()
         if loaded is None and not pretrained:
             raise KilnError("KilnLM needs pretrained=RUN (a run, a checkpoint directory or an export)")
-        self.lm = loaded or load_model(pretrained, device, allow_pickle in (True, "true", "True"), key="pretrained")
+        self.lm = loaded or load(pretrained, device, allow_pickle=allow_pickle in (True, "true", "True"), key="pretrained")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> the default
         self.max_gen_toks = int(max_gen_toks)
         self._device = self.lm.device
@@ -77,7 +78,7 @@ class KilnLM(LM):
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         """log P(text | <|bos|>) per request, in windows that predict every token once (see
-        `kiln.evaluate.rolling_windows`)."""
+        `kiln.eval.scoring.rolling_windows`)."""
         owners, windows = [], []
         for i, req in enumerate(requests):
             (text,) = req.args[:1]
@@ -119,7 +120,7 @@ class KilnLM(LM):
         return results
 
 
-def run_harness(lm: LoadedModel, tasks: list[str], include: str = "", limit: int = 0, batch_size: int = 8) -> dict:
+def run_harness(lm: Loaded, tasks: list[str], include: str = "", limit: int = 0, batch_size: int = 8) -> dict:
     """Run lm-evaluation-harness tasks on a loaded model; returns {task: {metric: value}}. With
     `include`, tasks defined there are found without indexing the harness's own thousands."""
     from lm_eval import simple_evaluate

@@ -1,0 +1,187 @@
+"""The one batched generation function, the `Engine` (a loaded model that generates text), and
+`kiln generate`.
+
+`generate(model, prompts, params)` runs token-id prompts to completion on the engine's `Batch`:
+prompts of different lengths are prefilled right-padded, every row decodes at its own position
+(the fused decode step where the model takes it), a row's slot goes to the next waiting prompt
+the moment it finishes (continuous batching, `rows` at a time), and each row stops at an end
+token, one of its stop strings, its own `until(tokens)` test, or its budget of new tokens within
+the model's context. Greedy or sampled per row (`SamplingParams`), seeded per row.
+
+Everything in kiln that generates goes through it: `kiln generate` and the engine, evaluation's
+code tasks, SFT's held-out replies, GRPO's rollouts (on a policy in training, through its DDP or
+FSDP2 wrapper, every rank stepping together), on-policy distillation's student samples, and the
+decode-speed measurements.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.config import Config, SampleConfig
+from kiln.data.tokenizer import BOS, END, EOS
+from kiln.errors import KilnError
+from kiln.infer.engine import Batch, SamplingParams, Sequence
+from kiln.infer.load import load
+
+
+def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+             stop_ids: set[int], tokenizer=None, vocab: int | None = None, rows: int | None = None,
+             until: Callable[[int, list[int]], bool] | None = None,
+             listener: Callable[[Sequence, str], None] | None = None,
+             compile: bool = False, fused: bool = True, inference: bool = True, ranks_in_step: bool = False
+             ) -> list[Sequence]:
+    """Continuations of `prompts` (token ids, each shorter than the model's context), in order.
+
+    `params`: one `SamplingParams` for all or one per prompt. `stop_ids`: tokens that end a row
+    (recorded as `seq.stop_token`, not part of `seq.tokens`). `tokenizer`: needed for text
+    (`seq.text`, stop strings, `listener`); without it rows keep ids only. `vocab`: ids that may
+    be sampled (the tokenizer's size by default; the model's padded rows past it never are).
+    `until(i, tokens)`: row i is complete. `rows`: rows decoding at once (all by default).
+    `inference=False` for a model in training (no `inference_mode` tensors); `ranks_in_step`: under
+    torch.distributed, every rank steps until all are done (sharded weights need every rank in
+    each forward). Returns the finished `Sequence`s: `tokens`, `text`, `ended_by` ("end", "stop",
+    "until", "length"), `stop_token`, `context_ended`, timings.
+    """
+    core = getattr(model, "module", model)
+    context = core.cfg.max_seq_len
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
+    for p in prompts:
+        if not 0 < len(p) < context:
+            raise ValueError(f"prompts must hold 1 to {context - 1} tokens (the model's context is {context})")
+    if vocab is None:
+        vocab = tokenizer.get_vocab_size() if tokenizer is not None else core.cfg.vocab_size
+    seqs = [Sequence(p, sp, tokenizer, listener, tag=i, until=_row_test(until, i))
+            for i, (p, sp) in enumerate(zip(prompts, plist))]
+    if not seqs:
+        return seqs
+    max_len = min(context, max(len(s.prompt) + max(1, s.params.max_new_tokens) for s in seqs))
+    synced = ranks_in_step and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if synced:  # every rank admits all its rows in the first forward, so all make the same forwards after
+        rows = len(seqs)
+    batch = Batch(model, vocab, stop_ids, min(rows or len(seqs), len(seqs)), max_len, compile, fused, inference)
+    waiting = list(seqs)
+    while True:
+        if waiting and batch.free_rows():
+            take, waiting = waiting[: batch.free_rows()], waiting[batch.free_rows():]
+            batch.add(take)
+        busy = bool(batch.running) or bool(waiting)
+        if synced:
+            flag = torch.tensor([1.0 if busy else 0.0], device=batch.device)
+            torch.distributed.all_reduce(flag)
+            if flag.item() == 0:
+                break
+            if not batch.running:  # this rank is done: keep the others' sharded forwards company
+                batch.idle_step()
+                continue
+        elif not busy:
+            break
+        batch.step()
+    return seqs
+
+
+def _row_test(until, i: int):
+    return None if until is None else (lambda tokens: until(i, tokens))
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    """Greedy decoding of up to `max_new_tokens` new tokens."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, new_tokens: int = 64, prompt_len: int = 16, repeats: int = 3) -> float:
+    """Greedy decode speed at batch 1, as `generate` decodes: new tokens per second after the
+    prefill of a `prompt_len` prompt (no end token stops it), the best of `repeats` runs (the
+    machine's noise only ever slows a run down)."""
+    cfg = model.cfg
+    new_tokens = min(new_tokens, cfg.max_seq_len - prompt_len)
+    prompt = [i % cfg.vocab_size for i in range(prompt_len)]
+    best = 0.0
+    for _ in range(repeats):
+        seq = generate(model, [prompt], greedy(new_tokens), stop_ids=set())[0]
+        best = max(best, seq.decode_tokens_per_s or 0.0)
+    return best
+
+
+@dataclass
+class Engine:
+    """A loaded model with its tokenizer, as `kiln generate`, `kiln serve` and the labelling app use it."""
+
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    notes: list[str] = field(default_factory=list)  # what the last generate had to say (e.g. context end)
+
+    @classmethod
+    def from_run(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", key: str = "out") -> Engine:
+        """A run, checkpoint, quantized run or Hugging Face directory (`kiln.infer.load.load`)."""
+        lm = load(spec, device, dtype, key=key)
+        return cls(lm.model, lm.tokenizer, lm.device)
+
+    @property
+    def context(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
+        return {i for i in (self.tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        return [tok.token_to_id(BOS), *tok.encode(prompt, add_special_tokens=False).ids]
+
+    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False) -> Batch:
+        return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
+                     min(max_len or self.context, self.context), compile)
+
+    def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None) -> list[str]:
+        """`sc.num_samples` completions of `prompt` (the prompt itself not included).
+
+        The whole prompt is always kept: one that leaves no room in the model's context is
+        refused. Generation stops at `max_new_tokens`, an end token, or the context's end, which
+        is then noted in `self.notes` (and said by `kiln generate`), never silently.
+        """
+        ids = self.encode_prompt(prompt)
+        self.notes = []
+        if len(ids) >= self.context:
+            raise KilnError(f"the prompt is {len(ids)} tokens but the model's context holds {self.context}; "
+                            "shorten the prompt")
+        budget = min(sc.max_new_tokens, self.context - len(ids))
+        listener = (lambda seq, text: text and on_token(seq.tag, text)) if on_token else None
+        params = [SamplingParams(sc.max_new_tokens, sc.temperature, sc.top_k, sc.top_p, sc.repetition_penalty,
+                                 f"{sc.seed}/{i}", tuple(sc.stop)) for i in range(sc.num_samples)]
+        seqs = generate(self.model, [ids] * sc.num_samples, params, tokenizer=self.tokenizer, stop_ids=self.stop_ids,
+                        listener=listener)
+        if any(s.context_ended for s in seqs):
+            self.notes.append(f"stopped at the model's context of {self.context} tokens "
+                              f"({len(ids)} prompt + {budget} new) before max_new_tokens={sc.max_new_tokens}")
+        return [s.text for s in seqs]
+
+
+def run_generate(cfg: Config) -> list[str]:
+    """`kiln generate`: complete `sample.prompt` with the run's model, streaming one sample."""
+    engine = Engine.from_run(cfg.out, cfg.device)
+    sc = cfg.sample
+    stream = sc.num_samples == 1
+    if stream:
+        print(sc.prompt, end="", flush=True)
+    texts = engine.generate(sc.prompt, sc, on_token=(lambda i, s: print(s, end="", flush=True)) if stream else None)
+    if stream:
+        print()
+    else:
+        for i, t in enumerate(texts):
+            print(f"--- sample {i}\n{sc.prompt}{t}")
+    for note in engine.notes:
+        print(f"kiln generate: {note}", file=sys.stderr)
+    return texts
+

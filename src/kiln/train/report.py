@@ -1,0 +1,105 @@
+"""The training section of a run's report: the loss and validation curves, throughput and MFU,
+the final validation figures and the resolved config, from the run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from kiln.report import write_section
+from kiln.runs import read_manifest
+from kiln.train.metrics import read_metrics
+
+
+def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -> bool:
+    """Training loss and validation bits per byte against step, as a PNG. False if nothing to plot."""
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(*zip(*train), lw=1)
+    a.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
+    a.grid(alpha=0.3)
+    if val:
+        b.plot(*zip(*val), marker="o", label="model")
+    if baseline_bpb:
+        b.axhline(baseline_bpb, color="gray", ls="--", label=f"unigram baseline {baseline_bpb:.2f}")
+    b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    b.grid(alpha=0.3)
+    if val or baseline_bpb:  # a run without bits per byte (sft) has nothing to label
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -> str:
+    """Median throughput and MFU, with the peak the MFU was measured against. An MFU above 100%
+    cannot be true: it means the peak was measured low, and the line says so instead of
+    reporting it as a result."""
+    if not (speed and mfu):
+        return "- throughput: not logged"
+    med = statistics.median(mfu)
+    peak = f" of {statistics.median(peaks) / 1e9:,.0f} GFLOP/s per device" if peaks else ""
+    line = (f"- throughput: median {statistics.median(speed):,.0f} tokens/s; MFU median {100 * med:.1f}%{peak} "
+            "(model FLOPs 6N + attention; the measured fp32 matmul peak on CPU, the bf16 datasheet peak on GPU)")
+    if med > 1.0:
+        line += ("\n- **MFU above 100% is a measurement error, not a result**: the matmul peak was timed while the "
+                 "host was busy and read low; rerun on a quiet machine for a meaningful MFU")
+    return line
+
+
+def training_section(run: Path) -> list[str]:
+    """The "Training" lines of a run's report (nothing when it logged no step)."""
+    metrics = read_metrics(run)
+    if not metrics:
+        return []
+    baseline = (read_manifest(run / "data") or {}).get("unigram_bpb")
+    lines: list[str] = []
+    if plot_training(metrics, run / "loss.png", baseline):
+        lines += ["## Training", "", "![training loss and validation bits per byte](loss.png)", ""]
+    final = [m for m in metrics if "val_bpb" in m]
+    speed = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+    mfu = [m["mfu"] for m in metrics if "mfu" in m]
+    last = metrics[-1]
+    cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    ck = sorted((run / "checkpoints").glob("step_*/checkpoint.json")) if (run / "checkpoints").is_dir() else []
+    model = json.loads(ck[-1].read_text()).get("model", {}) if ck else {}
+    if model:
+        lines.append(
+            f"- model: d_model {model['d_model']}, {model['n_layers']} layers, {model['n_heads']} heads "
+            f"({model['n_kv_heads']} KV), vocab {model['vocab_size']}, context {model['max_seq_len']}"
+        )
+    lines += [
+        f"- steps: {last['step']}, tokens seen: {last.get('tokens', 0):,}, wall time {last.get('elapsed_s', 0):.0f} s",
+        _throughput_line(speed, mfu, [m["peak_flops"] for m in metrics if "peak_flops" in m]),
+    ]
+    if final:
+        f = final[-1]
+        verdict = ""
+        if baseline:
+            gain = 100 * (1 - f["val_bpb"] / baseline)
+            verdict = f" vs the unigram baseline {baseline:.3f} ({abs(gain):.0f}% {'lower' if gain >= 0 else 'higher'})"
+        lines.append(f"- final validation: loss {f['val_loss']:.3f} nats/token, **{f['val_bpb']:.3f} bits/byte**{verdict}")
+    skipped = last.get("skipped_steps", 0)
+    lines.append(f"- steps skipped by the loss-spike guard: {skipped}")
+    if cfg_text:
+        lines += ["", "<details><summary>resolved config</summary>", "", "```yaml", cfg_text.rstrip(), "```",
+                  "", "</details>"]
+    lines.append("")
+
+    return lines
+
+
+def push_training_section(run_dir: str | Path) -> Path:
+    """Write the run's "training" report section and rebuild report.md; returns the report's path."""
+    run = Path(run_dir)
+    return write_section(run, "training", training_section(run))
