@@ -214,6 +214,25 @@ def test_engine_eval_and_export_read_quantized_runs(trained, quantized, capsys):
     assert "is a quantized checkpoint" in capsys.readouterr().err
 
 
+def test_one_loader_reads_a_run_a_checkpoint_a_quantized_run_and_an_export_alike(trained, quantized):
+    from kiln.post.export import export_hf
+
+    ck = _latest(trained)[0]
+    exported = export_hf(trained, trained.parent / "hf")
+    loaded = {"run": load(trained), "checkpoint": load(ck), "int8": load(quantized["int8"]), "hf": load(exported)}
+    assert [lm.kind for lm in loaded.values()] == ["checkpoint", "checkpoint", "checkpoint", "hf"]
+    assert [lm.workload for lm in loaded.values()] == ["pretrain", "pretrain", "quantize", "hf"]
+    assert loaded["run"].home == trained and loaded["checkpoint"].source == ck and loaded["hf"].home == exported
+    assert loaded["run"].data == trained / "data" and loaded["int8"].data == trained / "data"
+    assert isinstance(loaded["int8"].model.lm_head, QF.QuantLinear)
+    ids = torch.tensor([[loaded["run"].bos, *loaded["run"].encode("def f(x):\n    return")]])
+    with torch.no_grad():
+        logits = {name: lm.model(ids)[0, -1, : lm.n_vocab] for name, lm in loaded.items()}
+    assert torch.equal(logits["run"], logits["checkpoint"])
+    assert torch.allclose(logits["run"], logits["hf"], atol=1e-5)  # the export holds the same weights
+    assert int(logits["int8"].argmax()) == int(logits["run"].argmax())
+
+
 def test_plan_int4_weights_match_what_kiln_quantize_writes(tmp_path):
     from kiln.hardware import GPUS
     from kiln.plan import inference_estimate

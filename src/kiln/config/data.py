@@ -62,7 +62,7 @@ class DataConfig:
     min_chars: int = ranged(64, ge=0)  # the `length` stage: drop documents shorter than this
     max_chars: int = ranged(2_000_000, ge=1)  # the `length` stage: drop documents longer than this
     preset: Literal["auto", "code", "web", "minimal"] = "auto"  # stages used when `stages` is empty (auto: by input)
-    stages: list[Any] = field(default_factory=list)  # [name | {name: {option: value}}]; see README "Data pipeline"
+    stages: list[Any] = field(default_factory=list)  # [name | {name: {option: value}}]; see docs/data.md
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     strict: bool = False  # stop at the first bad record instead of skipping and counting it
@@ -72,7 +72,7 @@ class DataConfig:
     seed: int = ranged(0, ge=0)  # shuffles document order across the corpus
     kind: Literal["text", "images"] = "text"  # images: data.input is `digits`, an image folder or a CSV/JSONL listing
     images: ImageDataConfig = field(default_factory=ImageDataConfig)
-    # The sharded global steps (README "At scale"): the dedup's bucket size sets how many bucket tasks sort
+    # The sharded global steps (docs/data.md, "At scale"): the dedup's bucket size sets how many bucket tasks sort
     # key records (at least one per worker; a task holds about 2.5x this; the decisions do not depend on it);
     # the shuffle puts this many training tokens in each bucket task (the shard layout depends on it; one
     # bucket = one whole-corpus permutation).

@@ -50,7 +50,7 @@ class EncoderConfig:
 
 @dataclass
 class ClassifyConfig:
-    input: str = "stdlib-order"  # stdlib-order, stdlib-packages (labelled from the stdlib; README, Encoders) or a JSONL path
+    input: str = "stdlib-order"  # stdlib-order, stdlib-packages (labelled from the stdlib; docs/vision-and-encoders.md) or a JSONL path
     text_field: str = "text"  # JSONL: the text to classify
     label_field: str = "label"  # JSONL: its class name
     packages: list[str] = field(default_factory=lambda: [

@@ -40,7 +40,7 @@ class HFImportConfig:
 
 @dataclass
 class QuantizeConfig:
-    """`kiln quantize`: weight-only INT8 / INT4 of a trained run (see README "Quantization")."""
+    """`kiln quantize`: weight-only INT8 / INT4 of a trained run (see docs/quantization.md)."""
 
     source: str = ""  # the float run (or checkpoint directory) to quantize; the result goes to `out`
     format: Literal["int8", "int4"] = "int8"  # int8: per output channel; int4: group-wise, two values per byte

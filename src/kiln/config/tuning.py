@@ -30,7 +30,7 @@ class LoRAConfig:
 
 @dataclass
 class SFTConfig:
-    """`kiln sft`: supervised fine-tuning on conversations (see README "Fine-tuning and alignment")."""
+    """`kiln sft`: supervised fine-tuning on conversations (see docs/fine-tuning.md)."""
 
     data: str = ""  # JSONL of {"messages": [{role, content}]} or {"prompt", "completion"}; "" = the default task
     val_data: str = ""  # held-out JSONL in the same formats; "" = hold out sft.val_fraction of sft.data
@@ -46,7 +46,7 @@ class SFTConfig:
 
 @dataclass
 class PreferenceConfig:
-    """Preference pairs for `kiln reward` and `kiln dpo` (TRL's format; README "Fine-tuning and alignment")."""
+    """Preference pairs for `kiln reward` and `kiln dpo` (TRL's format; docs/fine-tuning.md)."""
 
     data: str = ""  # JSONL of {prompt, chosen, rejected} (text or message lists); "" = the default stdlib pairs
     val_data: str = ""  # held-out pairs in the same format; "" = hold out preference.val_fraction of the prompts
@@ -109,7 +109,7 @@ class RLConfig:
 
 @dataclass
 class DistillConfig:
-    """`kiln distill`: train the student (`model.*`) on a frozen teacher (see README "Distillation")."""
+    """`kiln distill`: train the student (`model.*`) on a frozen teacher (see docs/quantization.md, "Distillation")."""
 
     teacher: str = ""  # the teacher run (or checkpoint directory); same tokenizer as the data
     alpha: float = ranged(0.5, ge=0, le=1)  # loss = alpha · cross-entropy + (1 - alpha) · T² · divergence
@@ -126,7 +126,7 @@ class DistillConfig:
 @dataclass
 class SpeedrunConfig:
     """`kiln speedrun` of a text recipe: after prepare, pretrain and samples, these post-training
-    stages, each a run directory under `out` (see README "The main job")."""
+    stages, each a run directory under `out` (see README "Two commands")."""
 
     # sft: the default chat task; dpo: from the SFT model on the default pairs; rl: GRPO from the
     # DPO (else SFT) model on the docstring task; eval: the pretrained model's held-out figures and

@@ -7,7 +7,7 @@ standard library:
 - `stdlib-order`: a function's source as written (`original`), or with its first ORDER_LINES lines
   (about what 128 tokens show) in a random order (`shuffled`). Both texts hold the same words, so
   a bag of words cannot tell them apart; reading in order can (the quickest cue: whether the text
-  starts with its `def` line; README, Encoders).
+  starts with its `def` line; docs/vision-and-encoders.md).
 - `stdlib-packages`: a function's source, labelled with the package it comes from: a lexical task.
 """
 

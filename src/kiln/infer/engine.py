@@ -275,11 +275,11 @@ class Batch:
         return torch.inference_mode() if self.inference else torch.no_grad()
 
     def add(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` into free rows (the caller checks `free_rows()`) and sample their first tokens."""
         with self._no_grad():
             self._add(seqs)
 
     def _add(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` into free rows (the caller checks `free_rows()`) and sample their first tokens."""
         free = [i for i, s in enumerate(self.seqs) if s is None]
         if len(seqs) > len(free):
             raise ValueError(f"{len(seqs)} sequences for {len(free)} free rows")

@@ -174,9 +174,7 @@ def load(spec: str | Path, device: str | torch.device = "auto", dtype: str | tor
     dt = pick_dtype(dtype, dev)
     if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
         ck = open_checkpoint(path, key)
-        model = quantized_model(ck, dev, dt) if ck.quantization else _float_model(ck.model, ck.tensors, ck.path,
-                                                                                   ck.info.get("head"))
-        loaded = Loaded(model, ck.tokenizer, dev, "checkpoint", ck.path, ck.run, ck.info, ck.data)
+        loaded = Loaded(model_of(ck, dev, dt), ck.tokenizer, dev, "checkpoint", ck.path, ck.run, ck.info, ck.data)
     elif (path / "config.json").is_file():
         from kiln.infer.hf import read_hf
 
@@ -194,6 +192,14 @@ def load(spec: str | Path, device: str | torch.device = "auto", dtype: str | tor
         loaded.model.to(device=dev, dtype=dt)
     loaded.model.eval()
     return loaded
+
+
+def model_of(ck: RunCheckpoint, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model a checkpoint holds, as it was trained: quantized on `device` (activations in
+    `dtype`), else on the CPU in fp32 (`load` places it)."""
+    if ck.quantization:
+        return quantized_model(ck, device, dtype)
+    return _float_model(ck.model, ck.tensors, ck.path, ck.info.get("head"))
 
 
 def _float_model(mc: ModelConfig, tensors: dict[str, torch.Tensor], source: Path, head: str | None = None) -> Transformer:

@@ -18,7 +18,7 @@ from torch import nn
 from kiln.data.shards import open_data
 from kiln.errors import KilnError
 from kiln.eval.compare import score
-from kiln.infer.load import RunCheckpoint, load, open_checkpoint
+from kiln.infer.load import RunCheckpoint, load, model_of, open_checkpoint
 from kiln.model.config import ModelConfig
 from kiln.model.quant import (
     FORMAT_VERSION,
@@ -31,8 +31,6 @@ from kiln.model.quant import (
     pack_int4,
     stored_tensors,
 )
-from kiln.model.transformer import Transformer
-from kiln.model.weights import load_model_tensors
 from kiln.report import write_section
 from kiln.runs import atomic_dir, read_manifest, write_json
 from kiln.train.checkpoint import CheckpointManager
@@ -233,7 +231,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     seq_len = min(qc.calib_seq_len or 256, ck.model.max_seq_len)
 
     t0 = time.perf_counter()
-    model = _float_model(ck)
+    model = model_of(ck, torch.device("cpu")).eval()
     before = score(model, ddir, 8, seq_len, qc.eval_batches)["bpb"] if ddir and qc.eval_batches else None
     calib = calibration_batches(ddir, qc.calib_sequences, seq_len) if qc.method == "gptq" else []
     say(f"quantize: {ck.path} → {qc.format}{f' g{group}' if group else ''} by {qc.method}"
@@ -248,7 +246,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     after = {}
     if before is not None:
         if qc.method == "gptq":  # GPTQ left its own dequantized weights in `model`: read the float ones again
-            model = _float_model(ck)
+            model = model_of(ck, torch.device("cpu")).eval()
         after = score(load(final, "cpu", key="quantize").model, ddir, 8, seq_len, qc.eval_batches, reference=model)
     mc = ck.model
     fp16 = 2 * mc.num_params()
@@ -306,12 +304,6 @@ def _data(ck: RunCheckpoint, data_path: str, qc) -> Path | None:
         raise KilnError(f"quantize.method=gptq calibrates on the source run's training shards, and {ck.run} has "
                         "none (no data/ and no data recorded); set data.path=DIR or use method=rtn")
     return ddir
-
-
-def _float_model(ck: RunCheckpoint) -> Transformer:
-    model = Transformer(ck.model)
-    load_model_tensors(model, ck.tensors, str(ck.path))
-    return model.eval()
 
 
 def _write_checkpoint(ck: RunCheckpoint, out: Path, tensors: dict[str, torch.Tensor], entry: dict,

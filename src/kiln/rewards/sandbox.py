@@ -15,8 +15,8 @@ a small bootstrap (`_BOOT`) that, before the program's first line:
 The parent enforces the wall clock and the output cap, killing the whole process group (and,
 with a PID namespace, every process the program started) when either runs out. Each result says
 why a run failed (`reason`) and which protections were in force (`isolation`); where the kernel
-refuses a namespace the run goes ahead without it and `isolation` says so (README "Sandbox").
-This is not a boundary against kernel exploits: see the README for a container setup.
+refuses a namespace the run goes ahead without it and `isolation` says so (docs/security.md, "Sandbox").
+This is not a boundary against kernel exploits: see docs/security.md for a container setup.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def run_encoder(cfg: Config) -> dict:
              f"**accuracy {100 * logged.get('val_accuracy', 0):.1f}%** vs {100 * frequent:.1f}% for always guessing the "
              "most frequent token"]
     if export:
-        lines.append(f"- Hugging Face export: `{export}` (`EuroBertForMaskedLM`; see README, Encoders)")
+        lines.append(f"- Hugging Face export: `{export}` (`EuroBertForMaskedLM`; see docs/vision-and-encoders.md)")
     write_section(cfg.out, "encoder", lines)
     return last
 
