@@ -163,3 +163,34 @@ def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, c
     capsys.readouterr()
     assert kiln(*args, "speedrun.stages=sft,dpo") == 0  # a rerun keeps the finished stages
     assert capsys.readouterr().out.count("already holds its final checkpoint") == 2
+
+
+# ---- the one generation function ------------------------------------------------------------------
+def test_generate_keeps_each_rows_budget_stop_and_test_and_admits_rows_as_others_finish():
+    from kiln.infer.engine import SamplingParams
+    from kiln.infer.generate import generate, greedy
+    from kiln.model.config import preset
+    from kiln.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=96))
+    model.init_weights(5)
+    model.eval()
+    prompts = [[1, 5, 9], [1, 7, 8, 20, 30, 4, 2], [1, 40], [1, 2, 3, 4]]
+    budgets = [3, 9, 5, 7]
+    alone = [generate(model, [p], greedy(n), stop_ids=set())[0].tokens for p, n in zip(prompts, budgets)]
+    for rows in (None, 1, 2):  # all at once, or fewer rows than prompts (a row is reused when its prompt ends)
+        seqs = generate(model, prompts, [greedy(n) for n in budgets], stop_ids=set(), rows=rows)
+        assert [s.tokens for s in seqs] == alone and [len(s.tokens) for s in seqs] == budgets
+        assert {s.ended_by for s in seqs} == {"length"}
+    # an end token stops a row and is recorded apart; `until` ends a row once its tokens say so
+    first = alone[1][0]
+    seq = generate(model, [prompts[1]], greedy(9), stop_ids={first})[0]
+    assert seq.tokens == [] and seq.stop_token == first and seq.ended_by == "end"
+    seq = generate(model, [prompts[1]], greedy(9), stop_ids=set(), until=lambda i, ids: len(ids) == 2)[0]
+    assert seq.tokens == alone[1][:2] and seq.ended_by == "until"
+    # sampling is seeded per row: the same seed draws the same tokens in any batch
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed="s")
+    together = generate(model, prompts, [sampled] * 4, stop_ids=set())
+    assert together[0].tokens == generate(model, prompts[:1], sampled, stop_ids=set())[0].tokens
+    assert len({tuple(s.tokens) for s in together}) > 1

@@ -62,3 +62,27 @@ def write_report(run_dir: str | Path) -> Path:
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def plot_over_steps(path: Path, curves: list[tuple[str, list[tuple[float, float]], bool]], ylabel: str, title: str,
+                    size: tuple[float, float] = (7, 4), ylim: tuple[float, float] | None = None) -> bool:
+    """A PNG of figures against training step, one curve per (label, [(step, value)], evaluation?):
+    training curves as thin lines, evaluations as points joined by lines. False when nothing to plot."""
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    for label, points, evaluation in curves:
+        ax.plot(*zip(*points), label=label, **({"marker": "o"} if evaluation else {"lw": 1, "alpha": 0.8}))
+    ax.set(xlabel="step", ylabel=ylabel, title=title, **({"ylim": ylim} if ylim else {}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

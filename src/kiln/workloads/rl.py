@@ -37,7 +37,7 @@ from kiln.infer.load import open_checkpoint
 from kiln.model.heads import ScalarHeadModel, sequence_scores
 from kiln.model.transformer import Transformer
 from kiln.model.weights import load_model_tensors
-from kiln.report import write_section
+from kiln.report import plot_over_steps, write_section
 from kiln.rewards.runner import _resolve_reward, score_job
 from kiln.runs import atomic_write_text
 from kiln.train import parallel
@@ -526,7 +526,9 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
         kinds = sorted({k[len("val_reason_"):] for m in (first, last) for k in m if k.startswith("val_reason_")})
         lines.append("- held-out completions by reason, first → last evaluation: " + ", ".join(
             f"{k} {first.get('val_reason_' + k, 0.0):.0%} → {last.get('val_reason_' + k, 0.0):.0%}" for k in kinds))
-    if train and _plot_rewards(train, val, Path(cfg.out) / "rl_reward.png"):
+    if train and plot_over_steps(Path(cfg.out) / "rl_reward.png", [("rollout mean reward (sampled)", train, False),
+                                                                    ("held-out reward (greedy)", val, True)],
+                                 "reward", "GRPO reward"):
         lines += ["", "![rollout and held-out reward](rl_reward.png)"]
     if samples:
         atomic_write_text(Path(cfg.out) / "rl_samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
@@ -539,22 +541,3 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
                           "  ```", *[f"  {ln}" for ln in (r["completion"].rstrip() or "(empty)").splitlines()[:12]],
                           "  ```"]
     write_section(cfg.out, "grpo", ["## GRPO", "", *lines])
-
-
-def _plot_rewards(train: list, val: list, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), lw=1, alpha=0.6, label="rollout mean reward (sampled)")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="held-out reward (greedy)")
-    ax.set(xlabel="step", ylabel="reward", title="GRPO reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

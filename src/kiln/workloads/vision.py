@@ -21,7 +21,7 @@ from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.config import ModelConfig
 from kiln.model.vision import VisionSpec, build_vision_model
-from kiln.report import write_section
+from kiln.report import plot_over_steps, write_section
 from kiln.runs import atomic_write_text, read_manifest, write_json
 from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager
@@ -38,25 +38,8 @@ BASELINE_MAX_TRAIN = 10_000  # scikit-learn's SVC is quadratic in the training s
 def plot_accuracy(metrics: list[dict], path: Path) -> bool:
     train = [(m["step"], m["accuracy"]) for m in metrics if "accuracy" in m]
     val = [(m["step"], m["val_accuracy"]) for m in metrics if "val_accuracy" in m]
-    if not (train or val):
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    if train:
-        ax.plot(*zip(*train), lw=1, label="training batches")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation")
-    ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.01))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return plot_over_steps(path, [("training batches", train, False), ("validation", val, True)], "accuracy",
+                           "accuracy", size=(6, 3.6), ylim=(0, 1.01))
 
 
 def pixel_baselines(ddir: Path, man: dict) -> dict[str, float]:
