@@ -185,6 +185,56 @@ def test_a_resumed_reward_run_keeps_every_section_of_its_report(tmp_path, reward
     assert "| start (step 0) | end (step 24) |" in report  # its own section, replaced
 
 
+def constant_reward(prompt: str, completion: str, **_) -> float:
+    """A reward for runs that only need one (`rl.reward=test_reward:constant_reward`)."""
+    return 1.0
+
+
+def _inputs(d) -> dict[str, list[str]]:
+    """Good inputs of each training verb, started from the module's base run."""
+    pairs = write_jsonl(d / "pairs.jsonl", easy_pairs(40))
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"def f{i}(x):\n"} for i in range(8)])
+    chats = write_jsonl(d / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Say {i}."},
+                                                          {"role": "assistant", "content": f"{i}."}]} for i in range(40)])
+    return {"reward": [f"preference.data={pairs}"], "dpo": [f"preference.data={pairs}"],
+            "rl": [f"rl.prompts={prompts}", "rl.reward=test_reward:constant_reward", "rl.prompts_per_step=2",
+                   "rl.group_size=2", "rl.max_new_tokens=4", "rl.eval_prompts=2"],
+            "sft": [f"sft.data={chats}", "sft.eval_prompts=0"], "pretrain": []}
+
+
+# A mistake each verb only finds after reading its settings: a missing input file, or a window
+# longer than the data holds.
+MISTAKES = {"reward": "preference.data=nowhere.jsonl", "dpo": "preference.data=nowhere.jsonl",
+            "rl": "rl.prompts=nowhere.jsonl", "sft": "sft.data=nowhere.jsonl", "pretrain": "train.seq_len=1000000"}
+
+
+@pytest.mark.parametrize("verb", list(MISTAKES))
+def test_a_failed_launch_leaves_no_run_and_its_settings_do_not_carry_over(tmp_path, base, verb, capsys):
+    """Every training verb checks its inputs before it writes the run directory, so a launch that
+    fails leaves nothing behind, and the corrected rerun starts fresh with its own settings."""
+    out = tmp_path / "run"
+    source = [f"data.path={base / 'data'}"] if verb == "pretrain" else [f"init_from={base}"]
+    good = _inputs(tmp_path)[verb]
+    assert kiln(verb, f"out={out}", *source, *FAST, *good, MISTAKES[verb], "train.lr=0.5") == 2
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert kiln(verb, f"out={out}", *source, *FAST, *good, "train.max_steps=2", "train.eval_every=1000") == 0
+    assert "continuing the run" not in capsys.readouterr().out
+    assert "lr: 0.5" not in (out / "config.yaml").read_text()
+
+
+def test_a_run_directory_without_a_checkpoint_is_not_a_run_to_continue(tmp_path, base, capsys):
+    """Settings left in `out/config.yaml` by a launch that never saved a checkpoint (an older kiln
+    wrote it before checking its inputs) are not taken over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("train:\n  lr: 0.5\n  seq_len: 100000\n")
+    assert kiln("pretrain", f"out={out}", f"init_from={base}", f"data.path={base / 'data'}", *FAST,
+                "train.max_steps=2", "train.eval_every=1000") == 0
+    assert "continuing the run" not in capsys.readouterr().out
+    assert "lr: 0.5" not in (out / "config.yaml").read_text()
+
+
 def test_a_policy_can_start_from_a_reward_run_leaving_the_head_out(tmp_path, reward_run):
     from kiln.model.transformer import Transformer
     from kiln.train.restore import find_checkpoint, load_init_weights

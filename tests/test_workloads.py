@@ -233,3 +233,41 @@ def test_the_report_calls_an_mfu_above_100_percent_a_measurement_error(tmp_path)
     rows = [{**r, "mfu": 0.8} for r in rows]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "measurement error" not in push_training_section(run).read_text()
+
+
+@pytest.fixture(scope="module")
+def short_held_out(tmp_path_factory):
+    """Prepared data whose held-out split is one document of about a thousand tokens."""
+    import sysconfig
+    from pathlib import Path
+
+    d = tmp_path_factory.mktemp("short_val")
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    (d / "in").mkdir()
+    for f in [*sorted((lib / "email" / "mime").glob("*.py")), *sorted((lib / "json").glob("*.py"))]:
+        shutil.copy(f, d / "in" / f"{f.parent.name}_{f.name}")
+    assert kiln("prepare", f"out={d / 'run'}", f"data.input={d / 'in'}", "data.tokenizer.vocab_size=300",
+                "data.val_fraction=0.01") == 0
+    val = json.loads((d / "run" / "data" / "manifest.json").read_text())["splits"]["val"]
+    assert val["docs"] == 1 and val["tokens"] < 1500
+    return d / "run", val["tokens"]
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "distill"])
+def test_a_held_out_split_shorter_than_a_window_is_validated_in_a_shorter_one_and_said(
+        short_held_out, tmp_path, capsys, verb):
+    data, tokens = short_held_out
+    long = ["model.preset=tiny", "train.seq_len=1536", "model.max_seq_len=1536", "train.batch_size=2",
+            "train.max_steps=2", "train.eval_every=2", "train.tensorboard=false", "train.progress=false",
+            "train.warmup_steps=1", f"data.path={data / 'data'}"]
+    teacher = tmp_path / "teacher"
+    out = teacher if verb == "pretrain" else tmp_path / "student"
+    assert kiln("pretrain", f"out={teacher}", *long) == 0
+    if verb == "distill":
+        capsys.readouterr()
+        assert kiln("distill", f"out={out}", f"distill.teacher={teacher}", *long, "model.d_model=32") == 0
+    said = capsys.readouterr().out
+    assert f"shorter than one window of 1537 tokens; validating on windows of {tokens - 1} tokens" in said
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_bpb" in m][-1] == 2
+    assert "final validation" in (out / "report.md").read_text()

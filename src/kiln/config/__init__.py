@@ -378,9 +378,12 @@ LAUNCH_KEYS = ("out", "resume", "device", "parallel")
 
 
 def run_config_path(out: str, resume: str) -> Path | None:
-    """`out/config.yaml` when a launch continues the run there: the file exists and resume is not `never`."""
+    """`out/config.yaml` when a launch continues the run there: the file exists, the run holds a
+    checkpoint (a directory with none is not a run to continue: its settings, e.g. those of a
+    launch that failed on a typo, are not taken over) and resume is not `never`."""
     path = Path(out) / "config.yaml"
-    return path if resume != "never" and path.is_file() else None
+    trained = any((Path(out) / "checkpoints").glob("step_*/checkpoint.json"))
+    return path if resume != "never" and trained and path.is_file() else None
 
 
 def _merged(base: dict, top: dict) -> dict:

@@ -196,6 +196,14 @@ class TokenLoader:
         self._perm = self._permutation(self.epoch)
 
 
+def held_out_window(path: str | Path, seq_len: int) -> int:
+    """The evaluation window the held-out split can fill: `seq_len`, or, when the split is shorter
+    than one window of `seq_len` + 1 tokens, the longest one it holds (0: fewer than two tokens)."""
+    path = Path(path)
+    longest = max((len(m) for m in _memmaps(path, open_data(path), "val")), default=0)
+    return max(0, min(seq_len, longest - 1))
+
+
 def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int, rank: int = 0, world: int = 1,
                  document_mask: bool = False) -> list[dict[str, torch.Tensor]]:
     """The validation split cut into consecutive windows: the same batches at every evaluation.

@@ -12,33 +12,37 @@ from kiln.runs import read_manifest
 from kiln.train.metrics import read_metrics
 
 
-def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -> bool:
-    """Training loss and validation bits per byte against step, as a PNG. False if nothing to plot."""
+def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -> str | None:
+    """Training loss, and validation bits per byte when the run validated, against step, as a PNG;
+    returns its caption (None: nothing to plot)."""
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
     if not train:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 5.5, 4), squeeze=False)
+    a = axes[0][0]
     a.plot(*zip(*train), lw=1)
     a.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
     a.grid(alpha=0.3)
     if val:
+        b = axes[0][1]
         b.plot(*zip(*val), marker="o", label="model")
-    if baseline_bpb:
-        b.axhline(baseline_bpb, color="gray", ls="--", label=f"unigram baseline {baseline_bpb:.2f}")
-    b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-    b.grid(alpha=0.3)
-    if val or baseline_bpb:  # a run without bits per byte (sft) has nothing to label
+        if baseline_bpb:
+            b.axhline(baseline_bpb, color="gray", ls="--", label=f"unigram baseline {baseline_bpb:.2f}")
+        b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+        b.grid(alpha=0.3)
         b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    if val:
+        return "training loss and validation bits per byte"
+    return "training loss" if any(k.startswith("val_") for m in metrics for k in m) else "training loss (no validation ran)"
 
 
 def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -> str:
@@ -64,8 +68,9 @@ def training_section(run: Path) -> list[str]:
         return []
     baseline = (read_manifest(run / "data") or {}).get("unigram_bpb")
     lines: list[str] = []
-    if plot_training(metrics, run / "loss.png", baseline):
-        lines += ["## Training", "", "![training loss and validation bits per byte](loss.png)", ""]
+    caption = plot_training(metrics, run / "loss.png", baseline)
+    if caption:
+        lines += ["## Training", "", f"![{caption}](loss.png)", ""]
     final = [m for m in metrics if "val_bpb" in m]
     speed = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     mfu = [m["mfu"] for m in metrics if "mfu" in m]
@@ -82,6 +87,8 @@ def training_section(run: Path) -> list[str]:
         f"- steps: {last['step']}, tokens seen: {last.get('tokens', 0):,}, wall time {last.get('elapsed_s', 0):.0f} s",
         _throughput_line(speed, mfu, [m["peak_flops"] for m in metrics if "peak_flops" in m]),
     ]
+    if not any(k.startswith("val_") for m in metrics for k in m):
+        lines.append("- validation: none ran (the held-out split holds no tokens, or train.eval_every is 0)")
     if final:
         f = final[-1]
         verdict = ""

@@ -21,6 +21,7 @@ from torch import nn
 from kiln.config import Config, dump_yaml
 from kiln.data.layout import tokenizer_path
 from kiln.data.report import push_data_section
+from kiln.data.shards import eval_batches, held_out_window
 from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
@@ -203,3 +204,23 @@ def matmul_shapes(mc: ModelConfig, tokens: int) -> tuple[tuple[int, int, int], .
     """(m, k, n) of the model's main matmuls for a micro-batch: what its MFU peak is timed at."""
     return ((tokens, mc.d_model, mc.ffn_hidden), (tokens, mc.d_model, mc.n_heads * mc.head_dim),
             (tokens, mc.d_model, mc.vocab_size))
+
+
+def validation_batches(ddir: Path, cfg: Config, env: ParallelEnv, workload: str) -> list[dict]:
+    """The held-out batches a token-shard run validates on, in windows of `train.seq_len`; a
+    held-out split shorter than one window is scored in one window as long as it holds, and the
+    run says so (validating nothing without a word would leave a report with no validation)."""
+    tc = cfg.train
+    window = held_out_window(ddir, tc.seq_len)
+    if window < tc.seq_len and env.is_main:
+        if window:
+            print(f"{workload}: the held-out split of '{ddir}' is shorter than one window of {tc.seq_len + 1} tokens; "
+                  f"validating on windows of {window} tokens instead (a larger data.val_fraction holds out more)",
+                  flush=True)
+        else:
+            print(f"{workload}: warning: the held-out split of '{ddir}' holds no tokens: no validation in this run; "
+                  "prepare with a larger data.val_fraction", flush=True)
+    if not window:
+        return []
+    return eval_batches(ddir, tc.batch_size, window, tc.eval_batches, rank=env.dp_rank, world=env.dp_world,
+                        document_mask=tc.document_mask)

@@ -28,7 +28,7 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.data.layout import data_dir
-from kiln.data.shards import TokenLoader, eval_batches, open_data
+from kiln.data.shards import TokenLoader, open_data
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.infer.engine import SamplingParams
@@ -51,6 +51,7 @@ from kiln.workloads.common import (
     model_config_for,
     prepare_run_dir,
     resolve_resume,
+    validation_batches,
 )
 
 WORKLOAD = "distill"
@@ -289,7 +290,6 @@ def run_distill(cfg: Config) -> dict:
                         f"train.seq_len={cfg.train.seq_len}; lower it")
     ckpt = CheckpointManager(Path(cfg.out), cfg.train.keep_last)
     start = resolve_resume(cfg, ckpt, model_cfg, WORKLOAD)
-    prepare_run_dir(cfg, env, tpath, WORKLOAD)
 
     notes = []
 
@@ -315,9 +315,9 @@ def run_distill(cfg: Config) -> dict:
     objective = Distillation(teacher, model_cfg, n_vocab, dc.alpha, dc.divergence, dc.temperature, dc.jsd_beta,
                              tokens_per_byte=val["tokens"] / max(val["bytes"], 1), cache=cache,
                              on_policy=dc.on_policy, prompt_len=dc.prompt_len)
-    evals = eval_batches(ddir, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches,
-                         rank=env.dp_rank, world=env.dp_world, document_mask=cfg.train.document_mask)
+    evals = validation_batches(ddir, cfg, env, WORKLOAD)
     teacher_flops = teacher_cfg.forward_flops_per_token(cfg.train.seq_len) if dc.teacher_logits == "online" else 0.0
+    prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, objective, eval_batches=evals,
         flops_per_token=model_cfg.flops_per_token(cfg.train.seq_len) + teacher_flops,

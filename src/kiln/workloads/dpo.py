@@ -117,7 +117,6 @@ def run_dpo(cfg: Config) -> dict:
     if env.device.type == "cpu":
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
-    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
     seq_len, bs, mc = cfg.train.seq_len, cfg.train.batch_size, sp.model_cfg
     train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
     notes: list[str] = []
@@ -127,6 +126,7 @@ def run_dpo(cfg: Config) -> dict:
     evals_pairs = val[: bs * cfg.train.eval_batches * env.dp_world]
     objective = DPO(cfg.dpo.beta, cfg.dpo.sft_weight, reference)
     loader = PairLoader(train, bs, seq_len, pad, cfg.train.seed, rank=env.dp_rank, world=env.dp_world)
+    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, objective, eval_batches=None,
         flops_per_token=mc.flops_per_token(seq_len) * (1 if cfg.dpo.precompute_ref else 4 / 3),

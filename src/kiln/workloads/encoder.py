@@ -27,7 +27,7 @@ from kiln.data.labelled_text import (
     ordered_batches,
 )
 from kiln.data.layout import data_dir
-from kiln.data.shards import TokenLoader, eval_batches, open_data
+from kiln.data.shards import TokenLoader, open_data
 from kiln.data.tokenizer import BOS, PAD
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
@@ -53,6 +53,7 @@ from kiln.workloads.common import (
     model_config_for,
     prepare_run_dir,
     resolve_resume,
+    validation_batches,
 )
 
 MLM, CLASSIFY = "encoder", "classify"
@@ -125,7 +126,6 @@ def run_encoder(cfg: Config) -> dict:
     mc = encoder_model_config(cfg, vocab, base)
     ckpt = CheckpointManager(Path(cfg.out), cfg.train.keep_last)
     start = resolve_resume(cfg, ckpt, mc, MLM)
-    prepare_run_dir(cfg, env, tpath, MLM)
     notes = []
 
     model = build_trained(lambda: Transformer(mc), cfg, env, source, start, MLM, notes)
@@ -133,10 +133,10 @@ def run_encoder(cfg: Config) -> dict:
     mask = _masker(cfg, vocab, vocab)
     loader = MaskedTokenLoader(TokenLoader(ddir, "train", tc.batch_size, tc.seq_len, tc.seed, rank=env.dp_rank,
                                            world=env.dp_world, document_mask=tc.document_mask), mask, tc.seed, env.dp_rank)
-    evals = eval_batches(ddir, tc.batch_size, tc.seq_len, tc.eval_batches, rank=env.dp_rank, world=env.dp_world,
-                         document_mask=tc.document_mask)
+    evals = validation_batches(ddir, cfg, env, MLM)
     for i, b in enumerate(evals):  # the same masked positions at every evaluation
         b["input_ids"], b["labels"] = mask(b["input_ids"], torch.Generator().manual_seed(1_000_003 + i))
+    prepare_run_dir(cfg, env, tpath, MLM)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, MaskedLanguageModeling(), eval_batches=evals,
         flops_per_token=mc.flops_per_token(tc.seq_len),
@@ -220,7 +220,6 @@ def run_classify(cfg: Config) -> dict:
     if start is not None and CheckpointManager.info(start).get("classes") != classes:
         raise KilnError(f"'{cfg.out}' was trained on other classes ({CheckpointManager.info(start).get('classes')}); "
                         "choose a new out=")
-    prepare_run_dir(cfg, env, tpath, CLASSIFY)
     notes = []
 
     model = build_trained(lambda: EncoderClassifier(mc, len(classes), cfg.classify.pooling), cfg, env, source, start,
@@ -229,6 +228,7 @@ def run_classify(cfg: Config) -> dict:
     loader = ClassificationLoader(ids["train"], labels["train"], tc.batch_size, tc.seq_len, pad, tc.seed,
                                   env.dp_rank, env.dp_world)
     objective = Classification(("input_ids", "attention_mask"))
+    prepare_run_dir(cfg, env, tpath, CLASSIFY)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, objective,
         eval_batches=ordered_batches(ids["val"], labels["val"], tc.batch_size, pad, env.dp_rank, env.dp_world),

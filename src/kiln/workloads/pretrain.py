@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kiln.config import Config
 from kiln.data.layout import data_dir
-from kiln.data.shards import TokenLoader, eval_batches, open_data
+from kiln.data.shards import TokenLoader, open_data
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.config import ModelConfig
@@ -24,6 +24,7 @@ from kiln.workloads.common import (
     model_config_for,
     prepare_run_dir,
     resolve_resume,
+    validation_batches,
 )
 
 WORKLOAD = "pretrain"
@@ -45,7 +46,6 @@ def run_pretrain(cfg: Config) -> dict:
     model_cfg = model_config_for(cfg, man["vocab_size"], base)
     ckpt = CheckpointManager(Path(cfg.out), cfg.train.keep_last)
     start = resolve_resume(cfg, ckpt, model_cfg, WORKLOAD)
-    prepare_run_dir(cfg, env, tpath, WORKLOAD)
 
     notes = []
 
@@ -53,10 +53,10 @@ def run_pretrain(cfg: Config) -> dict:
     loader = TokenLoader(ddir, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
                          rank=env.dp_rank, world=env.dp_world, document_mask=cfg.train.document_mask)
     val = man["splits"]["val"]
+    prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, LanguageModeling(tokens_per_byte=val["tokens"] / max(val["bytes"], 1)),
-        eval_batches=eval_batches(ddir, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches,
-                                  rank=env.dp_rank, world=env.dp_world, document_mask=cfg.train.document_mask),
+        eval_batches=validation_batches(ddir, cfg, env, WORKLOAD),
         flops_per_token=model_cfg.flops_per_token(cfg.train.seq_len),
         meta={"model": model_cfg.to_dict(), "data": str(ddir), "tokenizer_sha256": man["tokenizer_sha256"],
               **({"init_from": str(source)} if source else {})},

@@ -63,7 +63,6 @@ def run_reward(cfg: Config) -> dict:
     if env.device.type == "cpu":
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
-    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
     seq_len, bs = cfg.train.seq_len, cfg.train.batch_size
     train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
     mc = sp.model_cfg
@@ -78,6 +77,7 @@ def run_reward(cfg: Config) -> dict:
     loader = PairLoader(train, bs, seq_len, pad, cfg.train.seed, rank=env.dp_rank, world=env.dp_world)
     evals = eval_pair_batches(val[: bs * cfg.train.eval_batches * env.dp_world], bs, seq_len, pad,
                               env.dp_rank, env.dp_world)
+    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, BradleyTerry(), eval_batches=evals,
         flops_per_token=mc.flops_per_token(seq_len),

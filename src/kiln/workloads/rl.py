@@ -452,7 +452,6 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
     fmt = rc.format if rc.format != "auto" else ("chat" if sp.info.get("workload") in CHAT_AFTER else "text")
-    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)
     train, val, skipped = load_prompts(cfg, sp.tokenizer, fmt, cfg.train.seq_len - rc.max_new_tokens)
     mc = sp.model_cfg
     notes: list[str] = []
@@ -466,6 +465,7 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
     objective = GRPO(rc, reference, scorer, eval_prompts)
     loader = RolloutLoader(cfg, model, train, scorer, sp.tokenizer, fmt, env, autocast=contextlib.nullcontext())
     objective.loader = loader
+    prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, objective,
         eval_batches=eval_prompt_batches(eval_prompts, cfg.train.batch_size, env.dp_rank, env.dp_world) or None,

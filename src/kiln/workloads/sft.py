@@ -254,7 +254,6 @@ def run_sft(cfg: Config) -> dict:
     start = resolve_resume(cfg, ckpt, model_cfg, WORKLOAD)
     source = _base(cfg, source, start)
     data = load_sft_data(cfg, env, tok)
-    prepare_run_dir(cfg, env, tpath, WORKLOAD)
 
     notes = []
 
@@ -271,6 +270,7 @@ def run_sft(cfg: Config) -> dict:
             **({"init_from": str(source)} if source else {})}
     if lora:
         meta |= {"lora": lora_dict(cfg.lora), "lora_base_sha256": sha256_file(source / "checkpoint.json")}
+    prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, LanguageModeling(),
         eval_batches=packed_eval_batches(data.val, tc.batch_size, tc.seq_len, pad, tc.eval_batches,

@@ -124,10 +124,6 @@ def run_vision(cfg: Config) -> dict:
         raise KilnError(f"'{cfg.out}' holds a vision run of a different model ({CheckpointManager.info(start).get('vision')}"
                         f" there, {spec.to_dict()} here); choose a new out= or use that run's vision.* settings")
     source = find_checkpoint(cfg.init_from) if cfg.init_from else None
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-
     notes = []
 
     model = build_trained(lambda: build_vision_model(mc, spec), cfg, env, source, start, WORKLOAD, notes)
@@ -135,6 +131,9 @@ def run_vision(cfg: Config) -> dict:
     loader = ImageLoader(ddir, "train", cfg.train.batch_size, cfg.train.seed, rank=env.dp_rank, world=env.dp_world,
                          augment=vc.augment, device=env.device)
     objective = Classification(("pixel_values",), vc.label_smoothing)
+    if env.is_main:  # inputs checked: now the run directory
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     trainer = Trainer(
         cfg, model, env, loader, objective,
         eval_batches=split_batches(ddir, "val", cfg.train.batch_size, cfg.train.eval_batches, env.dp_rank, env.dp_world),
