@@ -163,3 +163,30 @@ def test_a_labelled_row_without_a_label_is_one_line_naming_it(tmp_path, capsys, 
     line = _error(capsys)
     assert f"{data}:2 lacks a non-empty 'text' or 'label'" in line
     assert not (tmp_path / "c").exists()
+
+
+def test_repeated_and_conflicting_texts_are_left_out_counted_and_said(tmp_path, capsys, encoder_run):
+    """300 rows, 150 per class, where many texts repeat and some carry both labels: one copy of a
+    repeated text is kept, a text labelled both ways is left out entirely, and the run says so."""
+    from kiln.config import ClassifyConfig
+    from kiln.data.labelled_text import load_examples
+
+    rows = []
+    for i in range(60):  # 60 distinct texts per class, each written twice (240 rows)
+        rows += [{"text": f"def good_{i}(x):\n    return x + {i}\n", "label": "a"}] * 2
+        rows += [{"text": f"def bad_{i}(x):\n    return x - {i}\n", "label": "b"}] * 2
+    for i in range(30):  # 30 texts labelled both ways (60 rows)
+        rows += [{"text": f"def both_{i}(y):\n    pass\n", "label": "a"}, {"text": f"def both_{i}(y):\n    pass\n", "label": "b"}]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits, classes, dropped = load_examples(ClassifyConfig(input=str(data)))
+    kept = [e for s in splits.values() for e in s]
+    assert (dropped.duplicates, dropped.conflicting, dropped.conflicting_texts) == (120, 60, 30)
+    assert len(kept) == 120 and len({e.text for e in kept}) == 120
+    assert not any(e.text.startswith("def both_") for e in kept)
+    out = tmp_path / "c"
+    assert kiln("classify", f"out={out}", f"init_from={encoder_run}", f"classify.input={data}",
+                *CLASSIFY_ARGS, "train.max_steps=2", "train.eval_every=2") == 0
+    said = capsys.readouterr().out
+    assert "left out before the split: 120 repeated text(s)" in said and "30 text(s) labelled more than one way" in said
+    assert "left out before the split: 120 repeated text(s)" in (out / "report.md").read_text()

@@ -18,7 +18,7 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def _segment(lines: list[str], node: ast.AST) -> str:
     return first + "".join(part[1:-1]) + last
 
 
-def stdlib_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
+def stdlib_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str], Dropped]:
     """The embedded task named by `classify.input`: examples and class names."""
     if not cc.packages:
         raise KilnError("classify.packages is empty; name stdlib packages, e.g. classify.packages=json,email,http")
@@ -99,10 +99,11 @@ def stdlib_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
                 while label and shuffled == head:
                     rng.shuffle(shuffled)
                 examples.append(Example("\n".join(shuffled + lines[ORDER_LINES:]), label))
-    return _capped(_deduplicated(examples), len(classes), cc.max_per_class, rng), classes
+    unique, dropped = deduplicated(examples, classes)
+    return _capped(unique, len(classes), cc.max_per_class, rng), classes, dropped
 
 
-def jsonl_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
+def jsonl_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str], Dropped]:
     """{text, label} rows of a JSONL file; a row without text or label is a one-line error naming it."""
     path = Path(cc.input)
     if not path.is_file():
@@ -127,16 +128,53 @@ def jsonl_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str]]:
         raise KilnError(f"'{path}' has {len(classes)} distinct label(s); classification needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     examples = [Example(t, index[lab]) for t, lab in rows]
-    return _capped(_deduplicated(examples), len(classes), cc.max_per_class, random.Random(cc.seed)), classes
+    unique, dropped = deduplicated(examples, classes)
+    return _capped(unique, len(classes), cc.max_per_class, random.Random(cc.seed)), classes, dropped
 
 
-def _deduplicated(examples: list[Example]) -> list[Example]:
+@dataclass
+class Dropped:
+    """Examples left out before the split, and why: a text seen again with the same label (one
+    copy kept: a repeated text in both training and test would inflate test accuracy), and texts
+    seen with different labels (every copy left out: which label is right is unknown)."""
+
+    duplicates: int = 0
+    conflicting: int = 0  # examples (all copies) of texts labelled more than one way
+    conflicting_texts: int = 0
+    examples: list[str] = field(default_factory=list)  # a few of the conflicting texts, with their labels
+
+    def describe(self) -> str:
+        parts = []
+        if self.duplicates:
+            parts.append(f"{self.duplicates:,} repeated text(s) (same label; one copy kept)")
+        if self.conflicting:
+            parts.append(f"{self.conflicting:,} example(s) of {self.conflicting_texts:,} text(s) labelled more than "
+                         "one way (all left out)")
+        return "; ".join(parts) or "none"
+
+
+def deduplicated(examples: list[Example], classes: list[str]) -> tuple[list[Example], Dropped]:
+    """One example per distinct text, in first-seen order; a text given conflicting labels is left out."""
+    labels: dict[str, set[int]] = {}
+    for e in examples:
+        labels.setdefault(e.text, set()).add(e.label)
+    dropped = Dropped()
     seen, out = set(), []
     for e in examples:
-        if e.text not in seen:
+        if len(labels[e.text]) > 1:
+            dropped.conflicting += 1
+            if e.text not in seen:
+                seen.add(e.text)
+                dropped.conflicting_texts += 1
+                if len(dropped.examples) < 3:
+                    names = "/".join(classes[k] for k in sorted(labels[e.text]))
+                    dropped.examples.append(f"{e.text[:60]!r} ({names})")
+        elif e.text in seen:
+            dropped.duplicates += 1
+        else:
             seen.add(e.text)
             out.append(e)
-    return out
+    return out, dropped
 
 
 def _capped(examples: list[Example], n_classes: int, cap: int, rng: random.Random) -> list[Example]:
@@ -165,14 +203,16 @@ def split_examples(examples: list[Example], n_classes: int, val: float, test: fl
     return out
 
 
-def load_examples(cc: ClassifyConfig) -> tuple[dict[str, list[Example]], list[str]]:
-    examples, classes = stdlib_examples(cc) if cc.input in STDLIB_TASKS else jsonl_examples(cc)
+def load_examples(cc: ClassifyConfig) -> tuple[dict[str, list[Example]], list[str], Dropped]:
+    """The labelled examples split (stratified) into train / val / test, the class names, and what
+    was left out before the split (repeated and conflicting texts)."""
+    examples, classes, dropped = stdlib_examples(cc) if cc.input in STDLIB_TASKS else jsonl_examples(cc)
     splits = split_examples(examples, len(classes), cc.val_fraction, cc.test_fraction, cc.seed)
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         raise KilnError(f"the {', '.join(empty)} split(s) of classify.input={cc.input} are empty ({len(examples)} "
                         "examples); give more examples or raise classify.val_fraction / classify.test_fraction")
-    return splits, classes
+    return splits, classes, dropped
 
 
 def class_counts(examples: list[Example], n_classes: int) -> list[int]:

@@ -211,7 +211,10 @@ def run_classify(cfg: Config) -> dict:
     source, tpath, tok = ck.path, ck.tokenizer_file, ck.tokenizer
     vocab = tok.get_vocab_size()
     mc = encoder_model_config(cfg, vocab, ck.model)
-    splits, classes = load_examples(cfg.classify)
+    splits, classes, dropped = load_examples(cfg.classify)
+    if env.is_main and (dropped.duplicates or dropped.conflicting):
+        print(f"{CLASSIFY}: left out before the split: {dropped.describe()}"
+              + (f", e.g. {'; '.join(dropped.examples)}" if dropped.examples else ""), flush=True)
     tc = cfg.train
     ids = {s: encode(splits[s], tok, tok.token_to_id(BOS), min(tc.seq_len, mc.max_seq_len)) for s in splits}
     labels = {s: [e.label for e in splits[s]] for s in splits}
@@ -254,6 +257,8 @@ def run_classify(cfg: Config) -> dict:
     matrix = confusion(truth, predicted, len(classes))
     result = {
         "input": cfg.classify.input, "classes": classes, "counts": counts,
+        "dropped": {"duplicates": dropped.duplicates, "conflicting": dropped.conflicting,
+                    "conflicting_texts": dropped.conflicting_texts, "described": dropped.describe()},
         "per_class": {s: class_counts(splits[s], len(classes)) for s in splits},
         "steps": trainer.step, "elapsed_s": round(trainer.elapsed, 1),
         "val_accuracy": latest_metrics(Path(cfg.out)).get("val_accuracy"),
@@ -277,6 +282,7 @@ def write_classify_report(out: Path, r: dict) -> Path:
              f"- task: `{r['input']}`, {len(r['classes'])} classes ({', '.join(r['classes'][:12])}); "
              + ", ".join(f"{s} {n:,}" for s, n in r["counts"].items()) + " examples (stratified by seed); "
              f"inputs cut to {r['seq_len']} tokens, the baselines read the same text",
+             f"- left out before the split: {r.get('dropped', {}).get('described', 'none')}",
              f"- {r['steps']:,} fine-tuning steps in {r['elapsed_s']:.0f} s"
              + (f"; last validation accuracy {100 * r['val_accuracy']:.1f}%" if r.get("val_accuracy") is not None else ""),
              "", "| model (same split) | test accuracy |", "|---|---:|",
