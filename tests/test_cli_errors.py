@@ -261,3 +261,33 @@ def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, prepared):
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("kiln pretrain: error:")]
     assert len(lines) == 1 and "= 3 ranks, but 2 were launched" in lines[0], p.stderr
+
+
+# ---- keys scoped to the verb ---------------------------------------------------------------------------
+@pytest.mark.parametrize("verb, key, owner", [
+    ("pretrain", "lora.rank=8", "kiln sft"),
+    ("pretrain", "sft.data=chats.jsonl", "kiln sft"),
+    ("pretrain", "rl.reward=foo:bar", "kiln rl"),
+    ("generate", "serve.dtype=bf16", "kiln serve"),
+    ("sft", "preference.data=pairs.jsonl", "kiln reward, kiln dpo"),
+    ("eval", "train.lr=0.1", "kiln pretrain"),
+    ("quantize", "sample.temperature=0", "kiln generate"),
+    ("dpo", "classify.input=x.jsonl", "kiln classify"),
+])
+def test_a_key_the_verb_does_not_read_is_refused_naming_the_verb_that_does(tmp_path, capsys, verb, key, owner):
+    out = tmp_path / "run"
+    assert kiln(verb, f"out={out}", key) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"config key '{key.split('=')[0]}' is not read by `kiln {verb}`" in err
+    assert f"it is read by {owner}" in err
+    assert not out.exists()
+
+
+def test_a_recipe_may_hold_every_verbs_keys(tmp_path, capsys):
+    """Recipes are shared by the verbs of a chain (the quickstart recipe holds sft, dpo and rl
+    settings): only what is typed on the command line is checked against the verb."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  rank: 8\nsample:\n  temperature: 0\n")
+    assert kiln("plan", "model.preset=tiny", "gpus=1") == 0  # a verb with its own schema is not scoped
+    assert kiln("eval", "-c", str(recipe), f"out={tmp_path / 'nothing'}") == 2
+    assert "is not read by" not in capsys.readouterr().err  # it fails on the missing run, not on the recipe

@@ -402,3 +402,37 @@ def test_generate_samples_pairs_from_a_trained_model(run_dir, tmp_path, capsys):
     assert kiln(*args[:-1], "labellers=<b>") == 2
     assert "labeller name '<b>'" in capsys.readouterr().err
     assert d.counts() == (8, 2, 0)
+
+
+def test_pairs_with_an_empty_reply_are_neither_labelled_nor_exported(tmp_path, capsys, monkeypatch):
+    """An empty (or blank) sample gives labellers nothing to compare and kiln dpo refuses it: `label
+    generate` leaves such pairs out as it does identical ones, and `label export` drops any a
+    database already holds."""
+    import types
+
+    from kiln.infer.generate import Engine
+
+    replies = iter([["", "x = 1"], [" ", "y"], ["a", "b"], ["c", "c"]])
+    monkeypatch.setattr(Engine, "from_run", classmethod(lambda cls, *a, **k: types.SimpleNamespace(
+        generate=lambda context, sc: next(replies))))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    assert kiln("label", "generate", f"out={run}", f"label.prompts={prompts}", "label.pairs_per_prompt=2") == 0
+    out = capsys.readouterr().out
+    assert "1 new pairs" in out and "2 samples gave an empty completion and were left out" in out
+    assert "1 samples gave two identical completions" in out
+
+    d = LabelDB.create(tmp_path / "old.db")  # a database from before that rule
+    d.add_pairs([("p0", "a0", ""), ("p1", "  ", "b1"), ("p2", "a2", "b2")])
+    people = [d.labeller(d.invite(n)) for n in ("u", "v", "w")]
+    with sqlite3.connect(d.path) as con:
+        for person in people:
+            for pid in (1, 2, 3):
+                con.execute("INSERT INTO votes VALUES (?, ?, ?, 0, '', 0)", (person.id, pid, "a"))
+    target = tmp_path / "prefs.jsonl"
+    assert kiln("label", "export", f"label.db={d.path}", f"label.output={target}") == 0
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [
+        {"prompt": "p2", "chosen": "a2", "rejected": "b2"}]
+    assert "2 with an empty reply left out" in capsys.readouterr().out

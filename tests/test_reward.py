@@ -272,3 +272,15 @@ def test_prompts_longer_than_the_context_leave_no_usable_pair(tmp_path, base):
 
     with pytest.raises(KilnError, match=r"no usable training pair \(0 of 9 pairs kept; 9 skipped: prompt_too_long"):
         run_reward(load(Config, None, [f"out={tmp_path / 'r'}", f"init_from={base}", *FAST, f"preference.data={data}"]))
+
+
+@pytest.mark.parametrize("verb, key", [("reward", "preference.data"), ("dpo", "preference.data"),
+                                       ("sft", "sft.data"), ("rl", "rl.prompts")])
+def test_an_empty_input_file_is_said_to_be_empty(tmp_path, base, capsys, verb, key):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    good = [a for a in _inputs(tmp_path)[verb] if not a.startswith(key + "=")]
+    assert kiln(verb, f"out={tmp_path / 'run'}", f"init_from={base}", *FAST, *good, f"{key}={empty}") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and (f"'{empty}' is empty" in err or f"'{empty}' are empty" in err), err
+    assert not (tmp_path / "run").exists()

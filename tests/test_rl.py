@@ -382,3 +382,13 @@ def test_rewards_run_as_ray_tasks(tmp_path, base, monkeypatch):  # noqa: F811
                 "rl.group_size=2", "rl.prompts_per_step=4", "train.max_steps=1", "rl.eval_prompts=0") == 0
     step = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in line][0]
     assert step.get("reason_reward_error", 0) + step.get("reason_scored", 0) == 8
+
+
+def test_a_reward_module_in_the_working_directory_imports_as_docs_say(tmp_path, monkeypatch):
+    """`kiln rl rl.reward=my_rewards:score` with my_rewards.py where the user runs kiln (no PYTHONPATH)."""
+    (tmp_path / "my_rewards_here.py").write_text("def score(prompt, completion, **_):\n    return 0.25\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    job = {"reward": "my_rewards_here:score", "prompt": "p", "completion": "c", "fields": {}, "timeout_s": 5.0,
+           "sandbox": {}}
+    assert score_job(job) == (0.25, "scored")

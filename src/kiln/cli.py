@@ -315,6 +315,28 @@ def launch(verb: str, nproc: int, argv: list[str]) -> int:
         os.environ.update(saved)
 
 
+def _check_scope(name: str, overrides: list[str], cfg) -> None:
+    """A key given on the command line that the verb does not read is an error naming the verbs
+    that do (a recipe may hold every verb's keys: only what is typed for this verb is checked)."""
+    sections = VERBS[name].sections
+    if not sections:
+        return
+
+    def reads(scope: tuple[str, ...], key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") or s.startswith(key + ".") for s in scope)
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "." not in key and not hasattr(cfg, key):
+            continue  # a bare key of the verb's own section (`kiln generate prompt=...`)
+        if reads(sections, key):
+            continue
+        owners = [f"kiln {v}" for v, verb in VERBS.items() if verb.sections and reads(verb.sections, key)]
+        where = f"; it is read by {', '.join(owners)}: pass it there" if owners else ""
+        raise KilnError(f"config key '{key}' is not read by `kiln {name}`{where} (a recipe may hold any verb's "
+                        f"keys; `kiln {name} --help` lists the ones it reads)")
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the process ends when this returns
     argv = sys.argv[1:] if argv is None else argv
@@ -332,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[overrides.index(bare[0])] = f"{verb.positional}={bare[0]}"
         cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand, continue_run=verb.trains,
                      scope=verb.sections)
+        _check_scope(args.verb, overrides, cfg)
         nproc = getattr(args, "nproc_per_node", None)
         if nproc is not None:  # the config is good: start the processes, each loads it again
             return launch(args.verb, nproc, (["-c", args.config] if args.config else []) + overrides)

@@ -119,6 +119,9 @@ def read_conversations(path: str | Path, stats: ChatStats, strict: bool = False)
                 stats.skip(NO_TARGET, f"{where} has no assistant turn to learn")
                 continue
             out.append(messages)
+    if not stats.records:
+        raise KilnError(f"'{path}' is empty (no records); give a JSONL file of {{\"messages\": [...]}} or "
+                        "{\"prompt\", \"completion\"} records")
     return out
 
 

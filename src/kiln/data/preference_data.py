@@ -109,6 +109,9 @@ def read_pairs(path: str | Path, stats: PairStats, strict: bool = False, limit: 
                 if strict:
                     raise KilnError(f"{problem}; fix the row or drop preference.strict to skip it") from None
                 stats.skip(MALFORMED, problem)
+    if not stats.rows:
+        raise KilnError(f"preference data '{path}' is empty (no rows); give a JSONL file of "
+                        '{"prompt": ..., "chosen": ..., "rejected": ...} rows')
     return rows
 
 

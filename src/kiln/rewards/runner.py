@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import signal
+import sys
 import threading
 
 from kiln.config import SandboxConfig
@@ -21,7 +23,12 @@ class RewardTimeout(BaseException):
 
 
 def _resolve_reward(spec: str):
+    """The reward function `module:function` names; a module in the working directory (where a
+    user writes `my_rewards.py`) imports as one on the path would, as `python -m` finds it."""
     module, _, name = spec.partition(":")
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.append(here)  # after everything installed: a local file never shadows a library
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:

@@ -63,11 +63,12 @@ def read_prompt_rows(path: str, skipped: Counter, limit: int = 0) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise KilnError(f"rl prompts '{path}' do not exist; give a JSONL file of {{\"prompt\": ...}} rows")
-    rows = []
+    rows, seen = [], 0
     with open(p, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
+            seen += 1
             if limit and len(rows) >= limit:
                 break
             try:
@@ -81,6 +82,8 @@ def read_prompt_rows(path: str, skipped: Counter, limit: int = 0) -> list[dict]:
                 skipped["malformed"] += 1
                 continue
             rows.append(row)
+    if not seen:
+        raise KilnError(f"rl prompts '{path}' are empty (no rows); give a JSONL file of {{\"prompt\": ...}} rows")
     return rows
 
 

@@ -115,7 +115,7 @@ def run_generate(cfg: Config) -> int:
 
     engine = Engine.from_run(cfg.out, cfg.device)
     db = LabelDB.create(path, lc.busy_timeout_s)
-    added = same = 0
+    added = same = empty = 0
     for i, (prompt, context) in enumerate(zip(prompts, contexts)):
         pairs = []
         for k in range(lc.pairs_per_prompt):
@@ -123,6 +123,8 @@ def run_generate(cfg: Config) -> int:
             a, b = engine.generate(context, replace(sc, num_samples=2, seed=seed))
             if a == b:
                 same += 1
+            elif not a.strip() or not b.strip():  # nothing to compare, and no pair kiln dpo would take
+                empty += 1
             else:
                 pairs.append((prompt, a, b))
         source = json.dumps({"run": str(cfg.out), "chat": chat, "temperature": sc.temperature, "top_k": sc.top_k,
@@ -132,7 +134,8 @@ def run_generate(cfg: Config) -> int:
     total, _, _ = db.counts()
     print(f"label generate: {added} new pairs in {path} ({total} in all; "
           f"{'chat: prompts as user turns' if chat else 'plain continuations: label.chat=on for a chat model'})"
-          + (f"; {same} samples gave two identical completions and were left out" if same else ""))
+          + (f"; {same} samples gave two identical completions and were left out" if same else "")
+          + (f"; {empty} samples gave an empty completion and were left out" if empty else ""))
     print_invites(cfg, db, names)
     print(f"next: kiln label serve out={cfg.out}" + (f" label.db={lc.db}" if lc.db else ""))
     return 0
@@ -154,7 +157,8 @@ def run_report(cfg: Config) -> int:
 def run_export(cfg: Config) -> int:
     """Write TRL's preference JSONL ({prompt, chosen, rejected}), whole or not at all."""
     db = open_db(cfg)
-    rows = db.preferences()
+    labelled = db.preferences()
+    rows = [r for r in labelled if r["chosen"].strip() and r["rejected"].strip()]  # from databases older than that rule
     report = db.report(cfg.label.labellers_per_pair)
     if not rows:
         raise KilnError(f"no pair has a majority preference yet ({report['votes']} votes on {report['pairs']} pairs); "
@@ -163,8 +167,11 @@ def run_export(cfg: Config) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(format_report(report))
-    print(f"label export: {len(rows)} preference pairs written to {out} (for kiln reward / kiln dpo)")
+    blank = len(labelled) - len(rows)
+    print(f"label export: {len(rows)} preference pairs written to {out} (for kiln reward / kiln dpo)"
+          + (f"; {blank} with an empty reply left out (kiln dpo would refuse them)" if blank else ""))
     return 0
+
 
 
 def run_serve(cfg: Config) -> int:
