@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from kiln.data.chat import CHAT_TEMPLATE, IGNORE, check_messages, render, render_text
@@ -38,3 +39,18 @@ def test_ids_equal_the_rendered_string_and_the_jinja_template(prepared):
 def test_malformed_conversations_get_one_line(bad, msg):
     with pytest.raises(KilnError, match=msg):
         check_messages(bad, "data.jsonl line 3")
+
+
+def test_the_developer_role_is_the_system_role_everywhere_a_conversation_is_read(tmp_path):
+    """OpenAI's clients send `developer` for the system turn: SFT data, preference pairs and RL
+    prompts read it as the server does, rendered as kiln's system turn."""
+    from kiln.data.chat import check_messages
+    from kiln.data.chat_data import ChatStats, read_conversations
+
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    assert [m["role"] for m in check_messages([dict(m) for m in messages])] == ["system", "user", "assistant"]
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"messages": messages}) + "\n")
+    stats = ChatStats()
+    assert [m["role"] for m in read_conversations(f, stats)[0]] == ["system", "user", "assistant"]

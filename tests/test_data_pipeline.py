@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,3 +309,18 @@ def test_ctrl_c_prints_one_line(tmp_path):
     assert proc.returncode == 130 and stderr == "kiln prepare: interrupted\n", stderr
     assert stdout.startswith("prepare: 60 files in ")  # messages name the verb
     assert all(line.startswith("prepare: ") for line in stdout.splitlines()), stdout
+
+
+def test_the_closing_lines_name_the_largest_drops_and_warn_when_a_stage_removes_most(tmp_path, capsys, corpus_dir):
+    """68 files that become 6 documents must not pass without a word: the closing lines say what
+    removed them, where the report is, and warn about a stage that removed most of its input."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in sorted(corpus_dir.glob("json_*.py")):
+        shutil.copy(f, src / f.name)
+    for i in range(30):  # too short to keep
+        (src / f"tiny_{i}.py").write_text(f"x = {i}\n")
+    assert kiln("prepare", f"out={tmp_path / 'run'}", f"data.input={src}", "data.tokenizer.vocab_size=300") == 0
+    out = capsys.readouterr().out
+    assert "most by too_short (length) 30" in out and f"{tmp_path / 'run' / 'prepare_report.md'}" in out
+    assert "warning: stage length removed 30 of the" in out

@@ -19,6 +19,8 @@ from kiln.data.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER
 from kiln.errors import KilnError
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# Other names clients and datasets give a role (OpenAI's `developer` is its newer name for `system`).
+ROLE_ALIASES = {"developer": "system"}
 IGNORE = -100
 
 # The same format for `transformers` (tokenizer_config.json's chat_template).
@@ -30,14 +32,18 @@ CHAT_TEMPLATE = (
 
 
 def check_messages(messages, where: str = "conversation") -> list[dict]:
-    """A list of {role, content} with known roles and non-empty text, or a one-line error naming what is wrong."""
+    """A list of {role, content} with known roles and non-empty text, or a one-line error naming what
+    is wrong. A role's other name (`developer`) is written as kiln's (`system`), in place."""
     if not isinstance(messages, list) or not messages:
         raise KilnError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise KilnError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] in ROLE_ALIASES:
+            m["role"] = ROLE_ALIASES[m["role"]]
         if m["role"] not in ROLE_TOKENS:
-            raise KilnError(f"{where}: message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLE_TOKENS)}")
+            raise KilnError(f"{where}: message {i} has unknown role {m['role']!r}; use one of "
+                            f"{', '.join([*ROLE_TOKENS, *ROLE_ALIASES])}")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise KilnError(f"{where}: message {i} ({m['role']}) has empty or non-text content")
     return messages

@@ -112,7 +112,7 @@ def run_prepare(cfg: Config) -> dict:
         man = _write_data(p, ex, kept, summary, tok_file, vocab, want, meter)
     from kiln.data.report import write_prepare_report
 
-    write_prepare_report(p.out, man)
+    report = write_prepare_report(p.out, man)
     shutil.rmtree(p.work, ignore_errors=True)
     tr, va = man["splits"]["train"], man["splits"]["val"]
     print(
@@ -120,8 +120,29 @@ def run_prepare(cfg: Config) -> dict:
         f"({va['tokens']:,} tokens), vocab {vocab}, {tr['bytes'] / max(tr['tokens'], 1):.2f} bytes/token, "
         f"unigram baseline {man['unigram_bpb']:.3f} bits/byte"
     )
+    for line in drop_lines(man.get("stages", {}), report):
+        print(line)
     _push_report(p)
     return man
+
+
+def drop_lines(stages: dict, report: Path) -> list[str]:
+    """What the stages removed, for the closing lines: the largest drops by reason with the report's
+    path, and a warning for a stage that removed most of what reached it."""
+    reasons = sorted(((n, why, k) for n, s in stages.items() for why, k in s.get("dropped", {}).items() if k),
+                     key=lambda r: -r[2])
+    if not reasons:
+        return []
+    read = stages.get("read", {}).get("docs_in", 0)
+    top = ", ".join(f"{why} ({name}) {k:,}" for name, why, k in reasons[:3])
+    lines = [f"prepare: dropped {sum(k for *_, k in reasons):,} of {read:,} documents read, most by {top}; "
+             f"every stage's counts: {report}"]
+    for name, s in stages.items():
+        if s.get("docs_in", 0) >= 10 and s.get("docs_out", 0) < 0.5 * s["docs_in"]:
+            lines.append(f"prepare: warning: stage {name} removed {s['docs_in'] - s['docs_out']:,} of the "
+                         f"{s['docs_in']:,} documents that reached it; if that is not what you want, loosen or "
+                         f"remove it in data.stages")
+    return lines
 
 
 # ---- the steps of run_prepare, in order ----------------------------------------------------------

@@ -435,7 +435,7 @@ def _prompts(state: ServeState, req, chat: bool) -> list[list[int]]:
     """Token ids of each prompt (tokenizing runs off the event loop)."""
     eng = state.engine
     if chat:
-        messages = [{"role": "system" if m.role == "developer" else m.role,
+        messages = [{"role": m.role,  # `developer` becomes `system` in check_messages
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in req.messages]
         try:
