@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from kiln.data.chat import CHAT_TEMPLATE, IGNORE, check_messages, render, render_text
