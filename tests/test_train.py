@@ -126,3 +126,22 @@ def test_cpu_allocator_tuning_stops_per_step_page_faults():
 
     faults_for_big_allocations()
     assert faults_for_big_allocations() < 1000  # untuned glibc faults ~8000 pages per 32 MB block
+
+
+def test_an_interrupted_run_names_the_checkpoint_a_rerun_continues_from(run_dir, capsys, monkeypatch):
+    """Ctrl-C during a training verb: the one line says which checkpoint `kiln VERB out=...`
+    continues from and which steps it will redo."""
+    from kiln.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def interrupted_at_step_4(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_4)
+    assert kiln("pretrain", f"out={run_dir}", *TINY_TRAIN, "train.max_steps=6", "train.ckpt_every=2") == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kiln pretrain: interrupted after step 3;") and "checkpoint of step 2" in err
+    assert f"kiln pretrain out={run_dir}" in err and err.endswith("redoing step 3")

@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     verb = VERBS[args.verb]
+    cfg = None
     try:
         overrides = args.overrides + [f"{f}=true" for f in verb.flags if getattr(args, f)]
         bare = [o for o in overrides if "=" not in o]
@@ -385,10 +386,27 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return 141
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if _prints_errors():
-            print(f"kiln {args.verb}: interrupted", file=sys.stderr)
+            out = getattr(cfg, "out", None)
+            note = resume_note(args.verb, out, getattr(e, "kiln_step", None)) if verb.trains and out else ""
+            print(f"kiln {args.verb}: interrupted{note}", file=sys.stderr)
         return 130
+
+
+def resume_note(verb: str, out: str, step: int | None) -> str:
+    """What an interrupted training run left: the checkpoint a rerun continues from and the steps it redoes."""
+    from kiln.train.checkpoint import CheckpointManager
+
+    at = f" after step {step}" if step is not None else ""
+    ckpt = CheckpointManager(out).latest_intact() if (Path(out) / "checkpoints").is_dir() else None
+    if ckpt is None:
+        return f"{at}; no checkpoint was saved yet: `kiln {verb} out={out}` starts the run over"
+    done = int(CheckpointManager.info(ckpt).get("step", 0))
+    lost = ""
+    if step is not None and step > done:
+        lost = f", redoing step {step}" if step == done + 1 else f", redoing steps {done + 1}-{step}"
+    return f"{at}; `kiln {verb} out={out}` continues from the checkpoint of step {done} ({ckpt}){lost}"
 
 
 if __name__ == "__main__":

@@ -273,6 +273,14 @@ class Trainer:
         return " | ".join(parts)
 
     def fit(self) -> dict:
+        """Train to `train.max_steps`: the loop, evaluations, log lines, checkpoints, the report."""
+        try:
+            return self._fit()
+        except KeyboardInterrupt as e:
+            e.kiln_step = self.step  # the last step completed: the CLI says what a rerun redoes
+            raise
+
+    def _fit(self) -> dict:
         tc, env = self.tc, self.env
         log = MetricsLog(self.run_dir, self.step, tensorboard=tc.tensorboard, enabled=env.is_main)
         peak, peak_note = peak_flops(env.device, self.matmul_shapes)
