@@ -201,9 +201,11 @@ def test_misspelt_section_names_the_whole_key():
 
 # ---- continuing a run --------------------------------------------------------------------------
 def saved_run(tmp_path, *overrides: str) -> Path:
-    """A run directory whose config.yaml was written the way training writes it."""
+    """A run directory whose config.yaml was written the way training writes it, beside a checkpoint
+    (a directory without one is not a run to continue)."""
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000001" / "checkpoint.json").write_text("{}")
     (run / "config.yaml").write_text(dump_yaml(load(Config, None, [f"out={run}", *overrides])))
     return run
 
