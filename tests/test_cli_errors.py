@@ -291,3 +291,16 @@ def test_a_recipe_may_hold_every_verbs_keys(tmp_path, capsys):
     assert kiln("plan", "model.preset=tiny", "gpus=1") == 0  # a verb with its own schema is not scoped
     assert kiln("eval", "-c", str(recipe), f"out={tmp_path / 'nothing'}") == 2
     assert "is not read by" not in capsys.readouterr().err  # it fails on the missing run, not on the recipe
+
+
+def test_help_lists_exactly_what_the_verb_reads(capsys):
+    """`kiln generate --help` leaves out `report_prompts` (the speedrun's and the labelling app's),
+    and the key, bare or whole, is refused as any key the verb does not read."""
+    with pytest.raises(SystemExit):
+        kiln("generate", "--help")
+    shown = capsys.readouterr().out
+    assert "prompt " in shown and "report_prompts" not in shown
+    for key in ("report_prompts=[a]", "sample.report_prompts=[a]"):
+        assert kiln("generate", key) == 2
+        assert "config key 'sample.report_prompts' is not read by `kiln generate`; it is read by kiln label" in \
+            capsys.readouterr().err

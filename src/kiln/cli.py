@@ -36,6 +36,15 @@ class Verb:
     # Sub-commands, (name, summary): `kiln VERB MODE key=value ...`; `target` names the function as `{mode}`.
     modes: tuple[tuple[str, str], ...] = ()
     positional: str | None = None  # key a bare first argument sets (`kiln import PATH` = hf_import.path=PATH)
+    ignores: tuple[str, ...] = ()  # keys under `sections` the verb does not read: not in --help, refused
+
+    def reads(self, key: str) -> bool:
+        """Whether the verb reads `key` (a key, or a section holding keys it reads)."""
+        if not self.sections:
+            return True
+        if any(key == s or key.startswith(s + ".") for s in self.ignores):
+            return False
+        return any(key == s or key.startswith(s + ".") or s.startswith(key + ".") for s in self.sections)
 
 
 VERBS: dict[str, Verb] = {
@@ -111,6 +120,7 @@ VERBS: dict[str, Verb] = {
         "sample from a run's latest checkpoint with the KV cache",
         sections=("out", "device", "sample"),
         shorthand="sample",
+        ignores=("sample.report_prompts",),  # the speedrun's and `kiln label`'s prompts
     ),
     "serve": Verb(
         "kiln.serve.api:run_serve",
@@ -170,8 +180,7 @@ def _resolve(path: str):
 
 def _options_help(verb: Verb) -> str:
     schema = _resolve(verb.schema)
-    rows = [r for r in C.describe(schema) if not verb.sections or any(
-        r[0] == s or r[0].startswith(s + ".") for s in verb.sections)]
+    rows = [r for r in C.describe(schema) if verb.reads(r[0])]
     width = max((len(k) for k, _, _ in rows), default=10)
     lines = ["options (key=value; defaults shown):"]
     for key, typ, default in rows:
@@ -318,20 +327,14 @@ def launch(verb: str, nproc: int, argv: list[str]) -> int:
 def _check_scope(name: str, overrides: list[str], cfg) -> None:
     """A key given on the command line that the verb does not read is an error naming the verbs
     that do (a recipe may hold every verb's keys: only what is typed for this verb is checked)."""
-    sections = VERBS[name].sections
-    if not sections:
-        return
-
-    def reads(scope: tuple[str, ...], key: str) -> bool:
-        return any(key == s or key.startswith(s + ".") or s.startswith(key + ".") for s in scope)
-
+    verb = VERBS[name]
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if "." not in key and not hasattr(cfg, key):
-            continue  # a bare key of the verb's own section (`kiln generate prompt=...`)
-        if reads(sections, key):
+        if "." not in key and not hasattr(cfg, key) and verb.shorthand:
+            key = f"{verb.shorthand}.{key}"  # a bare key of the verb's own section (`kiln generate prompt=...`)
+        if verb.reads(key):
             continue
-        owners = [f"kiln {v}" for v, verb in VERBS.items() if verb.sections and reads(verb.sections, key)]
+        owners = [f"kiln {v}" for v, other in VERBS.items() if other.sections and other.reads(key)]
         where = f"; it is read by {', '.join(owners)}: pass it there" if owners else ""
         raise KilnError(f"config key '{key}' is not read by `kiln {name}`{where} (a recipe may hold any verb's "
                         f"keys; `kiln {name} --help` lists the ones it reads)")
