@@ -24,33 +24,16 @@ ORDER = {"data": 10, "training": 20, "evaluation": 30, "post_training": 80, "sam
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def section_path(run_dir: str | Path, name: str, order: int | None = None) -> Path:
-    if not _NAME.match(name):
-        raise ValueError(f"report section name {name!r}: use lowercase letters, digits, '-' and '_'")
-    order = ORDER.get(name, 50) if order is None else order
-    return Path(run_dir) / SECTIONS / f"{order:02d}-{name}.md"
-
-
-def write_section(run_dir: str | Path, name: str, lines: list[str] | str, order: int | None = None,
-                  rebuild: bool = True) -> Path:
+def write_section(run_dir: str | Path, name: str, lines: list[str] | str, rebuild: bool = True) -> Path:
     """Push section `name` of a run's report (replacing its previous text), then rebuild
     `report.md` (unless `rebuild` is False, for a stage that pushes several sections at once).
     Returns the report's path."""
+    if not _NAME.match(name):
+        raise ValueError(f"report section name {name!r}: use lowercase letters, digits, '-' and '_'")
     text = lines if isinstance(lines, str) else "\n".join(lines)
-    for old in (Path(run_dir) / SECTIONS).glob(f"*-{name}.md"):  # the same section under another order
-        old.unlink()
-    atomic_write_text(section_path(run_dir, name, order), text.rstrip() + "\n")
+    path = Path(run_dir) / SECTIONS / f"{ORDER.get(name, 50):02d}-{name}.md"
+    atomic_write_text(path, text.rstrip() + "\n")
     return write_report(run_dir) if rebuild else Path(run_dir) / "report.md"
-
-
-def remove_section(run_dir: str | Path, name: str) -> None:
-    for old in (Path(run_dir) / SECTIONS).glob(f"*-{name}.md"):
-        old.unlink()
-
-
-def read_section(run_dir: str | Path, name: str) -> str | None:
-    found = sorted((Path(run_dir) / SECTIONS).glob(f"*-{name}.md"))
-    return found[0].read_text() if found else None
 
 
 def write_report(run_dir: str | Path) -> Path:

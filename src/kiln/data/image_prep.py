@@ -29,7 +29,7 @@ from kiln.config import Config, ImageDataConfig
 from kiln.data.executor import Executor
 from kiln.data.images import SPLITS, BadImage, decode_image, write_shards
 from kiln.data.layout import check_not_a_trained_run, data_dir, work_dir
-from kiln.data.report import image_data_lines, push_data_section
+from kiln.data.report import image_data_lines
 from kiln.data.tasks import save_json
 from kiln.errors import KilnError
 from kiln.runs import (
@@ -318,8 +318,6 @@ def prepare_images(cfg: Config) -> dict:
     old = read_manifest(ddir)
     if old and old.get("kind") == "images" and old.get("inputs") == inputs:
         print(f"prepare: {ddir} is up to date with its inputs, skipping")
-        if ddir.resolve() == (out / "data").resolve():
-            push_data_section(out)
         return old
     check_not_a_trained_run(cfg, out, ddir)
     work = work_dir(ddir)
@@ -340,8 +338,6 @@ def prepare_images(cfg: Config) -> dict:
     print(f"prepare: {len(labels):,} images kept of {man['read']['listed']:,} (dropped: {drops}); "
           f"{s['train']:,} train, {s['val']:,} validation, {s['test']:,} test; {n_classes} classes, "
           f"{c}×{ic.size}×{ic.size}; mean {[round(m, 3) for m in mean]}, std {[round(v, 3) for v in std]}")
-    if ddir.resolve() == (out / "data").resolve():  # the run's own data: its report's data section
-        push_data_section(out)
     return man
 
 

@@ -88,14 +88,24 @@ def _resolved_stages(cfg: Config, files: list[Path]) -> list:
 
 
 def run_prepare(cfg: Config) -> dict:
-    if cfg.data.kind == "images":  # labelled images: their own stage (kiln.data.image_prep)
+    """`kiln prepare`: text (the stages below) or labelled images (`kiln.data.image_prep`), then the
+    data section of the run's report when the data is the run's own (`out/data`)."""
+    from kiln.data.report import push_data_section
+
+    if cfg.data.kind == "images":
         from kiln.data.image_prep import prepare_images
 
-        return prepare_images(cfg)
+        man = prepare_images(cfg)
+    else:
+        man = _prepare_text(cfg)
+    push_data_section(Path(cfg.out))  # does nothing when out/ holds no prepared data of its own
+    return man
+
+
+def _prepare_text(cfg: Config) -> dict:
     p = _plan(cfg)
     old = _up_to_date(p)
     if old:
-        _push_report(p)
         return old
     check_not_a_trained_run(cfg, p.out, p.ddir)
     entries = _resolved_stages(cfg, p.files)
@@ -122,7 +132,6 @@ def run_prepare(cfg: Config) -> dict:
     )
     for line in drop_lines(man.get("stages", {}), report):
         print(line)
-    _push_report(p)
     return man
 
 
@@ -306,14 +315,6 @@ def _write_data(p: _Prepare, ex: Executor, kept: _Kept, summary: dict, tok_file:
         )
         write_json(tmp / "manifest.json", man)
     return man
-
-
-def _push_report(p: _Prepare) -> None:
-    """The run report's data section, when the data is the run's own (out/data)."""
-    if p.ddir.resolve() == (p.out / "data").resolve():
-        from kiln.data.report import push_data_section
-
-        push_data_section(p.out)
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kiln.data.tokenizer import BOS, END, EOS
 from kiln.infer import decode
 from kiln.model.transformer import KVCache
 
@@ -51,6 +52,11 @@ def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torc
     draw = uniform.to(dev, torch.float32)[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, draw, right=True).clamp_(max=v - 1)
     return torch.where(greedy, greedy_tokens, order.gather(-1, pick).squeeze(-1))
+
+
+def end_ids(tokenizer) -> set[int]:
+    """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
+    return {i for i in (tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
 
 
 class StreamDecoder:

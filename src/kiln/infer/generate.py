@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from kiln.config import Config, SampleConfig
-from kiln.data.tokenizer import BOS, END, EOS
+from kiln.data.tokenizer import BOS
 from kiln.errors import KilnError
-from kiln.infer.engine import Batch, SamplingParams, Sequence
+from kiln.infer.engine import Batch, SamplingParams, Sequence, end_ids
 from kiln.infer.load import load
 
 
@@ -133,8 +133,7 @@ class Engine:
 
     @property
     def stop_ids(self) -> set[int]:
-        """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
-        return {i for i in (self.tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
+        return end_ids(self.tokenizer)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         tok = self.tokenizer

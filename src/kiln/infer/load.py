@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from kiln.data.tokenizer import BOS, END, EOS, load_tokenizer
+from kiln.data.tokenizer import BOS, load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.heads import ScalarHeadModel
@@ -55,15 +55,7 @@ class RunCheckpoint:
     tokenizer_file: Path
     tokenizer: Tokenizer
 
-    @property
-    def workload(self) -> str:
-        return self.info.get("workload", "pretrain")
-
-    @property
-    def step(self) -> int | None:
-        return self.info.get("step")
-
-    @property
+    @cached_property
     def quantization(self) -> dict | None:
         """The checked quantization entry, or None for full-precision weights."""
         return read_entry(self.path, self.info)
@@ -118,7 +110,6 @@ class Loaded:
     home: Path  # where results about it go: the run, or the Hugging Face directory
     info: dict = field(default_factory=dict)  # checkpoint.json ({} for a Hugging Face directory)
     data: Path | None = None  # the prepared data it was trained on, if known
-    notes: list[str] = field(default_factory=list)  # what reading it changed (a Hugging Face tokenizer's renames)
 
     @property
     def step(self) -> int | None:
@@ -143,11 +134,6 @@ class Loaded:
     @property
     def bos(self) -> int:
         return self.tokenizer.token_to_id(BOS)
-
-    @property
-    def stop_ids(self) -> set[int]:
-        """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
-        return {i for i in (self.tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -179,7 +165,7 @@ def load(spec: str | Path, device: str | torch.device = "auto", dtype: str | tor
         from kiln.infer.hf import read_hf
 
         hf = read_hf(path, allow_pickle)
-        loaded = Loaded(_float_model(hf.model, hf.tensors, path), hf.tokenizer, dev, "hf", path, path, notes=hf.notes)
+        loaded = Loaded(_float_model(hf.model, hf.tensors, path), hf.tokenizer, dev, "hf", path, path)
     elif not path.exists():
         raise KilnError(f"{key}={spec} does not exist; name a run, a checkpoint directory or an export directory")
     elif (path / "tokenizer").is_dir() or (path / "data").is_dir():

@@ -12,9 +12,9 @@ from kiln.runs import read_manifest
 from kiln.train.metrics import read_metrics
 
 
-def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -> str | None:
-    """Training loss, and validation bits per byte when the run validated, against step, as a PNG;
-    returns its caption (None: nothing to plot)."""
+def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None, validated: bool) -> str | None:
+    """Training loss, and validation bits per byte when the run logged it, against step, as a PNG;
+    returns its caption (None: nothing to plot). `validated`: any validation figure was logged."""
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
     if not train:
@@ -42,7 +42,7 @@ def plot_training(metrics: list[dict], path: Path, baseline_bpb: float | None) -
     plt.close(fig)
     if val:
         return "training loss and validation bits per byte"
-    return "training loss" if any(k.startswith("val_") for m in metrics for k in m) else "training loss (no validation ran)"
+    return "training loss" if validated else "training loss (no validation ran)"
 
 
 def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -> str:
@@ -68,7 +68,8 @@ def training_section(run: Path) -> list[str]:
         return []
     baseline = (read_manifest(run / "data") or {}).get("unigram_bpb")
     lines: list[str] = []
-    caption = plot_training(metrics, run / "loss.png", baseline)
+    validated = any(k.startswith("val_") for m in metrics for k in m)
+    caption = plot_training(metrics, run / "loss.png", baseline, validated)
     if caption:
         lines += ["## Training", "", f"![{caption}](loss.png)", ""]
     final = [m for m in metrics if "val_bpb" in m]
@@ -87,7 +88,7 @@ def training_section(run: Path) -> list[str]:
         f"- steps: {last['step']}, tokens seen: {last.get('tokens', 0):,}, wall time {last.get('elapsed_s', 0):.0f} s",
         _throughput_line(speed, mfu, [m["peak_flops"] for m in metrics if "peak_flops" in m]),
     ]
-    if not any(k.startswith("val_") for m in metrics for k in m):
+    if not validated:
         lines.append("- validation: none ran (the held-out split holds no tokens, or train.eval_every is 0)")
     if final:
         f = final[-1]

@@ -28,10 +28,10 @@ from torch import nn
 from kiln.config import Config
 from kiln.data.chat import check_messages, prompt_ids
 from kiln.data.executor import Executor
-from kiln.data.tokenizer import BOS, END, EOS
+from kiln.data.tokenizer import BOS
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
-from kiln.infer.engine import SamplingParams
+from kiln.infer.engine import SamplingParams, end_ids
 from kiln.infer.generate import generate
 from kiln.infer.load import open_checkpoint
 from kiln.model.heads import ScalarHeadModel, sequence_scores
@@ -215,7 +215,7 @@ class RolloutLoader:
             raise KilnError(f"{len(prompts)} training prompts are fewer than one rollout "
                             f"(rl.prompts_per_step={self.rc.prompts_per_step} × {env.dp_world} ranks); "
                             "give more prompts or lower rl.prompts_per_step")
-        self.stop_ids = {tokenizer.token_to_id(t) for t in (BOS, EOS, END)}
+        self.stop_ids = end_ids(tokenizer)
         self.pad = pad_id(tokenizer)
         self.epoch, self.pos, self.rollouts = 0, 0, 0
         self.cached: dict | None = None
