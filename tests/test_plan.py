@@ -3,6 +3,7 @@ HFU, per-workload token budgets, the CLI, and every `kiln plan` figure the READM
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -221,7 +222,7 @@ def test_plan_reports_hfu_in_table_and_json(capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "so MFU 40% takes HFU 53%" in out
-    assert re.search(r"^  layout .* compute +HFU +days", out, re.M)
+    assert re.search(r"^  layout .* compute +exposed +bubble +step +HFU +days", out, re.M)
 
 
 def test_unreachable_hfu_is_flagged():
@@ -358,3 +359,159 @@ def test_readme_plan_figures_are_what_plan_prints(capsys, args, quoted):
         pieces = [p for p in (_squash(x) for x in line.split("…")) if p]
         assert any(_in_order(o, pieces) for o in out), (
             f"README quotes {line.strip()!r}; `kiln plan {args}` does not print it")
+
+
+# ---- what a person rents: the objective and the time/cost frontier ----------------------------
+def _frontier_ok(points: list[dict]) -> bool:
+    """No point is at least as fast and as cheap as another while better in one of the two."""
+    return not any(q is not p and q["days"] <= p["days"] and q["cost"] <= p["cost"]
+                   and (q["days"] < p["days"] or q["cost"] < p["cost"]) for p in points for q in points)
+
+
+def test_headline_is_the_fastest_count_within_the_cost_tolerance(capsys):
+    # 7B-class on 140B tokens: cost is nearly flat across GPU counts, so "the fewest GPUs that finish
+    # within max_days" would rent 4 GPUs for two months. The default objective (balanced) takes the
+    # fastest count whose cost is within cost_tolerance (5%) of the cheapest that finishes in time.
+    result = plan(PlanConfig(tokens=140e9))
+    best, counts = result["best"], [c for c in result["counts"] if c["days"] <= 90]
+    fewest = min(counts, key=lambda p: p["gpus"])  # the old headline: 4 GPUs for two months
+    assert best["days"] < fewest["days"] / 4 and best["cost"] <= fewest["cost"] * 1.05
+    cheapest = min(p["cost"] for p in counts)
+    assert best["days"] == min(p["days"] for p in counts if p["cost"] <= cheapest * 1.05)
+    frontier = result["frontier"]  # cheapest first, each faster than the one before
+    assert _frontier_ok(frontier) and best in frontier and frontier[0]["cost"] == pytest.approx(cheapest, rel=1e-6)
+    assert [p["days"] for p in frontier] == sorted((p["days"] for p in frontier), reverse=True)
+    cheapest = frontier[0]
+    assert best["days"] == min(p["days"] for p in frontier if p["cost"] <= cheapest["cost"] * 1.05)
+    assert result["objective"]["name"] == "balanced" and result["objective"]["cost_tolerance"] == 0.05
+    # The other objectives, one config key each.
+    cheap = plan(PlanConfig(tokens=140e9, objective="cheapest"))["best"]
+    assert cheap["cost"] == cheapest["cost"] and cheap["days"] == cheapest["days"]
+    fast = plan(PlanConfig(tokens=140e9, objective="fastest"))["best"]
+    assert fast["days"] == min(p["days"] for p in frontier)
+    wide = plan(PlanConfig(tokens=140e9, cost_tolerance=0.5))["best"]
+    assert best["days"] >= wide["days"] and wide["cost"] <= cheapest["cost"] * 1.5
+    # The table says what the rule is and shows the frontier it chose from.
+    assert cli.main(["plan", "model.preset=llama3-8b", "tokens=140e9"]) == 0
+    out = capsys.readouterr().out
+    assert "objective balanced: the fastest GPU count costing at most 5% more than the cheapest" in out
+    assert "time/cost frontier" in out and "cheapest" in out
+
+
+def test_frontier_drops_dominated_counts():
+    # Every count's best layout is in "counts"; the frontier keeps those no other count beats on both.
+    result = plan(PlanConfig(tokens=140e9))
+    counts, frontier = result["counts"], result["frontier"]
+    assert len(frontier) < len(counts) or _frontier_ok(counts)
+    for p in counts:
+        if p not in frontier:
+            assert any(q["days"] <= p["days"] and q["cost"] <= p["cost"] * (1 + 1e-6) for q in frontier)
+
+
+# ---- step time: compute, exposed communication, pipeline bubble -----------------------------
+def _job70(**kw) -> TrainingJob:
+    base = dict(tokens=1.4e12, seq_len=8192, precision="bf16", mfu=0.4, micro_batch=0, global_batch_tokens=2**22,
+                lora_rank=0, activation_checkpointing="auto")
+    return TrainingJob(preset("llama3-70b"), **{**base, **kw})
+
+
+def test_tensor_parallel_traffic_is_on_the_critical_path():
+    # TP all-gathers / reduce-scatters sit between the matmuls of every layer: nothing hides them
+    # (70B on 256 H100s as 8×2×8×2 with 32 micro-batches of 1 sequence: 2.67 s of TP traffic per step).
+    lay = evaluate_layout(_job70(micro_batch=1), H100_CLUSTER, dp_replicate=8, dp_shard=2, tp=8, pp=2)
+    tp_s = lay.comm["tp"]["seconds"]
+    assert tp_s > 2 and lay.step_s >= lay.compute_s + tp_s
+    assert lay.comm["tp"]["exposed"] == pytest.approx(tp_s)
+    parts = lay.compute_s + lay.exposed_comm_s + lay.bubble_s
+    assert lay.step_s == pytest.approx(parts)
+
+
+def test_fsdp_traffic_hides_behind_compute_up_to_the_compute_it_overlaps():
+    # One node of FSDP on NVLink: the gathers and reduce-scatters take far less than the compute they
+    # overlap, so none of it is exposed and the step is the compute.
+    job = _job("off")
+    fast = evaluate_layout(job, H100_CLUSTER, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    assert 0 < fast.comm["fsdp"]["seconds"] < fast.compute_s / 3 and fast.step_s == pytest.approx(fast.compute_s)
+    # A slower link: the traffic outgrows the compute it overlaps phase by phase (the forward's
+    # all-gather against the forward, the backward's all-gather + reduce-scatter against the
+    # backward, twice the forward's compute). At 40 GB/s the forward's gather still hides and the
+    # backward's traffic does not: exposed is the backward's excess alone, not traffic - compute.
+    slow = dataclasses.replace(H100_CLUSTER, nvlink_bytes_s=40e9)
+    lay = evaluate_layout(job, slow, dp_replicate=1, dp_shard=8, tp=1, pp=1)
+    ag = lay.comm["fsdp"]["seconds"] / 4  # all-gather 2 bytes, again backward, reduce-scatter 4 (fp32)
+    fwd, bwd = lay.compute_s / 3, lay.compute_s * 2 / 3
+    assert ag < fwd and 3 * ag > bwd
+    exposed = 3 * ag - bwd
+    assert lay.step_s > max(lay.compute_s, 4 * ag) and lay.step_s == pytest.approx(lay.compute_s + exposed)
+    assert lay.comm["fsdp"]["exposed"] == pytest.approx(exposed) and fast.comm["fsdp"]["exposed"] == 0
+
+
+def test_ddp_gradient_all_reduce_overlaps_only_the_last_backward():
+    # DDP skips the all-reduce on accumulation micro-batches and overlaps it with the last one's
+    # backward: with m micro-batches the window is (2/3)·compute/m.
+    job = _job("on")
+    slow = dataclasses.replace(H100_CLUSTER, nvlink_bytes_s=20e9)
+    lay = evaluate_layout(job, slow, dp_replicate=8, dp_shard=1, tp=1, pp=1)
+    m, dp = lay.microbatches, lay.comm["dp"]
+    assert m == 2**20 // 8192 // 8
+    exposed = max(0, dp["seconds"] - lay.compute_s * 2 / 3 / m)
+    assert exposed > 0 and lay.step_s == pytest.approx(lay.compute_s + exposed)
+    assert dp["exposed"] == pytest.approx(exposed)
+
+
+def test_pipeline_bubble_and_the_chosen_micro_batches():
+    # 1F1B and GPipe idle (p-1)/(m+p-1) of the step; the planner picks the micro-batch size (so the
+    # count m) and schedule that give the shortest step within memory.
+    job = _job70()
+    lay = evaluate_layout(job, H100_CLUSTER, dp_replicate=4, dp_shard=2, tp=8, pp=4)
+    p, m = lay.pp, lay.microbatches
+    assert lay.bubble_s / lay.step_s == pytest.approx((p - 1) / (m + p - 1), rel=0.05)
+    assert lay.schedule in ("1f1b", "gpipe")
+    seqs = job.global_batch_tokens // (8 * job.seq_len)
+    options = [evaluate_layout(job, H100_CLUSTER, 4, 2, 8, 4, micro_batch=b, schedule=s)
+               for b in (1, 2, 4, 8, 16) if seqs % b == 0 for s in ("1f1b", "gpipe")]
+    assert lay.step_s == pytest.approx(min(o.step_s for o in options if o.fits))
+    fewer = evaluate_layout(job, H100_CLUSTER, 4, 2, 8, 4, micro_batch=16, schedule="1f1b")
+    assert fewer.microbatches == seqs // 16 and fewer.bubble_s > lay.bubble_s
+    # GPipe holds every micro-batch's activations at once, 1F1B at most p: same bubble, more memory.
+    gpipe = evaluate_layout(job, H100_CLUSTER, 4, 2, 8, 4, micro_batch=1, schedule="gpipe")
+    onef = evaluate_layout(job, H100_CLUSTER, 4, 2, 8, 4, micro_batch=1, schedule="1f1b")
+    assert gpipe.memory["total"] > onef.memory["total"] or gpipe.checkpointing and not onef.checkpointing
+
+
+def test_plan_prints_the_step_time_breakdown(capsys):
+    # 70B on 24 H100s: the planner picks tp 2 × pp 4, so the step has TP traffic and a bubble.
+    assert cli.main(["plan", "model.preset=llama3-70b", "tokens=1e10", "gpus=24"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("        step "))
+    nums = re.search(r"step ([\d.]+) s = compute ([\d.]+) s .*\+ exposed communication ([\d.]+) (m?s).*"
+                     r"\+ pipeline bubble ([\d.]+) (m?s)", line)
+    assert nums, line
+    step, compute, comm, comm_unit, bubble, bubble_unit = nums.groups()
+    total = float(compute) + float(comm) / (1000 if comm_unit == "ms" else 1) + \
+        float(bubble) / (1000 if bubble_unit == "ms" else 1)
+    assert float(step) == pytest.approx(total, abs=0.02)
+    assert float(comm) > 1 and comm_unit == "s" and float(bubble) > 1 and bubble_unit == "s"
+    assert re.search(r"exposed communication [\d.]+ s \(TP [\d.]+ s, PP \d+ ms\)", line)
+    assert re.search(r"\(pp 4, \d+ micro-batches: \d+% idle\)", line)
+    assert re.search(r"^  layout .* exposed +bubble +step", out, re.M)
+
+
+# ---- advice only where it changes something -------------------------------------------------
+def test_no_fit_advice_names_only_settings_that_differ_and_what_they_buy(capsys):
+    # 70B on 16 H100s: the model states alone (18 B/param) overflow. Defaults are in effect, so the
+    # error must not suggest micro_batch=1 or activation_checkpointing=auto; it names the fewest GPUs
+    # and a bigger GPU that fit, each with the peak memory it gives.
+    assert cli.main(["plan", "model.preset=llama3-70b", "gpus=16"]) == 2
+    err = capsys.readouterr().err
+    assert "micro_batch" not in err and "activation_checkpointing" not in err and "seq_len" not in err
+    assert re.search(r"each of these fits: gpus=24 → peak [\d.]+ GB per GPU as 1×3×2×4; gpu=H200 \(141 GB\) → peak", err)
+    assert err.count("\n") == 1
+    # The user's own settings that stand in the way are named, each with what changing it buys.
+    assert cli.main(["plan", "model.preset=llama3-70b", "gpus=64", "micro_batch=4", "activation_checkpointing=off"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"activation_checkpointing=auto \(yours is off\) → peak [\d.]+ GB per GPU as ", err), err
+    assert re.search(r"micro_batch=1 \(yours is 4\) → peak [\d.]+ GB per GPU as ", err), err
+    # A change already in effect is not advice: with checkpointing on, it is not suggested.
+    assert cli.main(["plan", "model.preset=llama3-70b", "gpus=64", "micro_batch=4", "activation_checkpointing=on"]) in (0, 2)
+    assert "activation_checkpointing=" not in capsys.readouterr().err

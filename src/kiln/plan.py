@@ -3,14 +3,18 @@
 Before anyone spends GPU-hours this answers: how much memory each GPU needs (weights, gradients,
 optimizer states, activations with and without checkpointing) under every candidate layout
 dp_replicate × dp_shard (FSDP / ZeRO-3) × tp × pp; how many FLOPs, days, GPU-hours and dollars
-the run takes; how much each parallel dimension communicates per step and over which link; and
-which layout is the cheapest that fits. It does the same for fine-tuning (full and LoRA) and for
-inference economics (weights + KV cache, bandwidth-bound decode speed, $ per million tokens).
+the run takes; how much each parallel dimension communicates per step, over which link, and how
+much of that the compute does not hide; which layout of a GPU count is the fastest that fits; and,
+choosing the count (gpus=0), the time/cost frontier over counts and the one `objective` picks. It
+does the same for fine-tuning (full and LoRA) and for inference economics (weights + KV cache,
+bandwidth-bound decode speed, $ per million tokens).
 
-Time is model FLOPs (`kiln.model.config.ModelConfig.flops_per_token`) at an assumed MFU, which by
-PaLM's definition counts model FLOPs only: activation checkpointing's recomputed forward does not
-slow a layout down at the same MFU, it raises the hardware FLOPs utilization (HFU) that MFU takes,
-and the plan reports that HFU beside the time.
+A step is compute + exposed communication + pipeline bubble (`evaluate_layout`). Compute is model
+FLOPs (`kiln.model.config.ModelConfig.flops_per_token`) at an assumed MFU, which by PaLM's
+definition counts model FLOPs only: activation checkpointing's recomputed forward does not slow a
+layout down at the same MFU, it raises the hardware FLOPs utilization (HFU) that MFU takes, and
+the plan reports that HFU beside the time. Tensor- and pipeline-parallel traffic is on the critical
+path; FSDP's and DDP's hides behind the compute it overlaps, up to that compute.
 
 The activation count is not a textbook constant: it is the exact list of tensors kiln's
 transformer (`kiln.model.transformer`) saves for backward, checked against a measured CPU run
@@ -81,18 +85,23 @@ class PlanConfig:
     workload: Literal["pretrain", "finetune-full", "finetune-lora", "inference"] = "pretrain"
     tokens: float = ranged(0.0, ge=0)  # training tokens (or tokens served, for inference); 0 = DEFAULT_TOKENS[workload]
     seq_len: int = ranged(0, ge=0)  # training sequence length; 0 = the model's max_seq_len
-    micro_batch: int = ranged(1, ge=1)  # sequences per GPU per forward/backward
+    micro_batch: int = ranged(0, ge=0)  # sequences per GPU per forward/backward; 0 = per layout, the shortest step that fits
     global_batch_tokens: int = ranged(4_194_304, ge=1)  # tokens per optimizer step (Llama 3 started at 4M)
     gpu: str = "H100"  # A100, H100, H200 or B200
-    gpus: int = ranged(0, ge=0)  # 0 = choose the count: the cheapest that finishes within max_days
+    gpus: int = ranged(0, ge=0)  # 0 = choose the count by `objective`
     gpus_per_node: int = ranged(8, ge=1)
     max_gpus: int = ranged(32768, ge=1)  # the largest count tried when gpus=0
-    max_days: float = ranged(90.0, gt=0)  # wall-clock target when gpus=0
+    max_days: float = ranged(90.0, gt=0)  # wall-clock limit when gpus=0: counts that take longer are not chosen
+    # How gpus=0 picks among the counts that finish within max_days: balanced = the fastest costing at most
+    # cost_tolerance more than the cheapest; cheapest; fastest. Each count runs its fastest layout.
+    objective: Literal["balanced", "cheapest", "fastest"] = "balanced"
+    cost_tolerance: float = ranged(0.05, ge=0)  # balanced: 0.05 = up to 5% over the cheapest
     max_pp: int = ranged(16, ge=1)  # largest pipeline degree tried
     interconnect: InterconnectConfig = field(default_factory=InterconnectConfig)
     precision: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
-    # Assumed model-FLOPs utilization (Llama 3 405B reported 38-43%): model FLOPs only, so time does
-    # not depend on checkpointing; its recomputed forward shows up as the HFU a layout needs instead.
+    # Assumed model-FLOPs utilization while computing (Llama 3 405B reported 38-43% over whole steps): model
+    # FLOPs only, so time does not depend on checkpointing (its recomputed forward shows up as the HFU a layout
+    # needs instead); exposed communication and the pipeline bubble are added on top.
     mfu: float = ranged(0.4, gt=0, le=1)
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto = only where a layout needs it to fit
     max_memory_fraction: float = ranged(0.9, gt=0, le=1)  # the rest of HBM is CUDA context, NCCL buffers, fragmentation
@@ -173,11 +182,13 @@ def estimate_training_memory(
     microbatches: int = 1,
     flash_attention: bool = True,
     lora_rank: int = 0,
+    schedule: str = "1f1b",
 ) -> dict[str, float]:
     """Peak bytes per GPU for one AdamW training step, for the worst pipeline stage.
 
     Keys: weights, grads, optimizer, activations (the blocks', plus token ids and the final
-    norm), logits (the fp32 log-probabilities cross-entropy keeps: batch·seq·vocab·4),
+    norm), logits (the fp32 log-probabilities cross-entropy keeps: batch·seq·vocab·4, for each
+    micro-batch the last stage holds),
     logit_grads (the gradients of the log-probabilities and of the logits, two more tensors of
     that size alive together as backward starts) and total.
     total is the peak, not the sum: it is weights + optimizer + the larger of two moments — as
@@ -189,7 +200,8 @@ def estimate_training_memory(
 
     Model states shard over tp·pp and dp_shard (FSDP / ZeRO-3, which also holds two all-gathered
     units at a time); activations shard over tp (sequence parallel); under 1F1B the first stage
-    holds min(pp, microbatches) micro-batches in flight. Full activation checkpointing keeps
+    holds min(pp, microbatches) micro-batches in flight (`schedule="gpipe"`: every stage holds all
+    of them, as GPipe runs every forward before any backward). Full activation checkpointing keeps
     each block's input and recomputes one block at a time. `lora_rank` > 0 freezes the base.
     """
     d, vocab = model.d_model, model.vocab_size
@@ -205,7 +217,7 @@ def estimate_training_memory(
     shard = tp * dp_shard
     worst: dict[str, float] = {}
     for params, first, last in stages:
-        inflight = min(pp, microbatches) if first else 1
+        inflight = microbatches if schedule == "gpipe" and pp > 1 else min(pp, microbatches) if first else 1
         if lora_rank:
             trainable = layers * lora_layer_params(model, lora_rank)
             weights = params / shard * _STORE_BYTES[precision] + trainable / shard * w_b
@@ -223,13 +235,14 @@ def estimate_training_memory(
         recompute = block / tp if activation_checkpointing else 0.0
         logits = 0.0
         held += tokens * 8 if first else 0  # token ids (int64)
-        if last:
-            held += tokens * (3 * d * act_b + 4) / tp + tokens * 8  # final RMSNorm, targets
-            logits = tokens * vocab * 4 / tp  # vocab-parallel cross-entropy under tp
-        start = held + 3 * logits + (grads if microbatches > 1 else 0.0)
+        if last:  # under GPipe every micro-batch's loss waits for its backward, 1F1B's one at a time
+            held += inflight * (tokens * (3 * d * act_b + 4) / tp + tokens * 8)  # final RMSNorm, targets
+            logits = inflight * tokens * vocab * 4 / tp  # vocab-parallel cross-entropy under tp
+        start = held + logits + 2 * logits / inflight + (grads if microbatches > 1 else 0.0)
         through = grads + (held + recompute if activation_checkpointing else 0.0)
         mem = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": held + recompute,
-               "logits": logits, "logit_grads": 2 * logits, "total": weights + optimizer + max(start, through)}
+               "logits": logits, "logit_grads": 2 * logits / inflight,
+               "total": weights + optimizer + max(start, through)}
         if not worst or mem["total"] > worst["total"]:
             worst = mem
     return worst
@@ -275,11 +288,16 @@ class TrainingJob:
     tokens: float
     seq_len: int
     precision: str
-    mfu: float
-    micro_batch: int
+    mfu: float  # model-FLOPs utilization while computing; exposed communication and the bubble come on top
+    micro_batch: int  # sequences per micro-batch; 0 = chosen per layout (the shortest step that fits)
     global_batch_tokens: int
     lora_rank: int  # 0 = full fine-tuning / pretraining
     activation_checkpointing: str  # auto, on, off
+
+
+# The pipeline schedules kiln's trainer runs (parallel.pp_schedule). Both idle (pp-1)/(m+pp-1) of a step;
+# GPipe runs every forward before any backward, so each stage holds all m micro-batches, 1F1B at most pp.
+SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe"}
 
 
 @dataclass
@@ -290,19 +308,24 @@ class Layout:
     dp_shard: int
     tp: int
     pp: int
-    microbatches: int  # per data-parallel rank per optimizer step
+    micro_batch: int  # sequences per micro-batch
+    microbatches: int  # micro-batches per data-parallel rank per optimizer step (m)
+    schedule: str  # pipeline schedule, a SCHEDULES key (1f1b where pp = 1)
     checkpointing: bool
     memory: dict[str, float]  # bytes per GPU under the chosen checkpointing
     activations_no_ckpt: float
     activations_ckpt: float
-    comm: dict[str, dict]  # dimension -> {"bytes", "seconds", "link"} per optimizer step
-    compute_s: float  # model FLOPs at the assumed MFU, plus the pipeline bubble
+    comm: dict[str, dict]  # dimension -> {"bytes", "seconds", "exposed", "link"} per optimizer step
+    compute_s: float  # model FLOPs at the assumed MFU: the time the GPU computes
+    exposed_comm_s: float  # communication no compute hides (see evaluate_layout)
+    bubble_s: float  # the pipeline's fill and drain: (pp-1)/(m+pp-1) of the step
     recompute_flops: float  # the whole run's forward recomputed by checkpointing (not model FLOPs); 0 without
     hfu: float  # hardware FLOPs utilization the assumed MFU implies: MFU × (1 + recompute / model FLOPs)
-    step_s: float
+    step_s: float  # compute_s + exposed_comm_s + bubble_s
+    step_mfu: float  # MFU over the whole step: the assumed MFU × compute_s / step_s
     step_tokens: int
     fits: bool
-    comm_bound: bool
+    comm_bound: bool  # exposed communication takes longer than the compute
     days: float
     gpu_hours: float
     cost: float
@@ -331,21 +354,19 @@ def _ring(n: int) -> float:
     return (n - 1) / n
 
 
-def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_shard: int, tp: int, pp: int) -> Layout | None:
-    """Memory, communication, time and cost of one layout; None if the global batch cannot feed it."""
+def _evaluate(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_shard: int, tp: int, pp: int,
+              micro_batch: int, m: int, schedule: str) -> Layout:
+    """One layout at one micro-batch size, count and schedule (see evaluate_layout)."""
     model, gpu = job.model, cluster.gpu
     gpus = dp_replicate * dp_shard * tp * pp
     dp = dp_replicate * dp_shard
-    mb_tokens = job.micro_batch * job.seq_len
-    if dp * mb_tokens > job.global_batch_tokens:
-        return None
-    m = max(1, round(job.global_batch_tokens / (dp * mb_tokens)))
+    mb_tokens = micro_batch * job.seq_len
     step_tokens = m * dp * mb_tokens
     lora = job.lora_rank
 
     def memory(ckpt: bool) -> dict[str, float]:
-        return estimate_training_memory(model, job.micro_batch, job.seq_len, job.precision, ckpt, dp_shard, tp, pp, m,
-                                        True, lora)
+        return estimate_training_memory(model, micro_batch, job.seq_len, job.precision, ckpt, dp_shard, tp, pp, m,
+                                        True, lora, schedule)
 
     plain, ckpt = memory(False), memory(True)
     use_ckpt = job.activation_checkpointing == "on" or (
@@ -353,11 +374,12 @@ def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_sh
     mem = ckpt if use_ckpt else plain
     fits = mem["total"] <= cluster.usable_bytes
 
-    # MFU counts model FLOPs only (PaLM's definition), so time is model FLOPs at the assumed MFU
+    # MFU counts model FLOPs only (PaLM's definition), so compute is model FLOPs at the assumed MFU
     # whether or not the layout checkpoints; the recomputed forward raises the HFU it takes instead.
     flops = training_flops_per_token(model, job.seq_len, bool(lora))
-    bubble = (m + pp - 1) / m  # 1F1B: pp-1 idle slots per m micro-batches
-    compute_s = flops["total"] * step_tokens / (gpus * gpu.peak_flops(job.precision) * job.mfu) * bubble
+    compute_s = flops["total"] * step_tokens / (gpus * gpu.peak_flops(job.precision) * job.mfu)
+    forward_s = compute_s * flops["forward"] / flops["total"]
+    backward_s = compute_s - forward_s
     recompute = flops["forward"] / flops["total"] if use_ckpt else 0.0
 
     # Ranks are laid out tp innermost, then dp_shard, dp_replicate, pp: a group stays on NVLink
@@ -372,33 +394,86 @@ def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_sh
     stage_params = model.num_params() / pp + (model.vocab_size * model.d_model if pp > 1 else 0)
     trainable = model.n_layers / pp * lora_layer_params(model, lora) if lora else stage_params
     gathered_b = _STORE_BYTES[job.precision] if lora else _state_bytes(job.precision)[0]
+    # FSDP, every micro-batch: all-gather the weights for forward and again for backward, reduce-scatter fp32 grads.
+    gather = m * _ring(dp_shard) * stage_params * gathered_b / tp if dp_shard > 1 else 0.0
+    reduce = m * _ring(dp_shard) * trainable * 4 / tp if dp_shard > 1 else 0.0
+    # Replicas all-reduce fp32 grads: DDP once per step (no_sync on the micro-batches before the last), HSDP
+    # (FSDP2 over replicas × shards) after every micro-batch's reduce-scatter, on the 1/dp_shard shard it holds.
+    syncs = m if dp_shard > 1 else 1
     volumes = {
         # Sequence-parallel TP: 2 all-gathers + 2 reduce-scatters forward, as many backward, again when recomputing.
         "tp": (tp, (12 if use_ckpt else 8) * _ring(tp) * hidden * model.n_layers / pp * m if tp > 1 else 0.0),
-        # FSDP: all-gather weights for forward and again for backward, reduce-scatter fp32 grads, every micro-batch.
-        "fsdp": (tp * dp_shard, m * _ring(dp_shard) * (2 * stage_params * gathered_b + trainable * 4) / tp
-                 if dp_shard > 1 else 0.0),
-        # Replicas all-reduce their (sharded) fp32 grads once per step.
-        "dp": (tp * dp, 2 * _ring(dp_replicate) * trainable / (tp * dp_shard) * 4 if dp_replicate > 1 else 0.0),
+        "fsdp": (tp * dp_shard, 2 * gather + reduce),
+        "dp": (tp * dp, syncs * 2 * _ring(dp_replicate) * trainable / (tp * dp_shard) * 4 if dp_replicate > 1 else 0.0),
         # Each stage sends activations forward and gradients back, per micro-batch.
         "pp": (gpus, 2 * m * hidden / tp if pp > 1 else 0.0),
     }
     comm = {}
     for dim, (extent, volume) in volumes.items():
         name, bw = link(extent)
-        comm[dim] = {"bytes": volume, "seconds": volume / bw, "link": name if volume else "-"}
-    comm_s = sum(c["seconds"] for c in comm.values())
-    step_s = max(compute_s, comm_s)  # communication overlaps compute until it exceeds it
+        comm[dim] = {"bytes": volume, "seconds": volume / bw, "exposed": 0.0, "link": name if volume else "-"}
+
+    # What hides and what does not. TP's collectives sit between the matmuls of every layer and PP's
+    # sends between stages: on the critical path, all of it. FSDP prefetches the next unit's weights
+    # while this one computes, and reduce-scatters a unit's gradients while the next computes: hidden
+    # up to the compute of the same phase (the forward's gather against the forward, the backward's
+    # gather, reduce-scatter and HSDP all-reduce against the backward), exposed beyond it. DDP's
+    # gradient buckets all-reduce during the last micro-batch's backward, so only that much hides.
+    comm["tp"]["exposed"], comm["pp"]["exposed"] = comm["tp"]["seconds"], comm["pp"]["seconds"]
+    after_flush = 0.0
+    if dp_shard > 1:
+        rate = link(tp * dp_shard)[1]
+        gather_s, reduce_s, sync_s = gather / rate, reduce / rate, comm["dp"]["seconds"]
+        behind = gather_s + reduce_s + sync_s
+        late = max(0.0, behind - backward_s)
+        comm["fsdp"]["exposed"] = max(0.0, gather_s - forward_s) + late * (gather_s + reduce_s) / behind
+        comm["dp"]["exposed"] = late * sync_s / behind
+    elif dp_replicate > 1:
+        comm["dp"]["exposed"] = after_flush = max(0.0, comm["dp"]["seconds"] - backward_s / m)
+    exposed = sum(c["exposed"] for c in comm.values())
+    # The pipeline: each stage works through m micro-batches (their compute and the traffic that stalls
+    # it) and idles pp-1 slots of the same length while the pipe fills and drains; DDP's all-reduce
+    # waits for the flush.
+    bubble_s = (compute_s + exposed - after_flush) * (pp - 1) / m
+    step_s = compute_s + exposed + bubble_s
     seconds = job.tokens / step_tokens * step_s
     gpu_hours = gpus * seconds / 3600
-    return Layout(dp_replicate, dp_shard, tp, pp, m, use_ckpt, mem, plain["activations"], ckpt["activations"], comm,
-                  compute_s, recompute * flops["total"] * job.tokens, job.mfu * (1 + recompute), step_s, step_tokens,
-                  fits, comm_s > compute_s, seconds / 86400, gpu_hours, gpu_hours * cluster.price)
+    return Layout(dp_replicate, dp_shard, tp, pp, micro_batch, m, schedule, use_ckpt, mem, plain["activations"],
+                  ckpt["activations"], comm, compute_s, exposed, bubble_s, recompute * flops["total"] * job.tokens,
+                  job.mfu * (1 + recompute), step_s, job.mfu * compute_s / step_s, step_tokens, fits,
+                  exposed > compute_s, seconds / 86400, gpu_hours, gpu_hours * cluster.price)
+
+
+def evaluate_layout(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_shard: int, tp: int, pp: int,
+                    micro_batch: int = 0, schedule: str = "") -> Layout | None:
+    """Memory, communication, step time and cost of one layout; None if the global batch cannot feed it.
+
+    The step is compute (model FLOPs at the assumed MFU) + the communication nothing hides + the
+    pipeline bubble. The micro-batch size (`micro_batch`, else `job.micro_batch`, else chosen here:
+    each divisor of the sequences a data-parallel rank takes per step) and the pipeline schedule
+    (`schedule`, else both) are those of the shortest step that fits, ties going to the least memory
+    (where none fits: the leanest).
+    Fewer, larger micro-batches mean fewer FSDP gathers but a longer bubble and more activations.
+    """
+    dp = dp_replicate * dp_shard
+    fixed = micro_batch or job.micro_batch
+    if dp * (fixed or 1) * job.seq_len > job.global_batch_tokens:
+        return None
+    if fixed:
+        sizes = [(fixed, max(1, round(job.global_batch_tokens / (dp * fixed * job.seq_len))))]
+    else:
+        seqs = max(1, round(job.global_batch_tokens / (dp * job.seq_len)))
+        sizes = [(b, seqs // b) for b in _divisors(seqs)]
+    schedules = [schedule] if schedule else list(SCHEDULES) if pp > 1 else ["1f1b"]
+    options = [_evaluate(job, cluster, dp_replicate, dp_shard, tp, pp, b, m, s) for b, m in sizes for s in schedules]
+    fitting = [o for o in options if o.fits]
+    return min(fitting, key=_rank) if fitting else min(options, key=lambda o: o.memory["total"])
 
 
 def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int) -> list[Layout]:
-    """Every layout of `gpus` GPUs: tp within a node dividing both head counts, pp dividing the
-    layers, and the data-parallel rest split between FSDP shards and replicas."""
+    """Every layout of `gpus` GPUs kiln's trainer runs: tp within a node dividing both head counts, pp
+    dividing the layers, and the data-parallel rest split between FSDP shards and replicas (replicas
+    of a TP group only beside FSDP shards: HSDP, not DDP)."""
     model = job.model
     out = []
     tps = [t for t in (1, 2, 4, 8, 16) if t <= cluster.gpus_per_node and gpus % t == 0
@@ -410,6 +485,8 @@ def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int
             dp = gpus // (tp * pp)
             shards = sorted({s for s in _divisors(dp) if s & (s - 1) == 0} | {dp})
             for dp_shard in shards:
+                if tp > 1 and dp_shard == 1 < dp:
+                    continue  # DDP replicas of a TP group: kiln's trainer asks for dp_shard (HSDP) instead
                 layout = evaluate_layout(job, cluster, dp // dp_shard, dp_shard, tp, pp)
                 if layout is not None:
                     out.append(layout)
@@ -417,11 +494,9 @@ def candidate_layouts(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int
 
 
 def _rank(layout: Layout) -> tuple:
-    # Fits first, then not communication-bound, then the fewest days (per token, not per step: steps
-    # differ in tokens; rounded so equal compute ties), then the lowest HFU the assumed MFU needs (no
-    # recompute), then the most communication headroom, then the least memory.
-    return (not layout.fits, layout.comm_bound, float(f"{layout.days:.4g}"), round(layout.hfu, 4),
-            sum(c["seconds"] for c in layout.comm.values()) / layout.compute_s, layout.memory["total"])
+    # Fits first, then the fewest days (per token, not per step: steps differ in tokens; rounded so
+    # equal times tie), then the lowest HFU the assumed MFU needs (no recompute), then the least memory.
+    return (not layout.fits, float(f"{layout.days:.4g}"), round(layout.hfu, 4), layout.memory["total"])
 
 
 def _gpu_counts(gpus_per_node: int, max_gpus: int) -> list[int]:
@@ -436,56 +511,126 @@ def _gpu_counts(gpus_per_node: int, max_gpus: int) -> list[int]:
     return sorted(set(counts))
 
 
-def _no_fit_error(job: TrainingJob, cluster: Cluster, layouts: list[Layout], gpus: int | None) -> KilnError:
+def frontier(points: list[Layout]) -> list[Layout]:
+    """The time/cost frontier: the points no other point beats on both days and cost, cheapest first
+    (so each is faster than every one before it)."""
+    def beats(q: Layout, p: Layout) -> bool:  # costs equal to a part in a million tie (float noise)
+        cheaper, as_cheap = q.cost < p.cost * (1 - 1e-6), q.cost <= p.cost * (1 + 1e-6)
+        return (as_cheap and q.days < p.days) or (cheaper and q.days <= p.days)
+
+    return sorted((p for p in points if not any(beats(q, p) for q in points)), key=lambda p: (p.cost, -p.days))
+
+
+def choose(points: list[Layout], objective: str, cost_tolerance: float, max_days: float,
+           max_gpus: int) -> tuple[Layout, str]:
+    """The headline among the frontier `points` (cheapest first) and the sentence saying why.
+
+    Among the counts that finish within max_days: `cheapest`, the cheapest; `fastest`, the fastest;
+    `balanced`, the fastest whose cost is at most (1 + cost_tolerance) × the cheapest's. If none
+    finishes in time, the fastest, whatever the objective.
+    """
+    on_time = [p for p in points if p.days <= max_days]
+    if not on_time:
+        return points[-1], (f"no count up to max_gpus={max_gpus} finishes within max_days={max_days:g}; "
+                            "this is the fastest")
+    cheapest = on_time[0]
+    within = f"finishing within max_days={max_days:g}"
+    if objective == "cheapest":
+        return cheapest, f"objective cheapest: the cheapest GPU count {within}"
+    if objective == "fastest":
+        return on_time[-1], f"objective fastest: the fastest GPU count up to max_gpus={max_gpus}"
+    best = [p for p in on_time if p.cost <= cheapest.cost * (1 + cost_tolerance)][-1]
+    return best, (f"objective balanced: the fastest GPU count costing at most {cost_tolerance:.0%} more than the "
+                  f"cheapest {within} ({cheapest.gpus} GPUs, {_days(cheapest.days)} days, ${_si(cheapest.cost)})")
+
+
+def _fewest_fitting(job: TrainingJob, cluster: Cluster, counts: list[int], max_pp: int) -> Layout | None:
+    """The fastest layout at the first count in `counts` where one fits."""
+    for n in counts:
+        fitting = [lay for lay in candidate_layouts(job, cluster, n, max_pp) if lay.fits]
+        if fitting:
+            return min(fitting, key=_rank)
+    return None
+
+
+def _advice(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int, max_gpus: int) -> list[str]:
+    """Single changes that make a run fit that does not, each with the peak memory per GPU it gives: a
+    setting of the user's that differs from the leanest choice (activation_checkpointing=off, a fixed
+    micro_batch above 1, seq_len), more GPUs, a GPU with more memory. Nothing the plan already tried."""
+    def gives(lay: Layout, where: bool) -> str:
+        return f"→ peak {lay.memory['total'] / GB:.1f} GB per GPU as {lay.label}{f' on {lay.gpus}' if where else ''}"
+
+    counts = [gpus] if gpus else _gpu_counts(cluster.gpus_per_node, max_gpus)
+    changes = []
+    if job.activation_checkpointing == "off":
+        changes.append(("activation_checkpointing", "auto", "off"))
+    if job.micro_batch > 1:
+        changes.append(("micro_batch", 1, job.micro_batch))
+    if job.seq_len >= 2048:
+        changes.append(("seq_len", job.seq_len // 2, job.seq_len))
+    tips = []
+    for name, value, yours in changes:
+        lay = _fewest_fitting(dataclasses.replace(job, **{name: value}), cluster, counts, max_pp)
+        if lay:
+            tips.append(f"{name}={value} (yours is {yours}) {gives(lay, not gpus)}")
+    key, above = ("gpus", gpus) if gpus else ("max_gpus", max_gpus)
+    more = _fewest_fitting(job, cluster, [n for n in _gpu_counts(cluster.gpus_per_node, max(max_gpus, 32768))
+                                          if n > above], max_pp)
+    if more:
+        tips.append(f"{key}={more.gpus} {gives(more, False)}")
+    for other in sorted(GPUS.values(), key=lambda g: g.memory_gb):
+        if other.memory_gb > cluster.gpu.memory_gb:
+            bigger = _fewest_fitting(job, dataclasses.replace(cluster, gpu=other), counts, max_pp)
+            if bigger:
+                tips.append(f"gpu={other.name} ({other.memory_gb:g} GB) {gives(bigger, not gpus)}")
+                break
+    return tips
+
+
+def _no_fit_error(job: TrainingJob, cluster: Cluster, layouts: list[Layout], gpus: int, max_pp: int,
+                  max_gpus: int) -> KilnError:
     gpu = cluster.gpu
-    where = f"{gpus} × {gpu.name}" if gpus else f"up to {layouts[-1].gpus if layouts else '?'} × {gpu.name}"
+    where = f"{gpus} × {gpu.name}" if gpus else f"up to {max_gpus} × {gpu.name}"
     if not layouts:
         return KilnError(f"no layout of {where} can take global_batch_tokens={job.global_batch_tokens} with "
-                         f"micro_batch={job.micro_batch} × seq_len={job.seq_len} per GPU; raise global_batch_tokens")
+                         f"micro_batch={job.micro_batch or 1} × seq_len={job.seq_len} per GPU; raise global_batch_tokens")
     least = min(layouts, key=lambda lay: lay.memory["total"])
+    tips = _advice(job, cluster, gpus, max_pp, max_gpus)
     return KilnError(
         f"a {_si(job.model.num_params())}-parameter model does not fit on {where} even at the leanest layout "
         f"{least.label} (dp_replicate×dp_shard×tp×pp, checkpointing {'on' if least.checkpointing else 'off'}): "
         f"{least.memory['total'] / GB:.1f} GB per GPU "
         f"needed, {cluster.usable_bytes / GB:.1f} GB usable ({cluster.max_memory_fraction:.0%} of {gpu.memory_gb:g} GB); "
-        "use more GPUs, a bigger GPU, micro_batch=1, a shorter seq_len or activation_checkpointing=auto")
+        + (f"each of these fits: {'; '.join(tips)}" if tips else
+           "neither more GPUs, a bigger GPU nor a change of activation_checkpointing, micro_batch or seq_len fits it"))
 
 
-def search(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int, max_gpus: int, max_days: float) -> dict:
-    """The best layout for `gpus` GPUs, or (gpus=0) for the cheapest count meeting max_days.
+def search(job: TrainingJob, cluster: Cluster, gpus: int, max_pp: int, max_gpus: int, max_days: float,
+           objective: str = "balanced", cost_tolerance: float = 0.05) -> dict:
+    """The best layout for `gpus` GPUs, or (gpus=0) for the count the objective picks (see `choose`).
 
     Returns {"best": Layout, "layouts": layouts at the chosen count (ranked), "counts": the best
-    layout per count tried, "note": why the choice was made}.
+    layout per count tried, "frontier": the time/cost frontier of those, "note": why the choice was made}.
     """
     if gpus:
         layouts = sorted(candidate_layouts(job, cluster, gpus, max_pp), key=_rank)
         if not layouts or not layouts[0].fits:
-            raise _no_fit_error(job, cluster, layouts, gpus)
+            raise _no_fit_error(job, cluster, layouts, gpus, max_pp, max_gpus)
         note = "communication-bound: every layout that fits" if layouts[0].comm_bound else ""
-        return {"best": layouts[0], "layouts": layouts, "counts": [layouts[0]], "note": note}
+        return {"best": layouts[0], "layouts": layouts, "counts": [layouts[0]], "frontier": [layouts[0]], "note": note}
     per_count: dict[int, list[Layout]] = {}
     tried: list[Layout] = []
     for count in _gpu_counts(cluster.gpus_per_node, max_gpus):
         layouts = sorted(candidate_layouts(job, cluster, count, max_pp), key=_rank)
         tried += layouts
-        if layouts and layouts[0].fits and not layouts[0].comm_bound:
+        if layouts and layouts[0].fits:
             per_count[count] = layouts
     if not per_count:
-        fitting = [lay for lay in tried if lay.fits]
-        if fitting:
-            raise KilnError(f"every layout that fits up to max_gpus={max_gpus} × {cluster.gpu.name} is "
-                            "communication-bound; raise global_batch_tokens or micro_batch, or use faster links")
-        raise _no_fit_error(job, cluster, sorted(tried, key=lambda lay: lay.gpus), None)
+        raise _no_fit_error(job, cluster, tried, 0, max_pp, max_gpus)
     bests = [layouts[0] for layouts in per_count.values()]
-    on_time = [b for b in bests if b.days <= max_days]
-    if on_time:
-        cheapest = min(b.cost for b in on_time)
-        best = min((b for b in on_time if b.cost <= cheapest * 1.01), key=lambda b: b.gpus)
-        note = f"the cheapest GPU count that finishes within max_days={max_days:g}"
-    else:
-        best = min(bests, key=lambda b: b.days)
-        note = f"no count up to max_gpus={max_gpus} finishes within max_days={max_days:g}; this is the fastest"
-    return {"best": best, "layouts": per_count[best.gpus], "counts": bests, "note": note}
+    points = frontier(bests)
+    best, note = choose(points, objective, cost_tolerance, max_days, max_gpus)
+    return {"best": best, "layouts": per_count[best.gpus], "counts": bests, "frontier": points, "note": note}
 
 
 # ---- inference -------------------------------------------------------------------------------
@@ -512,8 +657,11 @@ def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: 
     while (weights + kv) / (tp * pp) > usable:
         pp *= 2
         if pp > model.n_layers:
+            lower = " or ".join(([f"inference.batch (yours is {batch})"] if batch > 1 else [])
+                                + ([f"inference.context (yours is {context})"] if context > 1 else []))
             raise KilnError(f"inference needs {(weights + kv) / GB:.0f} GB of weights and KV cache; too much for "
-                            f"{model.n_layers} pipeline stages of {tp} × {gpu.name}; lower inference.batch or context")
+                            f"{model.n_layers} pipeline stages of {tp} × {gpu.name}"
+                            + (f"; the KV cache is {kv / GB:.0f} GB of it: lower {lower}" if lower else ""))
     n = tp * pp
     flops_per_token = model.forward_flops_per_token(context)
     bandwidth_s = (weights + kv) / (tp * gpu.hbm_tbps * 1e12)
@@ -574,9 +722,9 @@ def plan(cfg: PlanConfig) -> dict:
 
     if cfg.precision == "fp8" and gpu.fp8_tflops is None:
         raise KilnError(f"{gpu.name} has no fp8 tensor cores; train with precision=bf16 or pick H100, H200 or B200")
-    if cfg.micro_batch * seq_len > cfg.global_batch_tokens:
+    if (cfg.micro_batch or 1) * seq_len > cfg.global_batch_tokens:
         raise KilnError(f"global_batch_tokens={cfg.global_batch_tokens} is smaller than one micro-batch "
-                        f"(micro_batch={cfg.micro_batch} × seq_len={seq_len}); raise it")
+                        f"(micro_batch={cfg.micro_batch or 1} × seq_len={seq_len}); raise it")
     lora_rank = cfg.lora.rank if cfg.workload == "finetune-lora" else 0
     job = TrainingJob(model, tokens, seq_len, cfg.precision, cfg.mfu, cfg.micro_batch, cfg.global_batch_tokens,
                       lora_rank, cfg.activation_checkpointing)
@@ -584,8 +732,11 @@ def plan(cfg: PlanConfig) -> dict:
     out.update({"seq_len": seq_len, "micro_batch": cfg.micro_batch,
                 "global_batch_tokens": cfg.global_batch_tokens, "lora_rank": lora_rank,
                 "flops": {k: v * tokens for k, v in flops.items() if k != "forward"}})
-    found = search(job, _cluster(cfg, gpu, price), cfg.gpus, cfg.max_pp, cfg.max_gpus, cfg.max_days)
+    goal = (cfg.objective, cfg.cost_tolerance)
+    found = search(job, _cluster(cfg, gpu, price), cfg.gpus, cfg.max_pp, cfg.max_gpus, cfg.max_days, *goal)
     best = found["best"]
+    out["objective"] = {"name": cfg.objective, "cost_tolerance": cfg.cost_tolerance, "max_days": cfg.max_days,
+                        "applies": not cfg.gpus}
     out["best"] = best.to_dict()
     out["note"] = found["note"]
     if best.hfu > 1:
@@ -593,6 +744,7 @@ def plan(cfg: PlanConfig) -> dict:
                                               f"{cfg.mfu:.0%}, more than the GPU has: lower mfu"]))
     out["layouts"] = [lay.to_dict() for lay in found["layouts"][:10]]
     out["counts"] = [lay.to_dict() for lay in found["counts"]]
+    out["frontier"] = [lay.to_dict() for lay in found["frontier"]]
     out["by_gpu"] = []
     for other in GPUS.values():
         if other is gpu:
@@ -602,7 +754,7 @@ def plan(cfg: PlanConfig) -> dict:
         else:
             try:
                 other_best = search(job, _cluster(cfg, other, _price(cfg, other)), cfg.gpus, cfg.max_pp,
-                                    cfg.max_gpus, cfg.max_days)["best"]
+                                    cfg.max_gpus, cfg.max_days, *goal)["best"]
             except KilnError:
                 continue
         out["by_gpu"].append({"gpu": other.name, **other_best.to_dict()})
@@ -632,6 +784,11 @@ def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
 
 
+def _days(days: float) -> str:
+    """Days to one decimal, three significant digits below 10 (a run of hours still reads apart from the next)."""
+    return f"{days:.1f}" if days >= 10 else f"{days:.3g}"
+
+
 def _time(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -655,14 +812,30 @@ def _header(result: dict) -> list[str]:
     ]
 
 
+def _count(n: int, word: str, plural: str = "") -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _breakdown(lay: dict, mfu: float) -> str:
+    """'step 23.4 s = compute 20.56 s at MFU 40% + exposed communication … + pipeline bubble …'."""
+    exposed = ", ".join(f"{dim.upper()} {_time(c['exposed'])}" for dim, c in lay["comm"].items() if c["exposed"] > 5e-4)
+    m, p = lay["microbatches"], lay["pp"]
+    idle = f"pp {p}, {_count(m, 'micro-batch', 'micro-batches')}: {(p - 1) / (m + p - 1):.0%} idle" if p > 1 else "pp 1"
+    return (f"step {_time(lay['step_s'])} = compute {_time(lay['compute_s'])} at MFU {mfu:.0%} + exposed communication "
+            f"{_time(lay['exposed_comm_s'])}{f' ({exposed})' if exposed else ''} + pipeline bubble "
+            f"{_time(lay['bubble_s'])} ({idle}) for {_si(lay['step_tokens'])} tokens: MFU {lay['step_mfu']:.0%} "
+            "over the step")
+
+
 def format_training(result: dict) -> str:
     """The training plan as readable tables."""
     best = result["best"]
     lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
     f = result["flops"]
     lines = [f"kiln plan: {result['workload']}{lora} — {_tokens(result)}, seq_len {result['seq_len']}, "
-             f"global batch {_si(result['global_batch_tokens'])} tokens, micro-batch {result['micro_batch']}, "
-             f"{result['precision']}, AdamW, assumed MFU {result['assumptions']['mfu']:.0%}",
+             f"global batch {_si(result['global_batch_tokens'])} tokens, micro-batch "
+             f"{result['micro_batch'] or 'chosen per layout'}, {result['precision']}, AdamW, assumed MFU "
+             f"{result['assumptions']['mfu']:.0%} while computing",
              *_header(result),
              f"compute {f['total']:.3g} model FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
              f"+ attention {f['attention']:.3g}", ""]
@@ -670,18 +843,22 @@ def format_training(result: dict) -> str:
     recompute = (f"; checkpointing recomputes {best['recompute_flops']:.3g} FLOPs more, so MFU {mfu:.0%} "
                  f"takes HFU {best['hfu']:.0%}" if best["checkpointing"] else "")
     mem = best["memory"]
+    m, b = best["microbatches"], best["micro_batch"]
+    schedule = f" ({SCHEDULES[best['schedule']]})" if best["pp"] > 1 else ""
+    note = result["note"] if not result["objective"]["applies"] or "objective" not in result["note"] else ""
+    lines += [f"choice  {result['note']}; objective=, cost_tolerance= and max_gpus= change it"] \
+        if result["objective"]["applies"] else []
     lines += [
         f"best    {best['gpus']} × {result['gpu']['name']} as dp_replicate {best['dp_replicate']} × dp_shard "
-        f"{best['dp_shard']} × tp {best['tp']} × pp {best['pp']}, {best['microbatches']} micro-batch(es) per step, "
-        f"activation checkpointing {'on' if best['checkpointing'] else 'off'}"
-        + (f"  ({result['note']})" if result["note"] else ""),
+        f"{best['dp_shard']} × tp {best['tp']} × pp {best['pp']}, {_count(m, 'micro-batch', 'micro-batches')} of "
+        f"{_count(b, 'sequence')} per step{schedule}, activation checkpointing {'on' if best['checkpointing'] else 'off'}"
+        + (f"  ({note})" if note else ""),
         f"        memory per GPU{' (worst pipeline stage)' if best['pp'] > 1 else ''}: peak {_gb(mem['total'])} GB "
         f"of {result['gpu']['memory_gb']:g} — weights "
         f"{_gb(mem['weights'])}, grads {_gb(mem['grads'])}, optimizer {_gb(mem['optimizer'])}, activations "
         f"{_gb(mem['activations'])}, logits {_gb(mem['logits'])} and their gradients {_gb(mem['logit_grads'])}",
-        f"        {best['days']:.1f} days, {_si(best['gpu_hours'])} GPU-hours, ${_si(best['cost'])}; step "
-        f"{_time(best['step_s'])} (compute {_time(best['compute_s'])} at MFU {mfu:.0%}) for {_si(best['step_tokens'])} "
-        f"tokens{recompute}", "",
+        f"        {_days(best['days'])} days, {_si(best['gpu_hours'])} GPU-hours, ${_si(best['cost'])}{recompute}",
+        f"        {_breakdown(best, mfu)}", "",
         f"layouts on {best['gpus']} × {result['gpu']['name']} (dp_rep×dp_shard×tp×pp; memory in GB per GPU, "
         "acts = activations + logits and their gradients, without / with checkpointing; peak < the sum when "
         "gradients fill in as backward frees activations):",
@@ -695,27 +872,37 @@ def format_training(result: dict) -> str:
                      _gb(lay["activations_no_ckpt"] + loss), _gb(lay["activations_ckpt"] + loss),
                      _gb(mm["total"]), "on" if lay["checkpointing"] else "off", "yes" if lay["fits"] else "NO"])
     lines += [_table(["layout", "weights", "grads", "optim", "acts", "acts ckpt", "peak", "ckpt", "fits"], rows), ""]
-    lines.append("communication per step (volume per GPU, time at link rate: NVLink and IB per direction); compute "
-                 "at the assumed MFU and the HFU that takes (above MFU where checkpointing recomputes the forward):")
+    lines.append("communication per step (volume per GPU, time at link rate: NVLink and IB per direction); step = "
+                 "compute at the assumed MFU + exposed communication (all of TP and PP; FSDP and DP beyond the compute "
+                 "they overlap) + pipeline bubble; m×b: micro-batches × sequences; HFU: what the assumed MFU takes:")
     rows = []
     for lay in result["layouts"]:
-        cells = [lay["label"]]
+        cells = [lay["label"], f"{lay['microbatches']}×{lay['micro_batch']}"]
         for dim in ("tp", "fsdp", "dp", "pp"):
             c = lay["comm"][dim]
             cells.append(f"{_gb(c['bytes'])} GB {_time(c['seconds'])} {c['link']}" if c["bytes"] else "-")
-        cells += [_time(lay["compute_s"]), f"{lay['hfu']:.0%}", f"{lay['days']:.1f}", f"${_si(lay['cost'])}",
+        cells += [_time(lay["compute_s"]), _time(lay["exposed_comm_s"]), _time(lay["bubble_s"]), _time(lay["step_s"]),
+                  f"{lay['hfu']:.0%}", _days(lay["days"]), f"${_si(lay['cost'])}",
                   "COMM-BOUND" if lay["comm_bound"] else ""]
         rows.append(cells)
-    lines += [_table(["layout", "TP", "FSDP", "DP", "PP", "compute", "HFU", "days", "cost", ""], rows)]
-    if len(result["counts"]) > 1:
-        lines += ["", "GPU counts around the choice (best layout each; all counts are in the JSON):"]
-        at = [c["gpus"] for c in result["counts"]].index(best["gpus"])
-        rows = [[str(c["gpus"]), c["label"], _gb(c["memory"]["total"]), f"{c['days']:.1f}", _si(c["gpu_hours"]),
-                 f"${_si(c['cost'])}"] for c in result["counts"][max(0, at - 3):at + 4]]
-        lines.append(_table(["gpus", "layout", "GB/GPU", "days", "GPU-hours", "cost"], rows))
-    lines += ["", "on each GPU type (default prices):"]
+    lines += [_table(["layout", "m×b", "TP", "FSDP", "DP", "PP", "compute", "exposed", "bubble", "step", "HFU", "days",
+                      "cost", ""], rows)]
+    front = result["frontier"]
+    if result["objective"]["applies"] and len(front) == 1:
+        lines += ["", f"time/cost frontier: {best['gpus']} GPUs alone (every other count is slower and costs no less)"]
+    elif result["objective"]["applies"]:
+        cheapest = front[0]["cost"]
+        max_days = result["objective"]["max_days"]
+        lines += ["", "time/cost frontier (each GPU count's fastest layout, its MFU over the whole step; a count left "
+                  "out is beaten on both time and cost by one listed; all counts are in the JSON):"]
+        rows = [[str(c["gpus"]), c["label"], f"{c['step_mfu']:.0%}", _days(c["days"]), _si(c["gpu_hours"]),
+                 f"${_si(c['cost'])}", "cheapest" if c is front[0] else f"+{c['cost'] / cheapest - 1:.1%}",
+                 "← best" if c["gpus"] == best["gpus"] else f"over max_days={max_days:g}" if c["days"] > max_days
+                 else ""] for c in front]
+        lines.append(_table(["gpus", "layout", "MFU", "days", "GPU-hours", "cost", "vs cheapest", ""], rows))
+    lines += ["", f"on each GPU type (default prices{', the same objective' if result['objective']['applies'] else ''}):"]
     rows = [[r["gpu"], str(r["gpus"]), r["label"],
-             _gb(r["memory"]["total"]), f"{r['days']:.1f}", _si(r["gpu_hours"]), f"${_si(r['cost'])}"]
+             _gb(r["memory"]["total"]), _days(r["days"]), _si(r["gpu_hours"]), f"${_si(r['cost'])}"]
             for r in result["by_gpu"]]
     lines.append(_table(["gpu", "gpus", "layout", "GB/GPU", "days", "GPU-hours", "cost"], rows))
     return "\n".join(lines)
