@@ -24,6 +24,17 @@ def kiln(*args: str) -> int:
     return cli.main(list(args))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kiln_cache_outside_home(tmp_path_factory):
+    """No test reads or writes the real ~/.cache/kiln (the matmul peaks MFU is measured against):
+    the whole session, subprocesses and module-scoped fixtures included, shares one cache under
+    pytest's temporary directory. Session-scoped so that it is set before any other fixture runs.
+    A test that fakes timings points KILN_CACHE_DIR at its own tmp_path instead."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")

@@ -145,3 +145,34 @@ def test_an_interrupted_run_names_the_checkpoint_a_rerun_continues_from(run_dir,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kiln pretrain: interrupted after step 3;") and "checkpoint of step 2" in err
     assert f"kiln pretrain out={run_dir}" in err and err.endswith("redoing step 3")
+
+
+@pytest.mark.parametrize("retimed_rate", [1e15, 1e3])
+def test_an_mfu_above_100_percent_retimes_the_peak_and_is_never_printed_as_a_result(
+        run_dir, capsys, monkeypatch, tmp_path, retimed_rate):
+    """The matmul peak timed while the host was busy reads low, so a step's MFU reads above 100%:
+    the Trainer re-times the peak and recomputes that step's MFU; if it still reads above 100%
+    the line marks it unreliable instead of printing it as a figure."""
+    from kiln import hardware
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "_PEAK_CACHE", {})
+    rates = iter([1e3] * 5 + [retimed_rate] * 100)  # 5 timings at 1024³ at the start, then the re-times
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda device, *a, **kw: next(rates))
+    t = _trainer(run_dir, ["train.max_steps=3", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=100"])
+    t.flops_per_token = 1e6  # ~1e9 FLOP/s on this host: far above a 1 kFLOP/s "peak"
+    t.fit()
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("pretrain: step ") and "| loss " in line]
+    assert len(steps) == 3 and "re-timed" in out
+    m = [r for r in metrics(run_dir) if "mfu" in r]
+    for line, r in zip(steps, m):
+        mfu = line.split("| MFU ")[1].split(" |")[0]
+        if retimed_rate > 1e9:  # the re-time found the real peak: that step's MFU is recomputed against it
+            assert r["mfu"] <= 1 and r["peak_flops"] == retimed_rate and "mfu_unreliable" not in r
+            assert mfu.endswith("%") and float(mfu[:-1]) <= 100
+        else:  # still above 100%: marked, not printed as a result
+            assert r["mfu"] > 1 and r["mfu_unreliable"] is True
+            assert "unreliable" in mfu
+    if retimed_rate > 1e9:
+        assert sum("re-timed" in line for line in out.splitlines()) == 1  # later steps read ≤ 100%
