@@ -148,7 +148,7 @@ def main() -> None:
         results["quantize"] = figures
         runs = {"teacher": teacher, **{n: work / n for n in ("int8", f"int4-g{groups[0]}-gptq", f"int4-g{groups[-1]}-gptq")}}
         speed = compare_decode(runs, rounds=args.rounds)
-        rows = [model_row(run, name, eval_batches=0, tokens_per_s=speed[name]) for name, run in runs.items()]
+        rows = [model_row(run, name, heldout=False, tokens_per_s=speed[name]) for name, run in runs.items()]
         for row in rows:
             row["bpb"] = figures[row["model"]]["bpb_after"] if row["model"] in figures else first["bpb_before"]
         print(f"\n## Decode at batch 1 on this CPU ({args.threads} threads; best of {args.rounds} rounds taken in turns)\n")

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import TINY_TRAIN, kiln
 from kiln import cli
+from kiln import config as C
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = "out={tmp}/run"  # {tmp} becomes a fresh directory per case
@@ -121,7 +122,7 @@ BAD: dict[str, list[tuple[str, list[str], str]]] = {
         ("misspelt key", [OUT, "alow_pickle=true"], "did you mean 'hf_import.allow_pickle'?"),
     ],
     "eval": [
-        ("negative batches", [OUT, "max_batches=-1"], "'eval.max_batches' = -1 is out of range: it must be ≥ 0"),
+        ("negative windows", [OUT, "windows=-1"], "'eval.windows' = -1 is out of range: it must be ≥ 0"),
         ("zero batch", [OUT, "batch_size=0"], "'eval.batch_size' = 0 is out of range: it must be ≥ 1"),
         ("wrong type", [OUT, "num_examples=lots"], "'eval.num_examples' = 'lots' is not int"),
         ("bad bool", [OUT, "tasks=maybe"], "'eval.tasks' = 'maybe' is not bool"),
@@ -304,3 +305,106 @@ def test_help_lists_exactly_what_the_verb_reads(capsys):
         assert kiln("generate", key) == 2
         assert "config key 'sample.report_prompts' is not read by `kiln generate`; it is read by kiln label" in \
             capsys.readouterr().err
+
+
+# ---- a path the config names is checked before the verb's module (and torch) is imported ------------
+MISSING = "{tmp}/missing"
+# (verb, arguments naming a path that does not exist, what the one line says: it names the key)
+MISSING_PATHS: list[tuple[str, list[str], str]] = [
+    *[(verb, [OUT, f"init_from={MISSING}"], f"init_from={MISSING} is neither a run directory with checkpoints")
+      for verb in ("pretrain", "sft", "reward", "dpo", "rl", "vision", "encoder", "classify", "distill")],
+    ("distill", [OUT, f"distill.teacher={MISSING}"], f"distill.teacher={MISSING} is neither a run directory"),
+    ("rl", [OUT, "init_from={tmp}", f"rl.reward_model={MISSING}"], f"rl.reward_model={MISSING} is neither a run"),
+    ("quantize", [OUT, f"source={MISSING}"], f"quantize.source={MISSING} is neither a run directory"),
+    ("export", [f"out={MISSING}"], f"out={MISSING} is neither a run directory with checkpoints"),
+    ("export", [OUT, f"checkpoint={MISSING}"], f"export.checkpoint={MISSING} is neither a run directory"),
+    ("generate", [f"out={MISSING}"], f"out={MISSING} does not exist; name a run, a checkpoint directory"),
+    ("serve", [f"out={MISSING}"], f"out={MISSING} does not exist; name a run, a checkpoint directory"),
+    ("eval", [f"out={MISSING}"], f"out={MISSING} does not exist; name a run, a checkpoint directory"),
+    ("eval", [OUT, f"path={MISSING}"], f"eval.path={MISSING} does not exist; name a run, a checkpoint directory"),
+    ("label", ["generate", f"out={MISSING}"], f"out={MISSING} does not exist; name a run, a checkpoint directory"),
+    ("label", ["generate", OUT, f"prompts={MISSING}"], f"label.prompts '{MISSING}' does not exist"),
+    ("import", [MISSING, OUT], f"hf_import.path={MISSING} is not a directory; point at a Hugging Face model directory"),
+    ("sft", [OUT, f"sft.data={MISSING}"], f"sft.data '{MISSING}' does not exist; give a JSONL file"),
+    ("sft", [OUT, "sft.data={tmp}/data.jsonl", f"sft.val_data={MISSING}"], f"sft.val_data '{MISSING}' does not exist; give a JSONL file"),
+    *[(verb, [OUT, "init_from={tmp}", "preference.data={tmp}/data.jsonl"][:2 + (key == "val_data")]
+      + [f"preference.{key}={MISSING}"], f"preference.{key} '{MISSING}' does not exist; give a JSONL file")
+      for verb in ("reward", "dpo") for key in ("data", "val_data")],
+    ("rl", [OUT, "init_from={tmp}", f"rl.prompts={MISSING}"], f"rl.prompts '{MISSING}' does not exist"),
+    ("rl", [OUT, "init_from={tmp}", "rl.prompts={tmp}/data.jsonl", f"rl.val_prompts={MISSING}"], f"rl.val_prompts '{MISSING}' does not exist"),
+    ("classify", [OUT, "init_from={tmp}", f"classify.input={MISSING}"], f"classify.input '{MISSING}' is neither a JSONL"),
+    *[(verb, [OUT, f"data.path={MISSING}"], f"'{MISSING}' holds no prepared data (manifest.json missing or "
+      f"unreadable); run `kiln prepare data.path={MISSING}` first") for verb in ("pretrain", "encoder", "distill")],
+    ("vision", [OUT, "data.kind=images", f"data.path={MISSING}"], f"run `kiln prepare data.path={MISSING}` first"),
+]
+# main() in a fresh interpreter: prints whether torch was imported by the time it returned, exits with its code
+PROBE = "import sys\nfrom kiln.cli import main\nrc = main(sys.argv[1:])\nprint('torch' in sys.modules)\nsys.exit(rc)"
+
+
+@pytest.fixture(scope="module")
+def missing_results(tmp_path_factory) -> list:
+    def one(case):
+        verb, args, want = case
+        tmp = tmp_path_factory.mktemp("missing")
+        (tmp / "checkpoints").mkdir()  # init_from={tmp}: passes the precheck, so the next path is the one named
+        (tmp / "data.jsonl").write_text("")  # a training file beside which a missing held-out file is read
+        argv = [verb, *(a.replace("{tmp}", str(tmp)) for a in args)]
+        p = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return tmp, p
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, MISSING_PATHS))
+
+
+@pytest.mark.parametrize("i", range(len(MISSING_PATHS)),
+                         ids=[f"{v}: {' '.join(a)}" for v, a, _ in MISSING_PATHS])
+def test_a_missing_path_is_one_line_before_torch_is_imported(missing_results, i):
+    verb, _, want = MISSING_PATHS[i]
+    tmp, p = missing_results[i]
+    line = one_error_line(p)
+    assert line.startswith(f"kiln {verb}: error: ")
+    assert want.replace("{tmp}", str(tmp)) in line, line
+    assert p.stdout.split() == ["False"], p.stdout  # torch was never imported
+    assert not (tmp / "run").exists()  # nothing written
+
+
+def test_every_verb_input_is_a_key_it_reads_with_a_torch_free_check():
+    code = ("import sys\nfrom kiln import cli\n"
+            "for v in cli.VERBS.values():\n"
+            "    [cli._resolve(i.check) for i in v.inputs]\n"
+            "    v.precheck and cli._resolve(v.precheck)\n"
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.stdout.split() == ["False"], p.stderr
+    keys = {k for k, _, _ in C.describe(C.Config)}
+    for name, verb in cli.VERBS.items():
+        for inp in verb.inputs:
+            for key in inp.keys.split("|") + ([inp.when] if inp.when else []):
+                assert key in keys and verb.reads(key), f"kiln {name}: input {key!r}"
+            assert set(inp.modes) <= {m for m, _ in verb.modes}
+
+
+def test_an_existing_path_passes_the_precheck(tmp_path):
+    """What the checks let through: the loaders decide the rest (which checkpoint, whether intact)."""
+    from kiln.data import inputs
+    from kiln.runs import check_checkpoint, check_hf_dir, check_model
+
+    run, step, hf = tmp_path / "run", tmp_path / "step", tmp_path / "hf"
+    (run / "checkpoints").mkdir(parents=True)
+    step.mkdir()
+    (step / "checkpoint.json").write_text("{}")
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    for spec in (run, step):
+        check_checkpoint(str(spec), "init_from")
+        assert check_model(str(spec), "out") == "checkpoint"
+    assert check_model(str(hf), "out") == "hf"
+    check_hf_dir(str(hf), "hf_import.path")
+    for task in inputs.STDLIB_TASKS:
+        inputs.check_classify_input(task, "classify.input")
+    with pytest.raises(cli.KilnError, match="is not a run \\(checkpoints/\\), a checkpoint"):
+        check_model(str(tmp_path), "out")
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(cli.KilnError, match="holds no checkpoint yet"):
+        check_model(str(tmp_path), "out")

@@ -160,7 +160,7 @@ def test_bad_input_is_refused_in_one_line(teacher, tmp_path, capsys):
     # what a run on another tokenizer records (its SHA-256) is what the check reads
     (ck / "checkpoint.json").write_text(json.dumps({**info, "tokenizer_sha256": "0" * 64}))
     quantized = tmp_path / "q"
-    assert kiln("quantize", f"source={teacher}", f"out={quantized}", "eval_batches=0") == 0
+    assert kiln("quantize", f"source={teacher}", f"out={quantized}", "evaluate=false") == 0
     cases = [
         (args(teacher, tmp_path / "a", f"distill.teacher={other}"), "different tokenizer than the data"),
         (args(teacher, tmp_path / "b", f"distill.teacher={quantized}"), "is a quantized checkpoint"),

@@ -4,6 +4,7 @@ lm-evaluation-harness adapter run on tasks defined here (no download)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import random
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 
 from conftest import TINY_TRAIN, kiln
 from kiln.config import EvalConfig
-from kiln.eval.evaluate import evaluate_run, function_body, next_line_examples, parses, predicted_line
+from kiln.eval.evaluate import evaluate_run, function_body, next_line_examples, parses, predicted_line, summary_lines
 from kiln.eval.scoring import greedy_generate, rolling_windows
 from kiln.infer.load import load
+from kiln.model.transformer import Transformer
 from kiln.report import write_report
 
 
@@ -29,7 +31,7 @@ def run(tmp_path_factory, prepared):
     return out
 
 
-FAST = dict(num_examples=4, max_new_tokens=24, max_batches=2)
+FAST = dict(num_examples=4, max_new_tokens=24, windows=8)
 
 
 def plain_logprob(model, ids: list[int], n_vocab: int) -> float:
@@ -40,11 +42,61 @@ def plain_logprob(model, ids: list[int], n_vocab: int) -> float:
 
 
 def test_heldout_bits_per_byte_is_trainings_validation_figure(run):
-    """Scored like training's validation (its windows and batches), eval gives training's val_bpb."""
+    """By default eval scores the windows training validated on (recorded in checkpoint.json), in
+    its own batches, and gives training's val_bpb."""
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line][-1]
-    res = evaluate_run(run, EvalConfig(seq_len=64, batch_size=4, max_batches=2, tasks=False), "cpu", write=False)
-    assert res["step"] == 6 and res["heldout"]["tokens"] == 2 * 4 * 64
-    assert abs(res["heldout"]["bpb"] - last["val_bpb"]) < 1e-4
+    res = evaluate_run(run, EvalConfig(batch_size=3, tasks=False), "cpu", write=False)
+    assert res["step"] == 6 and res["heldout"]["tokens"] == 2 * 4 * 64 and res["heldout"]["as_validated"]
+    assert abs(res["heldout"]["bpb"] - last["val_bpb"]) < 1e-5
+    assert "the windows training validated on" in summary_lines(res)[0] and "8 windows of 64 tokens" in summary_lines(res)[0]
+
+
+def test_one_held_out_figure_per_model_in_training_eval_quantize_and_the_model_table(run, tmp_path, capsys):
+    """The figure make demo's report gave as three different numbers for one checkpoint (training's
+    validation, `kiln eval`, `kiln quantize`'s "before") and the speedrun's model table: one
+    definition, the same windows, one number."""
+    from kiln.eval.compare import format_rows, model_row
+
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line][-1]
+    evaluated = evaluate_run(run, EvalConfig(tasks=False), "cpu", write=False)["heldout"]["bpb"]
+    assert kiln("quantize", f"source={run}", f"out={tmp_path / 'q'}", "format=int8") == 0
+    printed = capsys.readouterr().out
+    q = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    row = model_row(run, "float", tokens_per_s=1.0)
+    for figure in (evaluated, q["bpb_before"], row["bpb"]):
+        assert abs(figure - val["val_bpb"]) < 1e-5
+    assert "8 windows of 64 tokens" in printed and "8 windows of 64 tokens" in format_rows([row])
+    # the quantized run keeps the windows: evaluating it gives quantize's "after"
+    after = evaluate_run(tmp_path / "q", EvalConfig(tasks=False), "cpu", write=False)["heldout"]
+    assert after["as_validated"] and abs(after["bpb"] - q["bpb_after"]) < 1e-5
+
+
+def test_padded_vocabulary_rows_are_no_tokens_in_any_loss_or_bits_per_byte(run):
+    """Logits of the rows a vocabulary padded to a multiple of 64 adds change no figure: not
+    training's loss or validation, not eval's held-out bits per byte (they once differed, 0.4856
+    against 0.4881 on the same window)."""
+    from kiln.data.shards import eval_batches
+    from kiln.eval.scoring import heldout_bits_per_byte, run_windows
+    from kiln.train.objectives import LanguageModeling
+
+    lm = load(run, "cpu")
+    cfg = lm.model.cfg
+    padded = Transformer(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 64))  # 64 rows past the tokenizer's
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    loud = torch.full((64, cfg.d_model), float(state["lm_head.weight"].abs().max()) * 3)
+    for k in ("tok_emb.weight", "lm_head.weight"):
+        state[k] = torch.cat([state[k], loud])
+    padded.load_state_dict(state)
+    padded.init_buffers()
+    objective = LanguageModeling(vocab=lm.n_vocab)
+    batch = eval_batches(lm.data, 4, 64, 1)[0]
+
+    def figures(model):
+        with torch.no_grad():
+            return (float(objective.loss(model, batch)[0]), objective.eval_step(model, batch)["val_loss"][0],
+                    heldout_bits_per_byte(model, lm.data, run_windows(lm), lm.n_vocab)["bpb"])
+
+    assert figures(padded.eval()) == pytest.approx(figures(lm.model), rel=1e-5)
 
 
 def test_a_text_files_bits_per_byte_counts_every_byte_once(run, tmp_path):
@@ -53,7 +105,7 @@ def test_a_text_files_bits_per_byte_counts_every_byte_once(run, tmp_path):
     lm = load(run, "cpu")
     ids = [lm.bos, *lm.encode(short.read_text())]
     want = -plain_logprob(lm.model, ids, lm.n_vocab) / math.log(2) / len(short.read_text().encode())
-    res = evaluate_run(run, EvalConfig(text=[str(short)], tasks=False, max_batches=1), "cpu", write=False)
+    res = evaluate_run(run, EvalConfig(text=[str(short)], tasks=False, windows=1), "cpu", write=False)
     assert abs(res["text"][str(short)]["bpb"] - want) < 1e-4
     assert res["text"][str(short)]["bytes"] == len(short.read_text()) + 1
 
@@ -127,7 +179,7 @@ def test_eval_writes_results_samples_and_one_report_section(run):
     assert [s["task"] for s in samples] == ["next_line"] * 4 + ["function_completion"] * 4
     assert sum(s["match"] for s in samples[:4]) / 4 == res["tasks"]["next_line_exact_match"]["score"]
     assert all(s["parses"] == parses(s["header"], s["completion"]) for s in samples[4:])
-    evaluate_run(run, EvalConfig(tasks=False, max_batches=1), "cpu")  # again: the section is replaced, not repeated
+    evaluate_run(run, EvalConfig(tasks=False, windows=4), "cpu")  # again: the section is replaced, not repeated
     report = (run / "report.md").read_text()
     assert report.count("## Evaluation") == 1 and "held-out bits/byte" in report
     write_report(run)  # what every training verb does at its end keeps the section
@@ -138,7 +190,7 @@ def test_an_export_scores_as_its_run_and_keeps_its_results_beside_it(run):
     from kiln.post.export import export_hf
 
     exp = export_hf(run, run / "export" / "hf")
-    ec = EvalConfig(data_path=str(run / "data"), tasks=False, max_batches=2)
+    ec = EvalConfig(data_path=str(run / "data"), tasks=False, windows=8, seq_len=64)
     a = evaluate_run(run, ec, "cpu", write=False)
     b = evaluate_run(exp, ec, "cpu")
     assert b["kind"] == "hf" and abs(a["heldout"]["bpb"] - b["heldout"]["bpb"]) < 1e-5
@@ -204,7 +256,7 @@ def test_lm_evaluation_harness_runs_kiln_models_on_local_tasks(run, tmp_path, mo
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
 
     res = evaluate_run(run, EvalConfig(harness_tasks=list(TASKS), harness_include=str(tmp_path), tasks=False,
-                                       max_batches=1), "cpu", write=False)["harness"]
+                                       windows=4), "cpu", write=False)["harness"]
 
     def choice_logprob(q, c):
         ctx = [lm.bos, *lm.encode(q)]

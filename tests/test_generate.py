@@ -126,7 +126,7 @@ def test_speedrun_writes_a_report_with_plot_and_samples(tmp_path, corpus_dir):
 POST = ["speedrun.sft_steps=3", "speedrun.dpo_steps=2", "speedrun.dpo_pairs=40", "speedrun.rl_steps=1",
         "sft.default_max_chars=200", "sft.eval_prompts=2", "sft.eval_max_new_tokens=4", "rl.group_size=2",
         "rl.prompts_per_step=2", "rl.max_new_tokens=8", "rl.eval_prompts=2", "rl.max_prompts=40",
-        "eval.max_batches=2", "eval.num_examples=2", "eval.max_new_tokens=8", "speedrun.distill_steps=2",
+        "eval.windows=8", "eval.num_examples=2", "eval.max_new_tokens=8", "speedrun.distill_steps=2",
         "speedrun.student=preset=tiny,d_model=32,n_heads=2,n_kv_heads=1", "quantize.calib_seq_len=32"]
 
 

@@ -418,7 +418,7 @@ def test_pairs_with_an_empty_reply_are_neither_labelled_nor_exported(tmp_path, c
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n')
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)  # a run to `kiln.cli`'s check of out=; the engine above stands in
     assert kiln("label", "generate", f"out={run}", f"label.prompts={prompts}", "label.pairs_per_prompt=2") == 0
     out = capsys.readouterr().out
     assert "1 new pairs" in out and "2 samples gave an empty completion and were left out" in out

@@ -141,7 +141,7 @@ def quantized(trained):
                        "int4": ["format=int4", "group_size=32", "method=gptq", "calib_sequences=32",
                                 "calib_seq_len=64"]}.items():
         out = trained.parent / name
-        assert kiln("quantize", f"source={trained}", f"out={out}", "eval_batches=2", *args) == 0
+        assert kiln("quantize", f"source={trained}", f"out={out}", *args) == 0
         runs[name] = out
     return runs
 
@@ -197,7 +197,7 @@ def test_a_quantized_model_predicts_what_the_float_model_does(trained, quantized
 
 def test_engine_eval_and_export_read_quantized_runs(trained, quantized, capsys):
     from kiln.config import SampleConfig
-    from kiln.eval.scoring import heldout_bits_per_byte
+    from kiln.eval.scoring import heldout_bits_per_byte, run_windows
     from kiln.infer.generate import Engine
 
     engine = Engine.from_run(quantized["int4"], "cpu")
@@ -206,8 +206,9 @@ def test_engine_eval_and_export_read_quantized_runs(trained, quantized, capsys):
     assert isinstance(text, str)
     lm = load(quantized["int8"], "cpu")
     assert isinstance(lm.model.tok_emb, QF.QuantEmbedding) and lm.data is not None
-    bpb = heldout_bits_per_byte(lm, lm.data, 64, 4, 2)["bpb"]
-    float_bpb = heldout_bits_per_byte(load(trained, "cpu"), lm.data, 64, 4, 2)["bpb"]
+    windows = run_windows(lm)
+    bpb = heldout_bits_per_byte(lm.model, lm.data, windows, lm.n_vocab)["bpb"]
+    float_bpb = heldout_bits_per_byte(load(trained, "cpu").model, lm.data, windows, lm.n_vocab)["bpb"]
     assert abs(bpb / float_bpb - 1) < 0.01
     capsys.readouterr()
     assert kiln("export", f"out={quantized['int8']}") == 2
@@ -296,3 +297,25 @@ def test_a_format_tag_the_loader_does_not_know_is_refused(quantized, tmp_path):
     (ck / "checkpoint.json").write_text(json.dumps({**info, "quantization": {**info["quantization"], "version": 9}}))
     with pytest.raises(KilnError, match="newer than this kiln's"):
         load(ck)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantized_run_generates_in_bf16(quantized, fmt):
+    """CUDA's default dtype is bf16: the rotary tables (fp32) must not turn q/k into fp32 while v
+    and the cache are bf16 (SDPA refuses mixed dtypes); greedy tokens agree with the fp32 model's."""
+    from kiln.config import SampleConfig
+    from kiln.infer.generate import Engine, generate, greedy
+
+    lm = load(quantized[fmt], "cpu", "bf16")
+    assert lm.model.norm.weight.dtype == torch.bfloat16
+    prompt = [lm.bos, *lm.encode("def f(x):\n    return")]
+    (seq,) = generate(lm.model, [prompt], greedy(8), stop_ids=set(), tokenizer=lm.tokenizer)
+    assert len(seq.tokens) == 8
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([prompt]))
+    assert logits.dtype == torch.bfloat16
+    (ref,) = generate(_load(quantized[fmt]).eval(), [prompt], greedy(8), stop_ids=set())
+    assert seq.tokens[:2] == ref.tokens[:2]  # bf16 rounding may part ways later, not at once
+    engine = Engine.from_run(quantized[fmt], "cpu", "bf16")
+    (text,) = engine.generate("def ", SampleConfig(max_new_tokens=8, temperature=0))
+    assert isinstance(text, str)

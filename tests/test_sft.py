@@ -345,6 +345,35 @@ def test_generate_serves_the_merged_model_equal_to_adapters_on_the_base(lora_run
     assert kiln("generate", f"out={lora_run}", "prompt=def ", "max_new_tokens=4") == 0
 
 
+def test_generate_on_a_chat_run_replies_to_the_prompt_as_the_user_turn(lora_run, base, tmp_path, capsys):
+    """`kiln generate` on an SFT run speaks its chat format (as the server's chat endpoint does), says
+    so, and sample.chat=off completes raw text; a quantized copy keeps chat mode; a pretrained run
+    completes text."""
+    from kiln.data.chat import prompt_ids
+    from kiln.infer.engine import end_ids
+    from kiln.infer.generate import generate, greedy
+    from kiln.infer.load import load
+
+    lm = load(lora_run, "cpu")
+    want_ids = prompt_ids(lm.tokenizer, [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Write a docstring."}])
+    (want,) = generate(lm.model, [want_ids], greedy(6), stop_ids=end_ids(lm.tokenizer), tokenizer=lm.tokenizer)
+    capsys.readouterr()
+    args = ["prompt=Write a docstring.", "max_new_tokens=6", "temperature=0"]
+    assert kiln("generate", f"out={lora_run}", *args, "system=Be brief.") == 0
+    out, err = capsys.readouterr()
+    assert out == want.text + "\n" and "chat mode (a sft run)" in err
+    assert kiln("generate", f"out={lora_run}", *args, "chat=off") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Write a docstring.") and "chat mode" not in err
+    assert kiln("quantize", f"source={lora_run}", f"out={tmp_path / 'q'}", "evaluate=false") == 0
+    capsys.readouterr()
+    assert kiln("generate", f"out={tmp_path / 'q'}", *args) == 0
+    assert "chat mode" in capsys.readouterr().err
+    assert kiln("generate", f"out={base}", *args, "system=Be brief.") == 2
+    assert "sample.system is a chat setting" in capsys.readouterr().err
+
+
 def test_lora_resume_reaches_the_same_adapters(lora_run, base, tmp_path, capsys):
     out = tmp_path / "resumed"
     shutil.copytree(lora_run, out)

@@ -269,5 +269,12 @@ def test_a_held_out_split_shorter_than_a_window_is_validated_in_a_shorter_one_an
     said = capsys.readouterr().out
     assert f"shorter than one window of 1537 tokens; validating on windows of {tokens - 1} tokens" in said
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "val_bpb" in m][-1] == 2
-    assert "final validation" in (out / "report.md").read_text()
+    val = [m for m in metrics if "val_bpb" in m][-1]
+    assert val["step"] == 2
+    assert f"final validation on 1 window of {tokens - 1} tokens" in (out / "report.md").read_text()
+    if verb == "pretrain":  # quantize and eval score the same short windows: one figure, no refusal
+        assert kiln("quantize", f"source={out}", f"out={tmp_path / 'q'}") == 0
+        assert kiln("eval", f"out={out}", "eval.tasks=false") == 0
+        said = capsys.readouterr().out
+        assert f"held-out bits/byte {val['val_bpb']:.4f} → " in said
+        assert f"held-out bits/byte {val['val_bpb']:.4f} " in said.split("eval: ")[1]

@@ -22,6 +22,44 @@ LAUNCHED_ENV = "KILN_LAUNCHED"
 QUIET_RANK_GRACE_S = 3.0
 
 
+# What a path setting must name, checked by the same torch-free function the verb's own reader calls
+# later (each raises that reader's one-line error): see `Input`.
+CHECKPOINT = "kiln.runs:check_checkpoint"  # a run directory with checkpoints/, or a checkpoint directory
+MODEL = "kiln.runs:check_model"  # either of those or a Hugging Face directory (what kiln.infer.load reads)
+HF_DIR = "kiln.runs:check_hf_dir"  # a Hugging Face model directory to import
+PREPARED = "kiln.data.layout:check_prepared"  # prepared data (its manifest.json)
+CHATS = "kiln.data.inputs:check_conversations"  # a JSONL file of conversations
+PAIRS = "kiln.data.inputs:check_pairs"  # a JSONL file of preference pairs
+PROMPTS = "kiln.data.inputs:check_prompts"  # a JSONL file of GRPO prompts
+LABEL_PROMPTS = "kiln.data.inputs:check_label_prompts"  # prompts to label, .jsonl or text
+CLASSIFY_INPUT = "kiln.data.inputs:check_classify_input"  # a built-in classification task or a JSONL file
+
+
+@dataclass(frozen=True)
+class Input:
+    """A path the verb is certain to read when its key is set (an empty key is none: the verb decides
+    what that means). `main` checks it once the config is built, before importing the verb's module,
+    and with it torch: a missing run or file is named in a fraction of a second, in the same line the
+    verb would print on finding it missing later, having loaded nothing and written nothing."""
+
+    keys: str  # the config key; "a|b": the first of these that is set (export.checkpoint, else out)
+    check: str  # "module:function" of a torch-free check taking (value, key), raising KilnError
+    when: str = ""  # only when this key is set too (a held-out file is read only beside its training file)
+    modes: tuple[str, ...] = ()  # only for these sub-commands; empty = all
+
+    def value(self, cfg) -> tuple[str, object] | None:
+        """(key, value) to check in `cfg`, or None when there is nothing to check."""
+        if self.when and not _get(cfg, self.when):
+            return None
+        return next(((k, v) for k in self.keys.split("|") if (v := _get(cfg, k))), None)
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 @dataclass(frozen=True)
 class Verb:
     target: str  # "module:function" taking the built config, imported only when the verb runs
@@ -37,6 +75,11 @@ class Verb:
     modes: tuple[tuple[str, str], ...] = ()
     positional: str | None = None  # key a bare first argument sets (`kiln import PATH` = hf_import.path=PATH)
     ignores: tuple[str, ...] = ()  # keys under `sections` the verb does not read: not in --help, refused
+    # Paths the verb reads, in the order it reads them, checked before its module (and torch) is imported.
+    inputs: tuple[Input, ...] = ()
+    # "module:function" taking (config, sub-command or None): the verb's own torch-free checks that come
+    # before it reads `inputs` (serve: listening beyond loopback; label generate: greedy sampling, the database)
+    precheck: str | None = None
 
     def reads(self, key: str) -> bool:
         """Whether the verb reads `key` (a key, or a section holding keys it reads)."""
@@ -59,6 +102,7 @@ VERBS: dict[str, Verb] = {
         "first if nothing is prepared)",
         sections=("out", "resume", "init_from", "device", "data", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("data.path", PREPARED), Input("init_from", CHECKPOINT)),
     ),
     "sft": Verb(
         "kiln.workloads.sft:run_sft",
@@ -66,54 +110,68 @@ VERBS: dict[str, Verb] = {
         sections=("out", "resume", "init_from", "device", "data.tokenizer.path", "sft", "lora", "model", "train",
                   "parallel"),
         trains=True,
+        inputs=(Input("init_from", CHECKPOINT), Input("sft.data", CHATS),
+                Input("sft.val_data", CHATS, when="sft.data")),
     ),
     "reward": Verb(
         "kiln.workloads.reward:run_reward",
         "train a reward model (backbone + scalar head, Bradley–Terry) on preference pairs, from a run (init_from=)",
         sections=("out", "resume", "init_from", "device", "preference", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("init_from", CHECKPOINT), Input("preference.data", PAIRS),
+                Input("preference.val_data", PAIRS, when="preference.data")),
     ),
     "dpo": Verb(
         "kiln.workloads.dpo:run_dpo",
         "direct preference optimization against the frozen init_from model, on preference pairs",
         sections=("out", "resume", "init_from", "device", "preference", "dpo", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("init_from", CHECKPOINT), Input("preference.data", PAIRS),
+                Input("preference.val_data", PAIRS, when="preference.data")),
     ),
     "rl": Verb(
         "kiln.workloads.rl:run_rl",
         "GRPO: sample groups of completions, score them (verifiable reward in a sandbox, or a reward model), update",
         sections=("out", "resume", "init_from", "device", "rl", "model", "train", "parallel"),
         trains=True,
+        # rl.reward is a module:function name (imported by the reward runner), not a path
+        inputs=(Input("init_from", CHECKPOINT), Input("rl.prompts", PROMPTS),
+                Input("rl.val_prompts", PROMPTS, when="rl.prompts"), Input("rl.reward_model", CHECKPOINT)),
     ),
     "vision": Verb(
         "kiln.workloads.vision:run_vision",
         "train an image classifier (ViT on the shared Transformer, or a CNN) on prepared image shards",
         sections=("out", "resume", "init_from", "device", "data", "vision", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("data.path", PREPARED), Input("init_from", CHECKPOINT)),
     ),
     "encoder": Verb(
         "kiln.workloads.encoder:run_encoder",
         "pretrain a bidirectional encoder (BERT-class) with masked language modelling on prepared token shards",
         sections=("out", "resume", "init_from", "device", "data.path", "encoder", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("data.path", PREPARED), Input("init_from", CHECKPOINT)),
     ),
     "classify": Verb(
         "kiln.workloads.encoder:run_classify",
         "fine-tune an encoder run (init_from=) with a classification head on labelled text; compare with baselines",
         sections=("out", "resume", "init_from", "device", "classify", "encoder.export", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("init_from", CHECKPOINT), Input("classify.input", CLASSIFY_INPUT)),
     ),
     "distill": Verb(
         "kiln.workloads.distill:run_distill",
         "train a smaller student (model.*) on a frozen teacher run's token distributions (distill.teacher=)",
         sections=("out", "resume", "init_from", "device", "data.path", "distill", "model", "train", "parallel"),
         trains=True,
+        inputs=(Input("data.path", PREPARED), Input("init_from", CHECKPOINT), Input("distill.teacher", CHECKPOINT)),
     ),
     "quantize": Verb(
         "kiln.post.quantize:run_quantize",
         "weight-only INT8 / INT4 (round-to-nearest or GPTQ) of a run: kiln quantize source=RUN out=NEW format=int4",
         sections=("out", "data.path", "quantize"),
         shorthand="quantize",
+        inputs=(Input("quantize.source", CHECKPOINT),),
     ),
     "generate": Verb(
         "kiln.infer.generate:run_generate",
@@ -121,12 +179,15 @@ VERBS: dict[str, Verb] = {
         sections=("out", "device", "sample"),
         shorthand="sample",
         ignores=("sample.report_prompts",),  # the speedrun's and `kiln label`'s prompts
+        inputs=(Input("out", MODEL),),
     ),
     "serve": Verb(
         "kiln.serve.api:run_serve",
         "an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) for the run's latest checkpoint",
         sections=("out", "device", "serve"),
         shorthand="serve",
+        precheck="kiln.serve:check_exposure",  # before the run: a refused exposure costs nothing
+        inputs=(Input("out", MODEL),),
     ),
     "speedrun": Verb(
         "kiln.speedrun:run_speedrun",
@@ -136,6 +197,7 @@ VERBS: dict[str, Verb] = {
         "kiln.serve.label.cli:run_{mode}",
         "human preference labelling: sample pairs, serve the labelling page, export preference JSONL",
         sections=("out", "device", "label", "sample"),
+        ignores=("sample.chat", "sample.system"),  # label.chat decides how prompts are rendered
         shorthand="label",
         modes=(
             ("generate", "sample pairs of completions from the run in out= into the label database"),
@@ -144,12 +206,15 @@ VERBS: dict[str, Verb] = {
             ("report", "progress, per-labeller counts, agreement (kappa) and position bias"),
             ("export", "write preference JSONL (prompt, chosen, rejected) for kiln reward / kiln dpo"),
         ),
+        precheck="kiln.serve.label.cli:check_before_model",
+        inputs=(Input("label.prompts", LABEL_PROMPTS, modes=("generate",)), Input("out", MODEL, modes=("generate",))),
     ),
     "export": Verb(
         "kiln.post.export:run_export",
         "write a run's checkpoint as a Hugging Face Llama directory (format=hf) or a GGUF file (format=gguf)",
         sections=("out", "export"),
         shorthand="export",
+        inputs=(Input("export.checkpoint|out", CHECKPOINT),),
     ),
     "import": Verb(
         "kiln.post.export:run_import",
@@ -157,12 +222,14 @@ VERBS: dict[str, Verb] = {
         sections=("out", "hf_import"),
         shorthand="hf_import",
         positional="hf_import.path",
+        inputs=(Input("hf_import.path", HF_DIR),),
     ),
     "eval": Verb(
         "kiln.eval.evaluate:run_eval",
         "bits per byte, code task metrics and samples for a run, checkpoint or export; eval.json and the report",
         sections=("out", "device", "eval"),
         shorthand="eval",
+        inputs=(Input("eval.path|out", MODEL),),
     ),
     "plan": Verb(
         "kiln.plan:run_plan",
@@ -340,6 +407,17 @@ def _check_scope(name: str, overrides: list[str], cfg) -> None:
                         f"keys; `kiln {name} --help` lists the ones it reads)")
 
 
+def _check_inputs(verb: Verb, cfg, mode: str | None) -> None:
+    """The verb's torch-free checks of what its config names (`Verb.precheck`, `Verb.inputs`), before
+    its module is imported: a missing run or file is one line at once, not after torch is loaded."""
+    if verb.precheck:
+        _resolve(verb.precheck)(cfg, mode)
+    for item in verb.inputs:
+        found = item.value(cfg) if not item.modes or mode in item.modes else None
+        if found:
+            _resolve(item.check)(found[1], found[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the process ends when this returns
     argv = sys.argv[1:] if argv is None else argv
@@ -359,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand, continue_run=verb.trains,
                      scope=verb.sections)
         _check_scope(args.verb, overrides, cfg)
+        _check_inputs(verb, cfg, getattr(args, "mode", None))
         nproc = getattr(args, "nproc_per_node", None)
         if nproc is not None:  # the config is good: start the processes, each loads it again
             return launch(args.verb, nproc, (["-c", args.config] if args.config else []) + overrides)

@@ -1,4 +1,5 @@
-"""Run directories, stage manifests and atomic writes (a killed process never leaves half a file)."""
+"""Run directories, stage manifests, atomic writes (a killed process never leaves half a file) and
+what a run records of the held-out windows it validated on."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln import __version__
+from kiln.errors import KilnError
 
 
 def fsync_dir(path: Path) -> None:
@@ -138,3 +141,70 @@ def clean_stale_temps(directory: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class HeldOutWindows:
+    """Which windows of a prepared held-out split a held-out figure is measured on: the first
+    `count` consecutive windows of `seq_len` + 1 tokens (0 = all of them), with attention kept
+    within documents or not. A training run records the windows its validation used in
+    checkpoint.json (`validation`), so that every later figure called held-out bits per byte for
+    it (`kiln eval`, `kiln quantize`, the speedrun's tables) is measured on the same ones."""
+
+    seq_len: int
+    count: int = 0
+    document_mask: bool = False
+
+    def describe(self) -> str:
+        n = f"{self.count:,} window{'s' * (self.count != 1)}" if self.count else "every window"
+        return f"{n} of {self.seq_len} tokens" + (" (attention within documents)" if self.document_mask else "")
+
+    def to_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "count": self.count, "document_mask": self.document_mask}
+
+    @classmethod
+    def from_dict(cls, d: object) -> HeldOutWindows | None:
+        """The windows a checkpoint.json recorded (None: none, or not in this form)."""
+        if not isinstance(d, dict) or not isinstance(d.get("seq_len"), int) or d["seq_len"] < 1:
+            return None
+        return cls(d["seq_len"], int(d.get("count", 0)), bool(d.get("document_mask", False)))
+
+
+# ---- what a setting names: a run, a checkpoint, a model directory ---------------------------------
+def check_checkpoint(spec: str | Path, key: str = "init_from") -> Path:
+    """`spec` as a path if it is a run directory holding checkpoints/ or a checkpoint directory
+    (checkpoint.json); else the one-line error naming `key`. Which checkpoint, and whether it is
+    intact, `kiln.train.restore.find_checkpoint` decides after this."""
+    path = Path(spec)
+    if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
+        return path
+    raise KilnError(f"{key}={spec} is neither a run directory with checkpoints nor a checkpoint directory "
+                    "(holding checkpoint.json); point it at e.g. runs/NAME or runs/NAME/checkpoints/step_0000400")
+
+
+def check_model(spec: str | Path, key: str = "out") -> str:
+    """What `kiln.infer.load.load` reads at `spec`: "checkpoint" (a run with checkpoints/ or a
+    checkpoint directory) or "hf" (a Hugging Face directory, config.json); else the one-line error
+    naming `key`."""
+    path = Path(spec)
+    if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
+        return "checkpoint"
+    if (path / "config.json").is_file():
+        return "hf"
+    if not path.exists():
+        raise KilnError(f"{key}={spec} does not exist; name a run, a checkpoint directory or an export directory")
+    if (path / "tokenizer").is_dir() or (path / "data").is_dir():
+        raise KilnError(f"{key}={spec} holds no checkpoint yet; train one first (kiln pretrain out={spec}): it has "
+                        "no intact checkpoint to load")
+    raise KilnError(f"{key}={spec} is not a run (checkpoints/), a checkpoint (checkpoint.json) or a Hugging Face "
+                    "directory (config.json); point it at e.g. runs/NAME or runs/NAME/export/hf")
+
+
+def check_hf_dir(spec: str | Path, key: str = "hf_import.path") -> Path:
+    """`spec` as a path if it is a directory (`kiln.infer.hf.read_hf` reads what is in it); else the
+    one-line error naming `key`."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise KilnError(f"{key}={spec} is not a directory; point at a Hugging Face model directory "
+                        "(config.json, *.safetensors, tokenizer.json)")
+    return path

@@ -228,13 +228,12 @@ def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
     runs = {"pretrained": out, **runs}
     speed = compare_decode(runs, rounds=3)
     data = cfg.data.path or str(out / "data")
-    # the held-out windows `kiln eval` scores (batches of 8), so the pretrained row reads as the evaluation
-    table = [model_row(run, name, data=data, usd_per_hour=cfg.serve.usd_per_hour, eval_batches=cfg.eval.max_batches,
-                       seq_len=cfg.eval.seq_len or cfg.train.seq_len, tokens_per_s=speed[name])
+    # each on the windows it validated on: the pretrained row reads as its training and its evaluation
+    table = [model_row(run, name, data=data, usd_per_hour=cfg.serve.usd_per_hour, tokens_per_s=speed[name])
              for name, run in runs.items()]
     for r in table:
         bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "—"
-        print(f"  {r['model']}: {r['params'] / 1e6:.2f}M params, {r['bytes'] / 1e6:.2f} MB, {bpb} bits/byte, "
+        print(f"  {r['model']}: {r['params'] / 1e6:.2f}M params, {r['bytes'] / 1e6:.2f} MB, {bpb} held-out bits/byte, "
               f"{r['decode_tokens_per_s']:.0f} tokens/s, ${r['usd_per_million_tokens']:.3g}/M tokens")
     return table
 
@@ -343,7 +342,8 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
                   "calibrated by GPTQ) and distilled into a smaller student"
                   + (f" ({distilled[0]['steps']} steps on the same data, [report]({_rel(out, distilled[0]['out'])}/report.md))"
                      if distilled else "")
-                  + "; bits per byte on the held-out windows of the evaluation above, decode at batch 1 measured "
+                  + "; held-out bits per byte on the windows each run validated on (for the pretrained model its "
+                  "final validation and the evaluation above: one figure), decode at batch 1 measured "
                   "in turns on "
                   f"{models[0]['device']}, cost at ${models[0]['usd_per_hour']:.2f}/hour:", "", format_rows(models), ""]
     if serving:

@@ -13,9 +13,11 @@ class EvalConfig:
     path: str = ""  # what to evaluate: a run, a checkpoint directory or a Hugging Face export; "" = out
     data_path: str = ""  # prepared data whose held-out split is scored; "" = the run's own data
     text: list[str] = field(default_factory=list)  # text files to score in bits per byte
-    max_batches: int = ranged(50, ge=0)  # held-out batches scored (0 = the whole split)
+    # Held-out windows: 0, 0 = the ones the run's training validated on (so the figure is its val_bpb),
+    # or, for a model that recorded none, 400 windows of its context (at most 2048 tokens).
+    windows: int = ranged(0, ge=0)  # held-out windows scored; 0 = as training validated
+    seq_len: int = ranged(0, ge=0)  # tokens per window (held-out and text files); 0 = as training validated
     batch_size: int = ranged(8, ge=1)
-    seq_len: int = ranged(0, ge=0)  # scoring window; 0 = the model's context (at most 2048)
     tasks: bool = True  # code tasks on held-out Python: next-line exact match, function-completion parse rate
     num_examples: int = ranged(32, ge=0)  # examples per task
     max_new_tokens: int = ranged(128, ge=1)  # generation budget of a function completion
@@ -49,4 +51,4 @@ class QuantizeConfig:
     calib_sequences: int = ranged(256, ge=1)  # gptq: training windows the projections are calibrated on
     calib_seq_len: int = ranged(0, ge=0)  # gptq: tokens per window; 0 = min(the model's context, 256)
     damp: float = ranged(0.01, gt=0, le=1)  # gptq: added to the inputs' second moment, × its mean diagonal
-    eval_batches: int = ranged(16, ge=0)  # validation batches scored before and after, for the report (0 = none)
+    evaluate: bool = True  # score held-out bits/byte before and after, on the windows the source run validated on

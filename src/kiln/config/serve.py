@@ -19,6 +19,10 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     seed: int = ranged(0, ge=0)
     num_samples: int = ranged(1, ge=1)
+    # `kiln generate`: the prompt as the user's turn of kiln's chat format, the reply as the assistant's;
+    # auto = on for a run trained on conversations (sft, dpo, rl, or a quantized copy of one)
+    chat: Literal["auto", "on", "off"] = "auto"
+    system: str = ""  # chat: a system message before the prompt
     report_prompts: list[str] = field(
         default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self"]
     )

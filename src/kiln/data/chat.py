@@ -19,6 +19,8 @@ from kiln.data.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER
 from kiln.errors import KilnError
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# Workloads whose checkpoints answer chat turns: what `chat=auto` reads (generate, label, rl's prompts).
+CHAT_WORKLOADS = ("sft", "dpo", "rl")
 # Other names clients and datasets give a role (OpenAI's `developer` is its newer name for `system`).
 ROLE_ALIASES = {"developer": "system"}
 IGNORE = -100
@@ -79,6 +81,18 @@ def render_text(messages: list[dict], add_generation_prompt: bool = False) -> st
     """The conversation as one string with the special tokens spelled out (what CHAT_TEMPLATE renders)."""
     text = BOS + "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}" for m in messages)
     return text + (ASSISTANT if add_generation_prompt else "")
+
+
+def speaks_chat(info: dict) -> bool:
+    """Whether a checkpoint (its checkpoint.json) was trained to answer in this format: written by
+    a chat workload, or carrying `chat: true` (a quantized copy of one)."""
+    return info.get("workload") in CHAT_WORKLOADS or info.get("chat") is True
+
+
+def chat_messages(prompt: str, system: str = "") -> list[dict]:
+    """A one-turn conversation (with an optional system message), checked."""
+    return check_messages([*([{"role": "system", "content": system}] if system else []),
+                           {"role": "user", "content": prompt}], "prompt")
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kiln.data.chat import IGNORE, check_messages, render
+from kiln.data.inputs import check_conversations
 from kiln.errors import KilnError
 
 # Reasons a record is skipped (counted, with the first example's one-line description).
@@ -86,12 +87,11 @@ def record_messages(record, where: str) -> list[dict]:
     raise KilnError(f"{where}: a record needs 'messages' (a list of {{role, content}}) or 'prompt' and 'completion'")
 
 
-def read_conversations(path: str | Path, stats: ChatStats, strict: bool = False) -> list[list[dict]]:
-    """Every usable conversation of a JSONL file; the rest counted in `stats` (or, `strict`, an error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KilnError(f"'{path}' does not exist; give a JSONL file of {{\"messages\": [...]}} or "
-                        "{\"prompt\", \"completion\"} records")
+def read_conversations(path: str | Path, stats: ChatStats, strict: bool = False,
+                       key: str = "sft.data") -> list[list[dict]]:
+    """Every usable conversation of a JSONL file; the rest counted in `stats` (or, `strict`, an error).
+    `key` names the setting that gave `path`, for the errors."""
+    path = check_conversations(path, key)
     out = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from kiln.config import ClassifyConfig
+from kiln.data.inputs import STDLIB_TASKS, check_classify_input
 from kiln.data.sources import stdlib_root
 from kiln.data.tokenizer import SPECIAL_TOKENS
 from kiln.errors import KilnError
 
-STDLIB_TASKS = ("stdlib-order", "stdlib-packages")
 SPLITS = ("train", "val", "test")
 MIN_FUNCTION_CHARS = 80
 ORDER_LINES = 12  # lines stdlib-order may shuffle: about what 128 tokens show
@@ -105,9 +105,8 @@ def stdlib_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str], Dropp
 
 def jsonl_examples(cc: ClassifyConfig) -> tuple[list[Example], list[str], Dropped]:
     """{text, label} rows of a JSONL file; a row without text or label is a one-line error naming it."""
+    check_classify_input(cc.input)
     path = Path(cc.input)
-    if not path.is_file():
-        raise KilnError(f"classify.input '{cc.input}' is neither a JSONL file nor one of {', '.join(STDLIB_TASKS)}")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

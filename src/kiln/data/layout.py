@@ -11,12 +11,24 @@ from pathlib import Path
 
 from kiln.config import Config
 from kiln.errors import KilnError
+from kiln.runs import read_manifest
 
-__all__ = ["check_not_a_trained_run", "data_dir", "tokenizer_path", "work_dir"]
+__all__ = ["check_not_a_trained_run", "check_prepared", "data_dir", "tokenizer_path", "work_dir"]
 
 
 def data_dir(cfg: Config) -> Path:
     return Path(cfg.data.path) if cfg.data.path else Path(cfg.out) / "data"
+
+
+def check_prepared(spec: str | Path, key: str = "data.path") -> Path:
+    """`spec` as a path if it holds prepared data (its manifest.json); else the one-line error (a
+    training verb pointed at `key`=spec does not prepare it itself). Torch-free: `kiln.cli` calls it
+    before importing the verb."""
+    path = Path(spec)
+    if read_manifest(path) is None:
+        raise KilnError(f"'{spec}' holds no prepared data (manifest.json missing or unreadable); "
+                        f"run `kiln prepare {key}={spec}` first")
+    return path
 
 
 def work_dir(ddir: Path) -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kiln.data.chat import IGNORE, check_messages, render
+from kiln.data.inputs import check_pairs
 from kiln.errors import KilnError
 
 # Skip reasons, counted in the run's log and metrics.
@@ -87,12 +88,11 @@ def normalize_row(row, where: str) -> dict:
     return out
 
 
-def read_pairs(path: str | Path, stats: PairStats, strict: bool = False, limit: int = 0) -> list[dict]:
-    """Normalized rows of a preference JSONL file; unusable rows skipped and counted (or, strict, refused)."""
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"preference data '{path}' does not exist; give a JSONL file of "
-                        '{"prompt": ..., "chosen": ..., "rejected": ...} rows')
+def read_pairs(path: str | Path, stats: PairStats, strict: bool = False, limit: int = 0,
+               key: str = "preference.data") -> list[dict]:
+    """Normalized rows of a preference JSONL file; unusable rows skipped and counted (or, strict, refused).
+    `key` names the setting that gave `path`, for the errors."""
+    p = check_pairs(path, key)
     rows = []
     with open(p, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
@@ -276,7 +276,7 @@ def load_pairs(cfg, tokenizer, seq_len: int, what: str) -> tuple[list[Pair], lis
     if pc.data:
         rows = read_pairs(pc.data, train_stats, pc.strict, pc.max_pairs)
         if pc.val_data:
-            val_rows = read_pairs(pc.val_data, val_stats, pc.strict)
+            val_rows = read_pairs(pc.val_data, val_stats, pc.strict, key="preference.val_data")
         else:
             rows, val_rows = held_out_split(rows, pc.val_fraction)
             train_stats.rows -= len(val_rows)

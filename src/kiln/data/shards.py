@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
-from kiln.runs import read_manifest
+from kiln.runs import HeldOutWindows, read_manifest
 
 
 class TokenShardWriter:
@@ -84,6 +84,12 @@ def open_data(path: str | Path) -> dict:
             if not f.is_file() or f.stat().st_size != want:
                 raise KilnError(f"token shard '{f}' is missing or truncated; re-run `kiln prepare`")
     return man
+
+
+def tokens_per_byte(man: dict) -> float:
+    """The held-out split's tokens per byte of text (what turns nats per token into bits per byte)."""
+    val = man["splits"]["val"]
+    return val["tokens"] / max(val["bytes"], 1)
 
 
 def _memmaps(path: Path, man: dict, split: str) -> list[np.ndarray]:
@@ -204,12 +210,9 @@ def held_out_window(path: str | Path, seq_len: int) -> int:
     return max(0, min(seq_len, longest - 1))
 
 
-def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int, rank: int = 0, world: int = 1,
-                 document_mask: bool = False) -> list[dict[str, torch.Tensor]]:
-    """The validation split cut into consecutive windows: the same batches at every evaluation.
-    With several data-parallel ranks each takes every world-th batch (the evaluator sums over ranks)."""
-    path = Path(path)
-    man = open_data(path)
+def _windows(path: Path, man: dict, seq_len: int, document_mask: bool) -> tuple[list, list | None]:
+    """Every consecutive window of `seq_len` + 1 tokens of the validation split, in order (with
+    each window's document starts when `document_mask`)."""
     windows, starts = [], []
     doc_starts = _doc_starts(path, man, "val") if document_mask else None
     for si, m in enumerate(_memmaps(path, man, "val")):
@@ -220,17 +223,51 @@ def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: i
                 st = doc_starts[si]
                 lo, hi = np.searchsorted(st, [i * seq_len, (i + 1) * seq_len])
                 starts.append(st[lo:hi] - i * seq_len)
-    n_batches = math.ceil(len(windows) / batch_size)
+    return windows, (starts if doc_starts is not None else None)
+
+
+def _batch_plan(n_windows: int, batch_size: int, max_batches: int, rank: int, world: int) -> tuple[int, range]:
+    """(windows scored over all ranks, the batches `rank` takes). Every data-parallel rank must run
+    the same number of batches (FSDP gathers weights in each forward): each takes an equal share,
+    or, with fewer batches than ranks, all of them (the evaluator divides summed losses by summed
+    counts, so copies do not change the result)."""
+    n_batches = math.ceil(n_windows / batch_size)
     if max_batches:
         n_batches = min(max_batches, n_batches)
-    # Every data-parallel rank must run the same number of batches (FSDP gathers weights in each
-    # forward): each takes an equal share, or, with fewer batches than ranks, all of them (the
-    # evaluator divides summed losses by summed counts, so copies do not change the result).
     per = n_batches // world
-    mine = range(n_batches) if per == 0 else range(rank, per * world, world)
+    if per == 0:
+        return min(n_windows, n_batches * batch_size), range(n_batches)
+    return min(n_windows, per * world * batch_size), range(rank, per * world, world)
+
+
+def validation_windows(path: str | Path, batch_size: int, seq_len: int, max_batches: int, world: int = 1,
+                       document_mask: bool = False) -> HeldOutWindows:
+    """The windows `eval_batches` with these arguments scores, over all ranks together."""
+    path = Path(path)
+    windows, _ = _windows(path, open_data(path), seq_len, False)
+    count, _ = _batch_plan(len(windows), batch_size, max_batches, 0, world)
+    return HeldOutWindows(seq_len, count, document_mask)
+
+
+def eval_batches(path: str | Path, batch_size: int, seq_len: int, max_batches: int, rank: int = 0, world: int = 1,
+                 document_mask: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The validation split cut into consecutive windows: the same batches at every evaluation.
+    With several data-parallel ranks each takes every world-th batch (the evaluator sums over ranks)."""
+    path = Path(path)
+    windows, starts = _windows(path, open_data(path), seq_len, document_mask)
+    _, mine = _batch_plan(len(windows), batch_size, max_batches, rank, world)
     out = []
     for b in mine:
         sl = slice(b * batch_size, (b + 1) * batch_size)
         if windows[sl]:
-            out.append(window_batch(windows[sl], starts[sl] if doc_starts is not None else None))
+            out.append(window_batch(windows[sl], starts[sl] if starts is not None else None))
     return out
+
+
+def held_out_batches(path: str | Path, windows: HeldOutWindows, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """The batches of `windows` (one process), `batch_size` windows each."""
+    path = Path(path)
+    found, starts = _windows(path, open_data(path), windows.seq_len, windows.document_mask)
+    count = min(windows.count or len(found), len(found))
+    return [window_batch(found[i : min(i + batch_size, count)], starts[i : min(i + batch_size, count)]
+                         if starts is not None else None) for i in range(0, count, batch_size)]

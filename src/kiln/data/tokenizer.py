@@ -49,6 +49,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def token_count(tok: Tokenizer) -> int:
+    """How many ids the tokenizer can produce (its largest id + 1): the model's vocabulary rows past
+    them are padding, left out of every softmax (`kiln.train.objectives.token_cross_entropy`)."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits, else uint32."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"

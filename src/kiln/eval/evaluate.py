@@ -28,15 +28,16 @@ from kiln import __version__
 from kiln.config import Config, EvalConfig
 from kiln.errors import KilnError
 from kiln.eval.scoring import (
-    DEFAULT_MAX_WINDOW,
+    describe_heldout,
     greedy_generate,
     heldout_bits_per_byte,
     read_text_file,
+    run_windows,
     text_bits_per_byte,
 )
 from kiln.infer.load import Loaded, load
 from kiln.report import write_section
-from kiln.runs import atomic_write_text, read_manifest, write_json
+from kiln.runs import HeldOutWindows, atomic_write_text, read_manifest, write_json
 
 
 # ---- code tasks on held-out files -------------------------------------------------------------------
@@ -186,7 +187,7 @@ def evaluate_run(run_dir: str | Path, ec: EvalConfig | None = None, device: str 
         raise KilnError("eval.harness_tasks needs lm-evaluation-harness: pip install lm-eval")
     texts = {p: read_text_file(Path(p)) for p in ec.text}
     lm = load(run_dir, device, key=key)
-    seq_len = min(ec.seq_len or min(lm.model.cfg.max_seq_len, DEFAULT_MAX_WINDOW), lm.model.cfg.max_seq_len)
+    seq_len = run_windows(lm, ec.seq_len).seq_len  # text files' windows: the held-out split's
     results: dict = {"model": str(lm.source), "kind": lm.kind, "step": lm.step, "kiln_version": __version__,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     samples: list[dict] = []
@@ -199,7 +200,10 @@ def evaluate_run(run_dir: str | Path, ec: EvalConfig | None = None, device: str 
         ddir = None
     if ddir is not None:
         _check_data_tokenizer(lm, ddir)
-        results["heldout"] = heldout_bits_per_byte(lm, ddir, seq_len, ec.batch_size, ec.max_batches)
+        windows = run_windows(lm, ec.seq_len, ec.windows)
+        h = heldout_bits_per_byte(lm.model, ddir, windows, lm.n_vocab, ec.batch_size)
+        h["as_validated"] = HeldOutWindows.from_dict(lm.info.get("validation")) == windows and not h["note"]
+        results["heldout"] = h
     elif not ec.text and not ec.harness_tasks:
         raise KilnError(f"{lm.source} has no prepared data to score; give eval.data_path=DIR (prepared with its tokenizer) "
                         "or eval.text=FILE")
@@ -248,7 +252,10 @@ def summary_lines(results: dict) -> list[str]:
     h = results.get("heldout")
     if h:
         base = f" (unigram baseline {h['unigram_bpb']:.3f})" if h.get("unigram_bpb") else ""
-        out.append(f"held-out bits/byte {h['bpb']:.4f}{base} over {h['tokens']:,} tokens in windows of {h['seq_len']}")
+        same = ", the windows training validated on" if h.get("as_validated") else ""
+        out.append(f"held-out bits/byte {h['bpb']:.4f}{base} {describe_heldout(h)}{same}")
+        if h.get("note"):
+            out.append(h["note"])
     for path, t in results.get("text", {}).items():
         out.append(f"{path}: {t['bpb']:.4f} bits/byte ({t['bytes']:,} bytes, {t['tokens']:,} tokens)")
     for name, t in results.get("tasks", {}).items():

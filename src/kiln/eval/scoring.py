@@ -13,14 +13,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from kiln.data.shards import held_out_batches, held_out_window, open_data, tokens_per_byte
 from kiln.data.tokenizer import EOS
 from kiln.errors import KilnError
 from kiln.infer.generate import generate, greedy
 from kiln.infer.load import Loaded
+from kiln.runs import HeldOutWindows
+from kiln.train.objectives import bits_per_byte, model_inputs, token_cross_entropy
 
-# Scoring windows when eval.seq_len=0: the model's context, up to this (imported models may declare 128k).
+# Held-out windows of a model whose training recorded none (a Hugging Face directory): its context,
+# up to this (imported models may declare 128k), and this many of them.
 DEFAULT_MAX_WINDOW = 2048
+DEFAULT_WINDOWS = 400
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
@@ -86,27 +92,65 @@ def text_bits_per_byte(lm: Loaded, text: str, seq_len: int, batch_size: int) -> 
     return {"bpb": nats / math.log(2) / n_bytes, "tokens": len(tokens), "bytes": n_bytes}
 
 
-@torch.no_grad()
-def heldout_bits_per_byte(lm: Loaded, ddir: Path, seq_len: int, batch_size: int, max_batches: int) -> dict:
-    """Bits per byte of the held-out (validation) split in windows of `seq_len`, with the split's
-    bytes per token (what training's val_bpb uses, so the two compare)."""
-    from kiln.data.shards import eval_batches, open_data
+def run_windows(lm: Loaded | None = None, seq_len: int = 0, count: int = 0, *, info: dict | None = None,
+                context: int = 0) -> HeldOutWindows:
+    """The held-out windows a model's figures are measured on: the ones its training validated
+    on (checkpoint.json's `validation`), with `seq_len` / `count` overriding theirs when set;
+    without a record (a Hugging Face directory, an imported run), windows of the model's context
+    (at most DEFAULT_MAX_WINDOW tokens), DEFAULT_WINDOWS of them."""
+    info = lm.info if lm is not None else (info or {})
+    context = lm.model.cfg.max_seq_len if lm is not None else context
+    recorded = HeldOutWindows.from_dict(info.get("validation"))
+    base = recorded or HeldOutWindows(min(context, DEFAULT_MAX_WINDOW), DEFAULT_WINDOWS)
+    return HeldOutWindows(min(seq_len or base.seq_len, context), count or base.count, base.document_mask)
 
+
+@torch.no_grad()
+def heldout_bits_per_byte(model: nn.Module, ddir: Path, windows: HeldOutWindows, vocab: int, batch_size: int = 8,
+                          reference: nn.Module | None = None) -> dict:
+    """Held-out bits per byte: next-token cross-entropy over the tokenizer's `vocab` ids on
+    `windows` of the prepared held-out split, at the split's tokens per byte. Training's `val_bpb`
+    is this figure on the windows the run records, so a model gets one held-out number
+    wherever it is printed. With a `reference` model (the float one) also the mean
+    KL(reference ‖ model) per token and the share of positions where both pick the same top token:
+    measures of closeness that bits per byte over a few windows are too coarse for.
+
+    A split shorter than one window is scored in the longest window it holds (`note` says so)."""
     man = open_data(ddir)
-    val = man["splits"]["val"]
-    batches = eval_batches(ddir, batch_size, seq_len, max_batches)
-    if not batches:
-        raise KilnError(f"the held-out split of '{ddir}' is shorter than one window of {seq_len + 1} tokens; "
-                        "lower eval.seq_len or prepare more data")
-    nats, count = 0.0, 0
-    for b in batches:
-        logits = lm.model(b["input_ids"].to(lm.device))
-        labels = b["labels"].to(lm.device)
-        nats += float(F.cross_entropy(logits[..., : lm.n_vocab].flatten(0, 1).float(), labels.flatten(), reduction="sum"))
+    fits = held_out_window(ddir, windows.seq_len)
+    if not fits:
+        raise KilnError(f"the held-out split of '{ddir}' holds no tokens to score; prepare it with a larger "
+                        "data.val_fraction")
+    note = ""
+    if fits < windows.seq_len:
+        note = (f"the held-out split of '{ddir}' is shorter than one window of {windows.seq_len + 1} tokens; "
+                f"scored in windows of {fits} tokens")
+        windows = HeldOutWindows(fits, windows.count, windows.document_mask)
+    device = next(model.buffers()).device
+    nats = count = kl = same = 0.0
+    for b in held_out_batches(ddir, windows, batch_size):
+        labels = b["labels"].to(device)
+        logits = model(b["input_ids"].to(device), **{k: v.to(device) for k, v in model_inputs(b).items()})
+        nats += float(token_cross_entropy(logits, labels, vocab)[0])
         count += labels.numel()
+        if reference is not None:
+            ref = reference(b["input_ids"].to(device), **{k: v.to(device) for k, v in model_inputs(b).items()})
+            logp, ref_logp = logits[..., :vocab].float().log_softmax(-1), ref[..., :vocab].float().log_softmax(-1)
+            kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            same += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
     loss = nats / count
-    return {"bpb": loss / math.log(2) * val["tokens"] / max(val["bytes"], 1), "loss": loss, "tokens": count,
-            "seq_len": seq_len, "data": str(ddir), "unigram_bpb": man.get("unigram_bpb")}
+    out = {"bpb": bits_per_byte(loss, tokens_per_byte(man)), "loss": loss, "tokens": int(count),
+           "windows": windows.to_dict(), "seq_len": windows.seq_len, "data": str(ddir),
+           "unigram_bpb": man.get("unigram_bpb"), "note": note}
+    if reference is not None:
+        out.update(kl_to_float=kl / count, top1_agreement=same / count)
+    return out
+
+
+def describe_heldout(h: dict) -> str:
+    """Where a held-out figure was measured, for the line that prints it."""
+    w = HeldOutWindows.from_dict(h["windows"])
+    return f"over {h['tokens']:,} tokens: {w.describe()}"
 
 
 # ---- generation -------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from kiln.config import Config, SampleConfig
-from kiln.data.tokenizer import BOS
+from kiln.data.chat import chat_messages, prompt_ids
+from kiln.data.tokenizer import BOS, USER
 from kiln.errors import KilnError
 from kiln.infer.engine import Batch, SamplingParams, Sequence, end_ids
 from kiln.infer.load import load
@@ -120,12 +121,14 @@ class Engine:
     tokenizer: object
     device: torch.device
     notes: list[str] = field(default_factory=list)  # what the last generate had to say (e.g. context end)
+    chat: bool = False  # trained to answer kiln's chat format (`kiln.data.chat.speaks_chat`)
+    workload: str = ""
 
     @classmethod
     def from_run(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", key: str = "out") -> Engine:
         """A run, checkpoint, quantized run or Hugging Face directory (`kiln.infer.load.load`)."""
         lm = load(spec, device, dtype, key=key)
-        return cls(lm.model, lm.tokenizer, lm.device)
+        return cls(lm.model, lm.tokenizer, lm.device, chat=lm.chat, workload=lm.workload)
 
     @property
     def context(self) -> int:
@@ -143,14 +146,17 @@ class Engine:
         return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
                      min(max_len or self.context, self.context), compile)
 
-    def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None) -> list[str]:
-        """`sc.num_samples` completions of `prompt` (the prompt itself not included).
+    def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None,
+                 chat: bool = False) -> list[str]:
+        """`sc.num_samples` completions of `prompt` (the prompt itself not included); with `chat`,
+        replies to `prompt` as the user's turn (after `sc.system`, if set) in kiln's chat format,
+        as the server's chat endpoint renders it.
 
         The whole prompt is always kept: one that leaves no room in the model's context is
         refused. Generation stops at `max_new_tokens`, an end token, or the context's end, which
         is then noted in `self.notes` (and said by `kiln generate`), never silently.
         """
-        ids = self.encode_prompt(prompt)
+        ids = prompt_ids(self.tokenizer, chat_messages(prompt, sc.system)) if chat else self.encode_prompt(prompt)
         self.notes = []
         if len(ids) >= self.context:
             raise KilnError(f"the prompt is {len(ids)} tokens but the model's context holds {self.context}; "
@@ -168,18 +174,31 @@ class Engine:
 
 
 def run_generate(cfg: Config) -> list[str]:
-    """`kiln generate`: complete `sample.prompt` with the run's model, streaming one sample."""
+    """`kiln generate`: complete `sample.prompt` with the run's model, streaming one sample; a run
+    trained on conversations (or `sample.chat=on`) replies to it as the user's turn instead."""
     engine = Engine.from_run(cfg.out, cfg.device)
     sc = cfg.sample
+    chat = sc.chat == "on" or (sc.chat == "auto" and engine.chat)
+    if chat and engine.tokenizer.token_to_id(USER) is None:
+        raise KilnError(f"sample.chat=on: the tokenizer of out={cfg.out} has no {USER} token; it does not speak "
+                        "kiln's chat format (sample.chat=off completes the prompt as text)")
+    if sc.system and not chat:
+        raise KilnError("sample.system is a chat setting, and this run completes text; set sample.chat=on or "
+                        "drop sample.system")
+    if chat and sc.chat == "auto":
+        print(f"kiln generate: chat mode (a {engine.workload} run): the prompt is the user's turn; sample.chat=off "
+              "completes it as raw text", file=sys.stderr)
+    shown = "" if chat else sc.prompt  # a reply follows no echo of the question
     stream = sc.num_samples == 1
     if stream:
-        print(sc.prompt, end="", flush=True)
-    texts = engine.generate(sc.prompt, sc, on_token=(lambda i, s: print(s, end="", flush=True)) if stream else None)
+        print(shown, end="", flush=True)
+    texts = engine.generate(sc.prompt, sc, on_token=(lambda i, s: print(s, end="", flush=True)) if stream else None,
+                            chat=chat)
     if stream:
         print()
     else:
         for i, t in enumerate(texts):
-            print(f"--- sample {i}\n{sc.prompt}{t}")
+            print(f"--- sample {i}\n{shown}{t}")
     for note in engine.notes:
         print(f"kiln generate: {note}", file=sys.stderr)
     return texts

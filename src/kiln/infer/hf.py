@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from kiln.data.tokenizer import BOS, EOS, SPECIAL_TOKENS
+from kiln.data.tokenizer import BOS, EOS, SPECIAL_TOKENS, token_count
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
+from kiln.runs import check_hf_dir
 
 # (kiln, Hugging Face Llama, GGUF) names of every weight; blocks are prefixed with their index
 # (`layers.N.` / `model.layers.N.` / `blk.N.`).
@@ -55,11 +56,6 @@ def name_map(n_layers: int, scheme: str) -> dict[str, str]:
 def padded_vocab(n_tokens: int) -> int:
     """kiln's model rows for a tokenizer of `n_tokens` (a multiple of 64, as `kiln pretrain` pads)."""
     return 64 * math.ceil(n_tokens / 64)
-
-
-def token_count(tok: Tokenizer) -> int:
-    """How many ids the tokenizer can produce (its largest id + 1)."""
-    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
 
 @dataclass
@@ -214,15 +210,13 @@ def adapt_tokenizer(tok: Tokenizer, bos: str | None, eos: str | None) -> tuple[T
     return out, {"renamed": renamed, "added": {t: out.token_to_id(t) for t in missing}}
 
 
-def read_hf(src: str | Path, allow_pickle: bool = False) -> HFModel:
+def read_hf(src: str | Path, allow_pickle: bool = False, key: str = "hf_import.path") -> HFModel:
     """A Llama-architecture Hugging Face directory (config.json, safetensors weights, tokenizer.json)
     in kiln's terms: its ModelConfig, weights under kiln's names with the vocabulary padded to a
     multiple of 64, and its tokenizer with kiln's special tokens (`adapt_tokenizer`). New tokens'
-    rows start at the mean of the existing ones; padding rows at zero."""
-    src = Path(src)
-    if not src.is_dir():
-        raise KilnError(f"{src} is not a directory; point at a Hugging Face model directory "
-                        "(config.json, *.safetensors, tokenizer.json)")
+    rows start at the mean of the existing ones; padding rows at zero. `key` names the setting that
+    gave `src`, for the errors."""
+    src = check_hf_dir(src, key)  # what `kiln.cli` also checks before importing torch
     cfg = _read_json(src / "config.json", "the model's configuration")
     check_llama(cfg, src)
     shape = _shape(cfg, src)

@@ -27,14 +27,15 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from kiln.data.tokenizer import BOS, load_tokenizer
+from kiln.data.chat import speaks_chat
+from kiln.data.tokenizer import BOS, load_tokenizer, token_count
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.heads import ScalarHeadModel
 from kiln.model.quant import build_quantized, read_entry, read_stored
 from kiln.model.transformer import Transformer
 from kiln.model.weights import load_model_tensors
-from kiln.runs import read_manifest
+from kiln.runs import check_model, read_manifest
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.parallel import pick_device
 from kiln.train.restore import check_tokenizer, checkpoint_tensors, find_checkpoint
@@ -121,14 +122,17 @@ class Loaded:
         return self.info.get("workload", "pretrain") if self.kind == "checkpoint" else "hf"
 
     @property
+    def chat(self) -> bool:
+        """Whether it was trained to answer in kiln's chat format (`kiln.data.chat.speaks_chat`)."""
+        return self.kind == "checkpoint" and speaks_chat(self.info)
+
+    @property
     def quantized(self) -> bool:
         return bool(self.info.get("quantization"))
 
     @property
     def n_vocab(self) -> int:
         """Ids the tokenizer produces: the model's rows past them are padding."""
-        from kiln.infer.hf import token_count
-
         return min(token_count(self.tokenizer), self.model.cfg.vocab_size)
 
     @property
@@ -158,22 +162,14 @@ def load(spec: str | Path, device: str | torch.device = "auto", dtype: str | tor
     path = Path(spec)
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
+    if check_model(spec, key) == "checkpoint":  # what `kiln.cli` also checks before importing torch
         ck = open_checkpoint(path, key)
         loaded = Loaded(model_of(ck, dev, dt), ck.tokenizer, dev, "checkpoint", ck.path, ck.run, ck.info, ck.data)
-    elif (path / "config.json").is_file():
+    else:
         from kiln.infer.hf import read_hf
 
-        hf = read_hf(path, allow_pickle)
+        hf = read_hf(path, allow_pickle, key)
         loaded = Loaded(_float_model(hf.model, hf.tensors, path), hf.tokenizer, dev, "hf", path, path)
-    elif not path.exists():
-        raise KilnError(f"{key}={spec} does not exist; name a run, a checkpoint directory or an export directory")
-    elif (path / "tokenizer").is_dir() or (path / "data").is_dir():
-        raise KilnError(f"{key}={spec} holds no checkpoint yet; train one first (kiln pretrain out={spec}): it has "
-                        "no intact checkpoint to load")
-    else:
-        raise KilnError(f"{key}={spec} is not a run (checkpoints/), a checkpoint (checkpoint.json) or a Hugging Face "
-                        "directory (config.json); point it at e.g. runs/NAME or runs/NAME/export/hf")
     if not loaded.quantized:
         loaded.model.to(device=dev, dtype=dt)
     loaded.model.eval()

@@ -23,9 +23,9 @@ from tokenizers import Tokenizer, processors
 
 from kiln.config import Config, dump_yaml
 from kiln.data.chat import CHAT_TEMPLATE
-from kiln.data.tokenizer import BOS, END, EOS, PAD, SPECIAL_TOKENS
+from kiln.data.tokenizer import BOS, END, EOS, PAD, SPECIAL_TOKENS, token_count
 from kiln.errors import KilnError
-from kiln.infer.hf import name_map, read_hf, token_count
+from kiln.infer.hf import name_map, read_hf
 from kiln.infer.load import RunCheckpoint, open_checkpoint
 from kiln.model.config import ModelConfig
 from kiln.runs import atomic_dir, fsync_dir, manifest, sha256_file, write_json

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kiln.data.chat import speaks_chat
 from kiln.data.shards import open_data
+from kiln.data.tokenizer import token_count
 from kiln.errors import KilnError
-from kiln.eval.compare import score
+from kiln.eval.scoring import describe_heldout, heldout_bits_per_byte, run_windows
 from kiln.infer.load import RunCheckpoint, load, model_of, open_checkpoint
 from kiln.model.config import ModelConfig
 from kiln.model.quant import (
@@ -229,10 +231,12 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     ddir = _data(ck, data_path, qc)
     group = qc.group_size if qc.format == "int4" else 0
     seq_len = min(qc.calib_seq_len or 256, ck.model.max_seq_len)
+    windows = run_windows(info=ck.info, context=ck.model.max_seq_len)
+    vocab = min(token_count(ck.tokenizer), ck.model.vocab_size)
 
     t0 = time.perf_counter()
     model = model_of(ck, torch.device("cpu")).eval()
-    before = score(model, ddir, 8, seq_len, qc.eval_batches)["bpb"] if ddir and qc.eval_batches else None
+    before = heldout_bits_per_byte(model, ddir, windows, vocab) if ddir and qc.evaluate else None
     calib = calibration_batches(ddir, qc.calib_sequences, seq_len) if qc.method == "gptq" else []
     say(f"quantize: {ck.path} → {qc.format}{f' g{group}' if group else ''} by {qc.method}"
         + (f" ({qc.calib_sequences} calibration windows of {seq_len} tokens)" if calib else ""))
@@ -247,19 +251,20 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     if before is not None:
         if qc.method == "gptq":  # GPTQ left its own dequantized weights in `model`: read the float ones again
             model = model_of(ck, torch.device("cpu")).eval()
-        after = score(load(final, "cpu", key="quantize").model, ddir, 8, seq_len, qc.eval_batches, reference=model)
+        after = heldout_bits_per_byte(load(final, "cpu", key="quantize").model, ddir, windows, vocab, reference=model)
     mc = ck.model
     fp16 = 2 * mc.num_params()
     nbytes = (final / "model.safetensors").stat().st_size
     result = {"source": str(ck.path), "checkpoint": str(final), **entry, "params": mc.num_params(), "bytes": nbytes,
-              "fp16_bytes": fp16, "fp16_share": nbytes / fp16, "bpb_before": before, "bpb_after": after.get("bpb"),
-              "bpb_increase": (after["bpb"] / before - 1) if before else None,
+              "fp16_bytes": fp16, "fp16_share": nbytes / fp16, "bpb_before": before and before["bpb"],
+              "bpb_after": after.get("bpb"), "bpb_increase": (after["bpb"] / before["bpb"] - 1) if before else None,
+              "heldout": before and describe_heldout(before),
               "kl_to_float": after.get("kl_to_float"), "top1_agreement": after.get("top1_agreement"),
               "eval_tokens": after.get("tokens"), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "quantize.json", result)
     _write_report(out, result)
-    quality = (f"; validation bits/byte {before:.4f} → {result['bpb_after']:.4f} ({100 * result['bpb_increase']:+.3f}%), "
-               f"KL from the float model {result['kl_to_float']:.2e} nats/token" if before else "")
+    quality = (f"; held-out bits/byte {result['bpb_before']:.4f} → {result['bpb_after']:.4f} ({100 * result['bpb_increase']:+.3f}%) "
+               f"{result['heldout']}, KL from the float model {result['kl_to_float']:.2e} nats/token" if before else "")
     say(f"quantize: {nbytes / 1e6:.2f} MB on disk, {100 * result['fp16_share']:.1f}% of fp16's {fp16 / 1e6:.2f} MB"
         f"{quality}; checkpoint {final}")
     return result
@@ -313,7 +318,8 @@ def _write_checkpoint(ck: RunCheckpoint, out: Path, tensors: dict[str, torch.Ten
 
     info = ck.info
     meta = {"workload": "quantize", "model": ck.model.to_dict(), "quantization": entry, "quantized_from": str(ck.path),
-            **{k: info[k] for k in ("tokenizer_sha256",) if k in info}, **({"data": str(ddir)} if ddir else {})}
+            **{k: info[k] for k in ("tokenizer_sha256", "validation") if k in info},
+            **({"chat": True} if speaks_chat(info) else {}), **({"data": str(ddir)} if ddir else {})}
     ckpts = CheckpointManager(out)
     final = ckpts.path(int(info.get("step", 0)))
     with atomic_dir(final) as tmp:
@@ -332,8 +338,8 @@ def _write_report(out: Path, r: dict) -> None:
              f"- on disk: {r['bytes'] / 1e6:.2f} MB, {100 * r['fp16_share']:.1f}% of the {r['fp16_bytes'] / 1e6:.2f} MB "
              f"of fp16 weights ({r['params']:,} parameters)"]
     if r.get("bpb_before") is not None:
-        lines.append(f"- validation bits/byte: {r['bpb_before']:.4f} → {r['bpb_after']:.4f} "
-                     f"({100 * r['bpb_increase']:+.3f}%) over {r['eval_tokens']:,} tokens; KL from the float model "
+        lines.append(f"- held-out bits/byte: {r['bpb_before']:.4f} → {r['bpb_after']:.4f} "
+                     f"({100 * r['bpb_increase']:+.3f}%) {r['heldout']}; KL from the float model "
                      f"{r['kl_to_float']:.2e} nats/token, same top token at {100 * r['top1_agreement']:.1f}% of positions")
     write_section(out, "quantize", lines)
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+from typing import TYPE_CHECKING
 
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.config import Config, ServeConfig
+
+API_KEY_ENV = "KILN_API_KEY"
 
 
 def is_loopback(host: str) -> bool:
@@ -40,3 +47,18 @@ def bind(host: str, port: int, section: str) -> socket.socket:
         raise KilnError(f"cannot listen on {host}:{port} ({e.strerror}); choose another {section}.host or "
                         f"{section}.port") from None
     return sock
+
+
+def resolve_api_key(sv: ServeConfig) -> str:
+    """The configured key (config, else KILN_API_KEY); refuses to listen off loopback without one."""
+    key = sv.api_key or os.environ.get(API_KEY_ENV, "")
+    if not is_loopback(sv.host) and not key:
+        raise KilnError(f"serve.host={sv.host} listens beyond this machine and needs an API key; set serve.api_key "
+                        f"or the {API_KEY_ENV} environment variable, or keep serve.host=127.0.0.1")
+    return key
+
+
+def check_exposure(cfg: Config, mode: str | None = None) -> None:
+    """`kiln serve`'s first check, before it reads the run (`kiln.cli` calls it before the run is checked
+    and the server imported): a refused exposure costs nothing."""
+    resolve_api_key(cfg.serve)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
 import socket
 import threading
 import time
@@ -39,11 +38,10 @@ from kiln.data.chat import check_messages, prompt_ids
 from kiln.errors import KilnError
 from kiln.infer.engine import SamplingParams, Sequence
 from kiln.infer.generate import Engine
-from kiln.serve import bind, is_loopback
+from kiln.serve import bind, resolve_api_key
 from kiln.serve.scheduler import QueueFull, Scheduler
 from kiln.train.parallel import use_compile
 
-API_KEY_ENV = "KILN_API_KEY"
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200
 
 
@@ -632,15 +630,6 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-
-
-def resolve_api_key(sv: ServeConfig) -> str:
-    """The configured key (config, else KILN_API_KEY); refuses to listen off loopback without one."""
-    key = sv.api_key or os.environ.get(API_KEY_ENV, "")
-    if not is_loopback(sv.host) and not key:
-        raise KilnError(f"serve.host={sv.host} listens beyond this machine and needs an API key; set serve.api_key "
-                        f"or the {API_KEY_ENV} environment variable, or keep serve.host=127.0.0.1")
-    return key
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -35,10 +35,20 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy over labelled tokens, number of labelled tokens); labels -100 are skipped."""
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy over labelled tokens, number of labelled tokens); labels -100 are skipped.
+    With `vocab`, the softmax runs over the tokenizer's ids only: the rows a vocabulary padded to a
+    multiple of 64 adds are no tokens, and every figure kiln calls a loss or bits per byte leaves
+    them out, so that training, `kiln eval` and `kiln quantize` give one number for one model."""
+    if vocab is not None and vocab < logits.shape[-1]:
+        logits = logits[..., :vocab]
     total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     return total, (labels != -100).sum()
+
+
+def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
+    """A loss in nats per token as bits per byte of text, at the split's tokens per byte."""
+    return nats_per_token / math.log(2) * tokens_per_byte
 
 
 def next_token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -71,31 +81,29 @@ class Objective:
 
 
 class LanguageModeling(Objective):
-    """Next-token cross-entropy (pretraining; SFT with -100 on the prompt). Validation reports the
-    loss per token and, given the validation split's tokens per byte, bits per byte."""
+    """Next-token cross-entropy (pretraining; SFT with -100 on the prompt) over the tokenizer's
+    `vocab` ids (None: every row of the model's head). Validation reports the loss per token and,
+    given the validation split's tokens per byte, bits per byte."""
 
     name = "next-token cross-entropy"
 
-    def __init__(self, tokens_per_byte: float | None = None) -> None:
+    def __init__(self, tokens_per_byte: float | None = None, vocab: int | None = None) -> None:
         super().__init__()
-        self.tokens_per_byte = tokens_per_byte
+        self.tokens_per_byte, self.vocab = tokens_per_byte, vocab
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
-        logits = model(batch["input_ids"], **model_inputs(batch))
-        total, n = token_cross_entropy(logits, batch["labels"])
-        return total / n.clamp(min=1), {}
+        return self.pipeline_loss(model(batch["input_ids"], **model_inputs(batch)), batch["labels"]), {}
 
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
-        total, n = token_cross_entropy(model(batch["input_ids"], **model_inputs(batch)), batch["labels"])
+        total, n = token_cross_entropy(model(batch["input_ids"], **model_inputs(batch)), batch["labels"], self.vocab)
         return {"val_loss": (float(total), float(n))}
 
     def eval_finish(self, totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         out = super().eval_finish(totals)
         if self.tokens_per_byte and "val_loss" in out:
-            out["val_bpb"] = out["val_loss"] / math.log(2) * self.tokens_per_byte
+            out["val_bpb"] = bits_per_byte(out["val_loss"], self.tokens_per_byte)
         return out
 
-    @staticmethod
-    def pipeline_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total, n = token_cross_entropy(output, labels)
+    def pipeline_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, n = token_cross_entropy(output, labels, self.vocab)
         return total / n.clamp(min=1)

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from kiln.report import write_section
-from kiln.runs import read_manifest
+from kiln.runs import HeldOutWindows, read_manifest
 from kiln.train.metrics import read_metrics
 
 
@@ -54,7 +54,8 @@ def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -
     med = statistics.median(mfu)
     peak = f" of {statistics.median(peaks) / 1e9:,.0f} GFLOP/s per device" if peaks else ""
     line = (f"- throughput: median {statistics.median(speed):,.0f} tokens/s; MFU median {100 * med:.1f}%{peak} "
-            "(model FLOPs 6N + attention; the measured fp32 matmul peak on CPU, the bf16 datasheet peak on GPU)")
+            "(model FLOPs 6N + attention; the measured fp32 matmul peak on CPU, on GPU the datasheet peak of the "
+            "precision trained in: bf16, or TF32 for fp32)")
     if med > 1.0:
         line += ("\n- **MFU above 100% is a measurement error, not a result**: the matmul peak was timed while the "
                  "host was busy and read low; rerun on a quiet machine for a meaningful MFU")
@@ -78,7 +79,8 @@ def training_section(run: Path) -> list[str]:
     last = metrics[-1]
     cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
     ck = sorted((run / "checkpoints").glob("step_*/checkpoint.json")) if (run / "checkpoints").is_dir() else []
-    model = json.loads(ck[-1].read_text()).get("model", {}) if ck else {}
+    info = json.loads(ck[-1].read_text()) if ck else {}
+    model = info.get("model", {})
     if model:
         lines.append(
             f"- model: d_model {model['d_model']}, {model['n_layers']} layers, {model['n_heads']} heads "
@@ -96,7 +98,10 @@ def training_section(run: Path) -> list[str]:
         if baseline:
             gain = 100 * (1 - f["val_bpb"] / baseline)
             verdict = f" vs the unigram baseline {baseline:.3f} ({abs(gain):.0f}% {'lower' if gain >= 0 else 'higher'})"
-        lines.append(f"- final validation: loss {f['val_loss']:.3f} nats/token, **{f['val_bpb']:.3f} bits/byte**{verdict}")
+        windows = HeldOutWindows.from_dict(info.get("validation"))
+        where = f" on {windows.describe()} of the held-out split" if windows else ""
+        lines.append(f"- final validation{where}: loss {f['val_loss']:.4f} nats/token, **{f['val_bpb']:.4f} bits/byte**"
+                     f"{verdict}; `kiln eval` and `kiln quantize` score the same windows")
     skipped = last.get("skipped_steps", 0)
     lines.append(f"- steps skipped by the loss-spike guard: {skipped}")
     if cfg_text:

@@ -11,26 +11,23 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.model.weights import clean_name, load_model_tensors
-from kiln.runs import sha256_file
+from kiln.runs import check_checkpoint, sha256_file
 from kiln.train import distributed_checkpoint
 from kiln.train.checkpoint import CheckpointManager
 
 
 def find_checkpoint(spec: str, key: str = "init_from") -> Path:
     """A run directory (its newest intact checkpoint) or one checkpoint directory, checked."""
-    path = Path(spec)
+    path = check_checkpoint(spec, key)  # what `kiln.cli` also checks before importing torch
     if (path / "checkpoint.json").is_file():
         problem = CheckpointManager(path.parent.parent).verify(path)
         if problem:
             raise KilnError(f"{key}={spec}: {problem}")
         return path
-    if (path / "checkpoints").is_dir():
-        found = CheckpointManager(path).latest_intact()
-        if found is not None:
-            return found
-        raise KilnError(f"{key}={spec}: the run holds no intact checkpoint; train it first or name a checkpoint directory")
-    raise KilnError(f"{key}={spec} is neither a run directory with checkpoints nor a checkpoint directory "
-                    "(holding checkpoint.json); point it at e.g. runs/NAME or runs/NAME/checkpoints/step_0000400")
+    found = CheckpointManager(path).latest_intact()
+    if found is not None:
+        return found
+    raise KilnError(f"{key}={spec}: the run holds no intact checkpoint; train it first or name a checkpoint directory")
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

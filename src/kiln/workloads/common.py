@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from kiln.config import Config, dump_yaml
-from kiln.data.layout import tokenizer_path
+from kiln.data.layout import check_prepared, tokenizer_path
 from kiln.data.report import push_data_section
-from kiln.data.shards import eval_batches, held_out_window
+from kiln.data.shards import eval_batches, held_out_window, validation_windows
 from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
@@ -108,11 +108,11 @@ def ensure_data(cfg: Config, ddir: Path, workload: str) -> None:
     import os
     import time
 
+    if cfg.data.path:
+        check_prepared(cfg.data.path)  # what `kiln.cli` also checks before importing torch
+        return
     if read_manifest(ddir) is not None:
         return
-    if cfg.data.path:
-        raise KilnError(f"'{ddir}' holds no prepared data (manifest.json missing or unreadable); "
-                        f"run `kiln prepare data.path={ddir}` first")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     failed = ddir.parent / f".{ddir.name}.prepare-failed"
     if rank == 0:
@@ -206,10 +206,12 @@ def matmul_shapes(mc: ModelConfig, tokens: int) -> tuple[tuple[int, int, int], .
             (tokens, mc.d_model, mc.vocab_size))
 
 
-def validation_batches(ddir: Path, cfg: Config, env: ParallelEnv, workload: str) -> list[dict]:
-    """The held-out batches a token-shard run validates on, in windows of `train.seq_len`; a
-    held-out split shorter than one window is scored in one window as long as it holds, and the
-    run says so (validating nothing without a word would leave a report with no validation)."""
+def validation_batches(ddir: Path, cfg: Config, env: ParallelEnv, workload: str) -> tuple[list[dict], dict]:
+    """The held-out batches a token-shard run validates on, in windows of `train.seq_len`, and the
+    checkpoint.json entry naming those windows (`validation`: what later held-out figures of the
+    run are measured on). A held-out split shorter than one window is scored in one window as long
+    as it holds, and the run says so (validating nothing without a word would leave a report with
+    no validation)."""
     tc = cfg.train
     window = held_out_window(ddir, tc.seq_len)
     if window < tc.seq_len and env.is_main:
@@ -221,6 +223,8 @@ def validation_batches(ddir: Path, cfg: Config, env: ParallelEnv, workload: str)
             print(f"{workload}: warning: the held-out split of '{ddir}' holds no tokens: no validation in this run; "
                   "prepare with a larger data.val_fraction", flush=True)
     if not window:
-        return []
-    return eval_batches(ddir, tc.batch_size, window, tc.eval_batches, rank=env.dp_rank, world=env.dp_world,
-                        document_mask=tc.document_mask)
+        return [], {}
+    windows = validation_windows(ddir, tc.batch_size, window, tc.eval_batches, env.dp_world, tc.document_mask)
+    batches = eval_batches(ddir, tc.batch_size, window, tc.eval_batches, rank=env.dp_rank, world=env.dp_world,
+                           document_mask=tc.document_mask)
+    return batches, {"validation": windows.to_dict()}

@@ -28,7 +28,7 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.data.layout import data_dir
-from kiln.data.shards import TokenLoader, open_data
+from kiln.data.shards import TokenLoader, open_data, tokens_per_byte
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.infer.engine import SamplingParams
@@ -40,7 +40,7 @@ from kiln.report import write_section
 from kiln.runs import atomic_write_text, fingerprint, sha256_file
 from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.objectives import Batch, LanguageModeling, model_inputs, token_cross_entropy
+from kiln.train.objectives import Batch, LanguageModeling, bits_per_byte, model_inputs, token_cross_entropy
 from kiln.train.restore import checkpoint_tensors, find_checkpoint
 from kiln.train.trainer import Trainer
 from kiln.workloads.common import (
@@ -96,7 +96,7 @@ class Distillation(LanguageModeling):
                  divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
                  tokens_per_byte: float | None = None, cache: TeacherCache | None = None,
                  on_policy: float = 0.0, prompt_len: int = 16) -> None:
-        super().__init__(tokens_per_byte)
+        super().__init__(tokens_per_byte, n_vocab)
         self.frozen["teacher"] = teacher
         self.student_cfg, self.n_vocab = student_cfg, n_vocab
         self.alpha, self.divergence, self.temperature, self.beta = alpha, divergence, temperature, beta
@@ -128,7 +128,7 @@ class Distillation(LanguageModeling):
         kd = (kd_tok * mask).sum() / mask.sum().clamp(min=1) * self.temperature ** 2
         if on_policy:  # the student's own tokens: nothing to imitate but the teacher's judgement of them
             return (1 - self.alpha) * kd, {"kd": kd.detach(), "on_policy": 1.0}
-        ce_sum, n = token_cross_entropy(logits, batch["labels"])
+        ce_sum, n = token_cross_entropy(logits, batch["labels"], self.n_vocab)
         ce = ce_sum / n.clamp(min=1)
         return self.alpha * ce + (1 - self.alpha) * kd, {"ce": ce.detach(), "kd": kd.detach(), "on_policy": 0.0}
 
@@ -153,8 +153,8 @@ class Distillation(LanguageModeling):
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
         logits = model(batch["input_ids"], **model_inputs(batch))
         teacher = self.teacher_logits(batch)
-        total, n = token_cross_entropy(logits, batch["labels"])
-        teacher_total, _ = token_cross_entropy(teacher, batch["labels"])
+        total, n = token_cross_entropy(logits, batch["labels"], self.n_vocab)
+        teacher_total, _ = token_cross_entropy(teacher, batch["labels"], self.n_vocab)
         mask = batch["labels"] != -100
         kd = token_divergence(logits[..., : self.n_vocab], teacher[..., : self.n_vocab], self.divergence,
                               self.temperature, self.beta)
@@ -164,7 +164,7 @@ class Distillation(LanguageModeling):
     def eval_finish(self, totals: dict[str, tuple[float, float]]) -> dict[str, float]:
         out = super().eval_finish(totals)
         if self.tokens_per_byte and "val_teacher_loss" in out:
-            out["val_teacher_bpb"] = out["val_teacher_loss"] / math.log(2) * self.tokens_per_byte
+            out["val_teacher_bpb"] = bits_per_byte(out["val_teacher_loss"], self.tokens_per_byte)
         return out
 
     pipeline_loss = None  # needs the teacher beside the student
@@ -310,19 +310,18 @@ def run_distill(cfg: Config) -> dict:
         barrier = torch.distributed.barrier if env.distributed else None
         cache = TeacherCache(Path(dc.cache_dir or Path(cfg.out) / "teacher_cache"), loader.n_windows,
                              cfg.train.seq_len, dc.top_k, key, env.is_main, barrier)
-    val = man["splits"]["val"]
     n_vocab = min(man["vocab_size"], model_cfg.vocab_size)
     objective = Distillation(teacher, model_cfg, n_vocab, dc.alpha, dc.divergence, dc.temperature, dc.jsd_beta,
-                             tokens_per_byte=val["tokens"] / max(val["bytes"], 1), cache=cache,
+                             tokens_per_byte=tokens_per_byte(man), cache=cache,
                              on_policy=dc.on_policy, prompt_len=dc.prompt_len)
-    evals = validation_batches(ddir, cfg, env, WORKLOAD)
+    evals, windows = validation_batches(ddir, cfg, env, WORKLOAD)
     teacher_flops = teacher_cfg.forward_flops_per_token(cfg.train.seq_len) if dc.teacher_logits == "online" else 0.0
     prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
         cfg, model, env, loader, objective, eval_batches=evals,
         flops_per_token=model_cfg.flops_per_token(cfg.train.seq_len) + teacher_flops,
         meta={"model": model_cfg.to_dict(), "data": str(ddir), "tokenizer_sha256": man["tokenizer_sha256"],
-              "teacher": str(teacher_path), "distill": asdict(dc), **({"init_from": str(source)} if source else {})},
+              "teacher": str(teacher_path), "distill": asdict(dc), **windows, **({"init_from": str(source)} if source else {})},
         name=WORKLOAD,
         matmul_shapes=matmul_shapes(model_cfg, cfg.train.batch_size * cfg.train.seq_len),
     )

@@ -41,7 +41,7 @@ from kiln.report import write_section
 from kiln.runs import write_json
 from kiln.train import parallel
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.objectives import Batch, LanguageModeling, Objective, model_inputs, token_cross_entropy
+from kiln.train.objectives import Batch, Objective, model_inputs, token_cross_entropy
 from kiln.train.restore import find_checkpoint
 from kiln.train.trainer import Trainer
 from kiln.workloads.classification import Classification, confusion, latest_metrics, plot_confusion, predict
@@ -79,7 +79,10 @@ class MaskedLanguageModeling(Objective):
         hit = ((logits.argmax(-1) == batch["labels"]) & (batch["labels"] != -100)).sum()
         return {"val_loss": (float(total), float(n)), "val_accuracy": (float(hit), float(n))}
 
-    pipeline_loss = staticmethod(LanguageModeling.pipeline_loss)
+    @staticmethod
+    def pipeline_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, n = token_cross_entropy(output, labels)
+        return total / n.clamp(min=1)
 
 
 def encoder_model_config(cfg: Config, vocab_size: int, base: ModelConfig | None = None) -> ModelConfig:
@@ -133,7 +136,7 @@ def run_encoder(cfg: Config) -> dict:
     mask = _masker(cfg, vocab, vocab)
     loader = MaskedTokenLoader(TokenLoader(ddir, "train", tc.batch_size, tc.seq_len, tc.seed, rank=env.dp_rank,
                                            world=env.dp_world, document_mask=tc.document_mask), mask, tc.seed, env.dp_rank)
-    evals = validation_batches(ddir, cfg, env, MLM)
+    evals, _ = validation_batches(ddir, cfg, env, MLM)
     for i, b in enumerate(evals):  # the same masked positions at every evaluation
         b["input_ids"], b["labels"] = mask(b["input_ids"], torch.Generator().manual_seed(1_000_003 + i))
     prepare_run_dir(cfg, env, tpath, MLM)  # inputs checked: now the run directory

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kiln.config import Config
 from kiln.data.layout import data_dir
-from kiln.data.shards import TokenLoader, open_data
+from kiln.data.shards import TokenLoader, open_data, tokens_per_byte
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.config import ModelConfig
@@ -52,13 +52,13 @@ def run_pretrain(cfg: Config) -> dict:
     model = build_trained(lambda: Transformer(model_cfg), cfg, env, source, start, WORKLOAD, notes)
     loader = TokenLoader(ddir, "train", cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
                          rank=env.dp_rank, world=env.dp_world, document_mask=cfg.train.document_mask)
-    val = man["splits"]["val"]
+    evals, windows = validation_batches(ddir, cfg, env, WORKLOAD)
     prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
-        cfg, model, env, loader, LanguageModeling(tokens_per_byte=val["tokens"] / max(val["bytes"], 1)),
-        eval_batches=validation_batches(ddir, cfg, env, WORKLOAD),
+        cfg, model, env, loader, LanguageModeling(tokens_per_byte(man), min(man["vocab_size"], model_cfg.vocab_size)),
+        eval_batches=evals,
         flops_per_token=model_cfg.flops_per_token(cfg.train.seq_len),
-        meta={"model": model_cfg.to_dict(), "data": str(ddir), "tokenizer_sha256": man["tokenizer_sha256"],
+        meta={"model": model_cfg.to_dict(), "data": str(ddir), "tokenizer_sha256": man["tokenizer_sha256"], **windows,
               **({"init_from": str(source)} if source else {})},
         name=WORKLOAD,
         matmul_shapes=matmul_shapes(model_cfg, cfg.train.batch_size * cfg.train.seq_len),

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.chat import check_messages, prompt_ids
+from kiln.data.chat import check_messages, prompt_ids, speaks_chat
 from kiln.data.executor import Executor
+from kiln.data.inputs import check_prompts
 from kiln.data.tokenizer import BOS
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
@@ -47,7 +48,6 @@ from kiln.workloads.common import matmul_shapes, prepare_run_dir
 from kiln.workloads.preference import pad_id, start_point
 
 WORKLOAD = "rl"
-CHAT_AFTER = ("sft", "dpo", "rl")  # init_from workloads whose models speak the chat format
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -58,11 +58,10 @@ class Prompt:
     fields: dict  # the row's other fields, passed to the reward as keyword arguments
 
 
-def read_prompt_rows(path: str, skipped: Counter, limit: int = 0) -> list[dict]:
-    """Rows of a prompt JSONL (`{"prompt": text or messages, ...fields}`); malformed rows skipped and counted."""
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"rl prompts '{path}' do not exist; give a JSONL file of {{\"prompt\": ...}} rows")
+def read_prompt_rows(path: str, skipped: Counter, limit: int = 0, key: str = "rl.prompts") -> list[dict]:
+    """Rows of a prompt JSONL (`{"prompt": text or messages, ...fields}`); malformed rows skipped and counted.
+    `key` names the setting that gave `path`, for the errors."""
+    p = check_prompts(path, key)
     rows, seen = [], 0
     with open(p, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -113,7 +112,7 @@ def load_prompts(cfg: Config, tokenizer, fmt: str, budget: int) -> tuple[list[Pr
     if rc.prompts:
         rows = read_prompt_rows(rc.prompts, skipped, rc.max_prompts)
         if rc.val_prompts:
-            val_rows = read_prompt_rows(rc.val_prompts, skipped)
+            val_rows = read_prompt_rows(rc.val_prompts, skipped, key="rl.val_prompts")
         else:
             from kiln.data.preference_data import held_out_split
 
@@ -454,7 +453,7 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
     if env.device.type == "cpu":
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
-    fmt = rc.format if rc.format != "auto" else ("chat" if sp.info.get("workload") in CHAT_AFTER else "text")
+    fmt = rc.format if rc.format != "auto" else ("chat" if speaks_chat(sp.info) else "text")
     train, val, skipped = load_prompts(cfg, sp.tokenizer, fmt, cfg.train.seq_len - rc.max_new_tokens)
     mc = sp.model_cfg
     notes: list[str] = []

@@ -32,7 +32,7 @@ from kiln.data.chat_data import (
     read_conversations,
     tokenize,
 )
-from kiln.data.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, load_tokenizer
+from kiln.data.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, load_tokenizer, token_count
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.infer.generate import generate, greedy
@@ -135,7 +135,7 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
         files = {"train": sc.data, "val": sc.val_data}
     stats = {"train": ChatStats(), "val": ChatStats()}
     train = read_conversations(files["train"], stats["train"], sc.strict)
-    val = read_conversations(files["val"], stats["val"], sc.strict) if files["val"] else None
+    val = read_conversations(files["val"], stats["val"], sc.strict, key="sft.val_data") if files["val"] else None
     for split, convs in (("train", train), ("val", val)):
         if convs is not None and not convs:
             raise KilnError(f"sft: {files[split]} has no usable conversation: {stats[split].describe()}; fix the data")
@@ -272,7 +272,7 @@ def run_sft(cfg: Config) -> dict:
         meta |= {"lora": lora_dict(cfg.lora), "lora_base_sha256": sha256_file(source / "checkpoint.json")}
     prepare_run_dir(cfg, env, tpath, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(
-        cfg, model, env, loader, LanguageModeling(),
+        cfg, model, env, loader, LanguageModeling(vocab=min(token_count(tok), model_cfg.vocab_size)),
         eval_batches=packed_eval_batches(data.val, tc.batch_size, tc.seq_len, pad, tc.eval_batches,
                                          rank=env.dp_rank, world=env.dp_world),
         flops_per_token=training_flops_per_token(model_cfg, tc.seq_len, lora)["total"],

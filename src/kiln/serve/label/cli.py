@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kiln.config import Config
+from kiln.data.inputs import check_label_prompts
 from kiln.errors import KilnError
 from kiln.runs import atomic_write_text
 from kiln.serve import bind, is_loopback
@@ -21,7 +22,6 @@ from kiln.serve.label.app import invite_link
 from kiln.serve.label.db import LabelDB, check_name, format_report
 
 MIN_ADMIN_KEY = 16
-CHAT_WORKLOADS = ("sft", "dpo", "rl")  # runs whose model answers chat turns (label.chat=auto)
 
 
 def db_path(cfg: Config) -> Path:
@@ -45,10 +45,7 @@ def base_url(cfg: Config, port: int | None = None) -> str:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a .jsonl file (a "prompt" string per line) or a text file (one per line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"prompts file '{path}' does not exist; set label.prompts to a .jsonl (\"prompt\" field) "
-                        "or text file (one prompt a line)")
+    p = check_label_prompts(path)
     prompts = []
     for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -72,10 +69,11 @@ def uses_chat(cfg: Config) -> bool:
     """label.chat, with auto read from the workload that wrote the run's latest checkpoint."""
     if cfg.label.chat != "auto":
         return cfg.label.chat == "on"
+    from kiln.data.chat import speaks_chat
     from kiln.train.checkpoint import CheckpointManager
 
     ckpt = CheckpointManager(Path(cfg.out)).latest_intact()
-    return ckpt is not None and CheckpointManager.info(ckpt).get("workload") in CHAT_WORKLOADS
+    return ckpt is not None and speaks_chat(CheckpointManager.info(ckpt))
 
 
 def as_chat(prompt: str, index: int) -> str:
@@ -98,17 +96,25 @@ def print_invites(cfg: Config, db: LabelDB, names: list[str], port: int | None =
               "`kiln label invite name=...` renews one)")
 
 
+def check_before_model(cfg: Config, mode: str | None) -> None:
+    """What `label generate` refuses before it reads the run (`kiln.cli` calls it before checking the run
+    and the prompts file the config names): greedy sampling, and a damaged label database."""
+    if mode != "generate":
+        return
+    if cfg.sample.temperature <= 0:
+        raise KilnError("label generate needs two different completions per pair, and sample.temperature=0 "
+                        "(greedy) makes them the same; set sample.temperature=0.8")
+    if db_path(cfg).exists():  # a damaged database fails now, before the model loads
+        open_db(cfg)
+
+
 def run_generate(cfg: Config) -> int:
     """Sample `pairs_per_prompt` pairs of completions for every prompt into the label database."""
     lc, sc = cfg.label, cfg.sample
-    if sc.temperature <= 0:
-        raise KilnError("label generate needs two different completions per pair, and sample.temperature=0 "
-                        "(greedy) makes them the same; set sample.temperature=0.8")
+    check_before_model(cfg, "generate")
     prompts = read_prompts(lc.prompts) if lc.prompts else list(sc.report_prompts)
     names = [check_name(n) for n in lc.labellers]
     path = db_path(cfg)
-    if path.exists():  # a damaged database fails now, before the model loads
-        open_db(cfg)
     chat = uses_chat(cfg)
     contexts = [as_chat(p, i) if chat else p for i, p in enumerate(prompts)]
     from kiln.infer.generate import Engine
