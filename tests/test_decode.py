@@ -11,6 +11,7 @@ from kiln.config import LoRAConfig
 from kiln.infer import decode
 from kiln.model.config import preset
 from kiln.model.lora import apply_lora
+from kiln.model.quant import build_quantized
 from kiln.model.transformer import KVCache, Transformer
 from kiln.post.quantize import quantize_model
 
@@ -77,7 +78,68 @@ def test_fusing_the_projections_leaves_the_model_and_its_weights_as_they_were():
 
 def test_quantized_and_lora_models_take_the_models_own_forward():
     assert decode.supports(tiny_model())
-    assert not decode.supports(quantize_model(tiny_model(), "int8"))
+    float_model = tiny_model()
+    stored = quantize_model(float_model, "int8")
+    rest = {k: v for k, v in float_model.state_dict().items() if "norm" in k}
+    quantized = build_quantized(float_model.cfg, stored, rest)
+    assert isinstance(quantized, Transformer) and not decode.supports(quantized)
     assert not decode.supports(apply_lora(tiny_model(), LoRAConfig(rank=4)))
     bidirectional = Transformer(preset("tiny", vocab_size=96, causal=False))
     assert not decode.supports(bidirectional)
+
+
+# ---- compiling it: the settings each device gets, and eager when compiling fails ----------------------
+def test_each_device_gets_its_own_compile_settings():
+    """CUDA: CUDA graphs over fixed shapes (the step is launch-bound), and no `cpp_wrapper`, whose
+    CUDA build needs a toolkit (nvcc, CUDA_HOME, libcuda to link) a host with pip wheels lacks.
+    CPU: `cpp_wrapper`, which saves Python's overhead per kernel there."""
+    cuda = decode.compile_settings(torch.device("cuda", 0))
+    assert cuda.cuda_graphs and cuda.kwargs == {"mode": "reduce-overhead"}
+    assert "cpp_wrapper" not in repr(cuda.kwargs)
+    cpu = decode.compile_settings(torch.device("cpu"))
+    assert not cpu.cuda_graphs and cpu.kwargs == {"options": {"cpp_wrapper": True}}
+    assert decode.compile_settings(torch.device("mps")) == decode.StepCompile({}, cuda_graphs=False)
+
+
+def test_the_cuda_graph_shapes_give_the_same_tokens():
+    """As CUDA graphs run it (every row of the cache, the attended length rounded up to a bucket),
+    compiled here with the eager backend: the tokens of the plain model's own forward."""
+    from kiln.infer.engine import SamplingParams
+    from kiln.infer.generate import generate
+
+    torch._dynamo.reset()
+    model, plain = tiny_model(), tiny_model()
+    step = decode.DecodeStep(model, compile=True, settings=decode.StepCompile({"backend": "eager"}, cuda_graphs=True))
+    decode._STEPS[model] = {True: step}
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    params = [SamplingParams(n, temperature=0.0) for n in (70, 5, 12)]  # past one bucket of attended slots
+    want = [s.tokens for s in generate(plain, prompts, params, stop_ids=set(), rows=4, fused=False)]
+    got = [s.tokens for s in generate(model, prompts, params, stop_ids=set(), rows=4, compile=True)]
+    assert got == want and step.compiled
+
+
+def test_a_step_that_fails_to_compile_decodes_eagerly_with_one_note(monkeypatch, capsys):
+    """A compile that fails (inductor's C++ or CUDA build: no compiler, no toolkit) when the step
+    is warmed up, or later: the step decodes eagerly from then on, the same tokens, and says so once."""
+    from kiln.infer.engine import SamplingParams
+    from kiln.infer.generate import generate
+
+    def broken(fn=None, **kw):
+        def run(*args, **kwargs):
+            raise RuntimeError("CppCompileError: nvcc: not found\n(a long build log)")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, plain = tiny_model(), tiny_model()
+    prompts, params = [[1, 2, 3], [4, 5]], [SamplingParams(6, temperature=0.0)] * 2
+    want = [s.tokens for s in generate(plain, prompts, params, stop_ids=set())]
+    for _ in range(2):
+        assert [s.tokens for s in generate(model, prompts, params, stop_ids=set(), compile=True)] == want
+    err = capsys.readouterr().err
+    assert err.count("decoding eagerly") == 1 and "nvcc: not found" in err and "build log" not in err
+    assert not decode.decode_step(model, True).compiled
+    # a model the fused step does not take: its own forward, compiled, falls back the same way
+    lora = apply_lora(tiny_model(), LoRAConfig(rank=4))
+    want = [s.tokens for s in generate(lora, prompts, params, stop_ids=set())]
+    assert [s.tokens for s in generate(lora, prompts, params, stop_ids=set(), compile=True)] == want
+    assert capsys.readouterr().err.count("decoding eagerly") == 1

@@ -64,7 +64,9 @@ def torchrun(nproc: int, runs: list[dict], tmp: Path, timeout: float = 300) -> d
 def driver(spec: Path) -> None:
     """Inside torchrun: each run in turn, recording its exit code and error line (rank 0 writes)."""
     from kiln import cli
+    from kiln.train import parallel
 
+    parallel.COMPILE_BACKEND = "eager"  # train.compile=on runs: dynamo's tracing and guards, no code generation
     results = {}
     for run in json.loads(spec.read_text()):
         err = io.StringIO()
@@ -170,6 +172,12 @@ def alignment_runs(work, prepared) -> dict[str, Path]:
           "rl.eval_prompts=4", "rl.kl_coef=0.1"]
     runs += [{"name": f"rl-{lay}", "verb": "rl", "args": [f"out={work / f'rl-{lay}'}", *rl, *layouts[lay][:-1]]}
              for lay in ("ddp", "fsdp")]
+    # distillation with compiled blocks: a student of another shape beside its teacher, on-policy batches
+    runs.append({"name": "distill-fsdp-compile", "verb": "distill", "args": [
+        f"out={work / 'distill-fsdp-compile'}", f"data.path={base / 'data'}", f"distill.teacher={base}", *FAST,
+        "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "parallel.dp_shard=2", "train.batch_size=2",
+        "train.compile=on", "distill.on_policy=0.5", "distill.prompt_len=8", "train.max_steps=3", "train.log_every=1",
+        "train.eval_every=3"]})
     res = torchrun(2, runs, work)
     assert all(r["rc"] == 0 for r in res.values()), res
     return {r["name"]: work / r["name"] for r in [*runs, {"name": "reward-single"}, {"name": "dpo-single"}]}
@@ -202,6 +210,16 @@ def test_grpo_runs_on_two_ranks(alignment_runs, layout):
     ck = CheckpointManager(out).latest_intact()
     assert ck is not None and (ck / "model.safetensors").is_file()
     assert "## GRPO" in (out / "report.md").read_text()
+
+
+def test_distill_with_compiled_blocks_on_two_fsdp_ranks(alignment_runs):
+    """Compiled blocks under FSDP2, a teacher and a student of different widths in one process:
+    dynamo's shape inference, shared by every model, used to make the teacher's head counts
+    symbolic (SDPA then refuses `enable_gqa`); on-policy batches decode through the student."""
+    rows = [json.loads(line) for line in (alignment_runs["distill-fsdp-compile"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "val_kd" in r] == [0, 3]
 
 
 @pytest.mark.parametrize("layout", [n for n in LAYOUTS_2 if "accum" not in n])
@@ -279,6 +297,17 @@ def test_the_consolidation_command_gathers_an_intermediate_checkpoint(two_ranks,
 def test_checkpoint_saved_on_two_ranks_resumes_on_one(two_ranks, work, prepared, reference):
     out = truncated_copy(work / "fsdp", work / "fsdp-to-1", keep_step=4)
     assert kiln("pretrain", *args(out, prepared, "train.batch_size=8")) == 0
+    assert_parity(out, reference)
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_two_each_rank_with_its_own_rng(two_ranks, work, prepared, reference):
+    out = truncated_copy(work / "fsdp", work / "fsdp-to-2", keep_step=4)
+    import torch
+
+    state = torch.load(out / "checkpoints" / "step_0000004" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2  # every rank's RNG states, each restored by its own rank
+    res = torchrun(2, [{"name": "resume-fsdp", "args": args(out, prepared, *LAYOUTS_2["fsdp"])}], work)
+    assert res["resume-fsdp"]["rc"] == 0, res["resume-fsdp"]["err"]
     assert_parity(out, reference)
 
 

@@ -127,3 +127,32 @@ def test_no_test_writes_the_real_cache(cache_dir_seen_by_a_module_fixture, tmp_p
     """Module-scoped fixtures train models too: they must see the test cache, not ~/.cache/kiln."""
     seen = cache_dir_seen_by_a_module_fixture
     assert seen and Path(seen).is_relative_to(tmp_path_factory.getbasetemp())
+
+
+# ---- GPUs: the datasheet peak of the card and of the precision trained in ---------------------------
+GPU = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("name,precision,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
+    ("NVIDIA H100 80GB HBM3", "fp32", 495), ("NVIDIA H100 PCIe", "fp32", 378), ("NVIDIA H100 NVL", "fp32", 418),
+    ("NVIDIA H200", "bf16", 989), ("NVIDIA H200 NVL", "bf16", 835), ("NVIDIA A100-SXM4-80GB", "bf16", 312),
+    ("NVIDIA A100 80GB PCIe", "fp32", 156), ("NVIDIA A10", "bf16", 125), ("NVIDIA L40S", "fp32", 183),
+])
+def test_a_gpus_peak_is_the_datasheet_figure_of_its_most_specific_name(monkeypatch, name, precision, tflops):
+    """Matched by whole words, the longest name that fits: H100 PCIe and NVL are not the SXM part
+    (whose figure read their MFU 16-24% low), an A100 is not an A10; fp32 training runs on TF32."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda *a, **kw: pytest.fail("a known card is not timed"))
+    peak, note = hardware.peak_flops(GPU, precision=precision)
+    assert peak == pytest.approx(tflops * 1e12, rel=2e-3)
+    assert ("TF32" if precision == "fp32" else "bf16") in note and "datasheet" in note
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_an_unknown_gpu_is_timed_in_the_precision_trained_in(monkeypatch, precision, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")  # not an A10
+    timed = []
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda device, n, dt: timed.append(dt) or 70e12)
+    peak, note = hardware.peak_flops(GPU, precision=precision)
+    assert peak == 70e12 and timed == [dtype] and "measured" in note

@@ -127,6 +127,27 @@ def test_encoder_attention_is_bidirectional_and_respects_padding():
         KVCache(m.cfg, 1, 8)
 
 
+def test_rotary_embedding_returns_the_activation_dtype_whatever_the_tables_hold():
+    """q/k keep v's dtype (SDPA refuses a mix): bf16 activations with fp32 tables (norms and
+    matrices cast, tables not) decode through the KV cache, and the rotation runs in fp32."""
+    from kiln.model.transformer import apply_rope, rope_tables
+
+    cos, sin = rope_tables(16, 8, 10000.0)
+    x = torch.randn(1, 2, 8, 16).to(torch.bfloat16)
+    y = apply_rope(x, cos, sin)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, apply_rope(x.float(), cos, sin).to(torch.bfloat16))
+    m = small_model()
+    for p in m.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert m.rope_cos.dtype == torch.float32
+    ids = torch.randint(0, 300, (2, 6))
+    cache = KVCache(m.cfg, 2, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert m(ids).dtype == torch.bfloat16
+        assert m(ids, cache=cache).dtype == m(ids[:, :1], cache=cache).dtype == torch.bfloat16
+
+
 def test_hidden_states_are_what_the_lm_head_reads():
     m = small_model()
     x = torch.randint(0, 300, (2, 9))

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from test_compile import eager_backend  # noqa: F401  (compiles with the eager backend)
 from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
 from conftest import kiln
@@ -392,3 +393,17 @@ def test_a_reward_module_in_the_working_directory_imports_as_docs_say(tmp_path, 
     job = {"reward": "my_rewards_here:score", "prompt": "p", "completion": "c", "fields": {}, "timeout_s": 5.0,
            "sandbox": {}}
     assert score_job(job) == (0.25, "scored")
+
+
+def test_grpo_trains_with_compile_on(tmp_path, base, eager_backend):  # noqa: F811
+    """GRPO used to refuse train.compile=on: its rollouts decode through the policy with a KV cache.
+    Now the policy and its reference (a KL term) are compiled and the rollouts run the policy's
+    blocks eagerly."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"def f{i}(x):\n"} for i in range(4)])
+    out = tmp_path / "run"
+    assert kiln("rl", f"out={out}", f"init_from={base}", *RL_FAST, f"rl.prompts={prompts}", "rl.reward=test_rl:vowel_share",
+                "train.compile=on", "rl.max_new_tokens=8", "rl.group_size=2", "rl.prompts_per_step=2",
+                "rl.kl_coef=0.1", "train.max_steps=2", "rl.eval_prompts=0") == 0
+    rewards = [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"reward_mean"' in line]
+    assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)

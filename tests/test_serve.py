@@ -179,6 +179,27 @@ def test_measure_serving_reports_latency_and_cost(trained):
     assert m["usd_per_million_tokens"] == pytest.approx(1e9 / m["batched_tokens_per_s"] / 1e6)
 
 
+def test_the_server_starts_and_answers_when_the_decode_step_cannot_compile(trained, http, monkeypatch, capfd):
+    """`serve.compile=on` where compiling fails (on CUDA: a host with pip wheels only, no toolkit
+    for a C++ wrapper's build): the server starts, decodes eagerly and says so once."""
+    import torch
+
+    def broken(fn=None, **kw):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: CUDA_HOME environment variable is not set")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fresh = Engine.from_run(trained, "cpu")  # its own decode step, not the module's engine's
+    want = greedy(fresh, "def f(x):", 8)
+    with serve(fresh, compile="on") as srv:
+        r = http.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": "def f(x):", "max_tokens": 8,
+                                                          "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    err = capfd.readouterr().err
+    assert err.count("decoding eagerly") == 1 and "CUDA_HOME" in err
+
+
 # ---- the API with the openai client ----------------------------------------------------------
 def test_models_lists_the_served_model(client):
     (model,) = client.models.list().data

@@ -78,8 +78,36 @@ def gpu_spec(name: str) -> GPUSpec:
     return spec
 
 
-# Dense bf16 datasheet peaks (FLOP/s) of GPUs `kiln plan`'s table (GPUS) does not hold.
-_OTHER_GPU_PEAK_FLOPS = {"L40S": 362e12, "A10": 125e12}
+# Dense datasheet peaks (bf16, TF32; TFLOP/s) of GPUs `kiln plan`'s table (GPUS, the SXM parts)
+# does not hold: other form factors of its cards (the PCIe and NVL parts run lower clocks and
+# power) and other cards. An A100's figures are the same in PCIe and SXM form.
+_OTHER_GPU_TFLOPS: dict[str, tuple[float, float]] = {
+    "H100 PCIe": (756, 378), "H100 NVL": (835, 418), "H200 NVL": (835, 418),
+    "L40S": (362, 183), "A10": (125, 62.5),
+}
+
+
+def _words(name: str) -> tuple[str, ...]:
+    return tuple("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def datasheet_peak(gpu_name: str, precision: str = "bf16") -> tuple[float, str] | None:
+    """(dense datasheet FLOP/s, the card's key) of the GPU torch names `gpu_name`, for `precision`
+    (bf16; fp32 runs on TF32), or None for a card not listed. Keys are matched as whole words and
+    the longest match wins: "NVIDIA H100 PCIe" is the PCIe part, not the SXM one "H100" names, and
+    "NVIDIA A10G" is no A10."""
+    table = {**{k: (g.bf16_tflops, g.tf32_tflops) for k, g in GPUS.items()}, **_OTHER_GPU_TFLOPS}
+    words = _words(gpu_name)
+    best = None
+    for key in table:
+        kw = _words(key)
+        fits = any(words[i:i + len(kw)] == kw for i in range(len(words) - len(kw) + 1))
+        if fits and (best is None or len(kw) > len(_words(best))):
+            best = key
+    if best is None:
+        return None
+    bf16, tf32 = table[best]
+    return (tf32 if precision == "fp32" else bf16) * 1e12, best
 
 
 def measure_matmul_peak(device: torch.device, n: int = 1024, dtype=torch.float32, seconds: float = 0.3,
@@ -189,9 +217,12 @@ def _time_cpu_peak(device: torch.device, shapes: tuple[tuple[int, int, int], ...
                  f"kept as the best in {path}")
 
 
-def peak_flops(device: torch.device, shapes: tuple[tuple[int, int, int], ...] = ()) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from) for MFU: the bf16 datasheet peak of a known GPU, else the
-    best fp32 matmul rate at 1024³ and at the model's own shapes this machine has shown.
+def peak_flops(device: torch.device, shapes: tuple[tuple[int, int, int], ...] = (),
+               precision: str = "bf16") -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for MFU: on a known GPU the dense datasheet peak of the
+    precision the matmuls run in (`bf16`, or `fp32`: TF32 tensor cores, which `kiln.train.parallel.
+    use_device` turns on), on another GPU a bf16 or fp32 matmul timed now; on a CPU the best fp32
+    matmul rate at 1024³ and at the model's own shapes this machine has shown.
 
     One short timing reads low whenever the host is busy, which once made a CPU run report an MFU
     of 194%. So each shape takes the best of five stretches, and the best rate ever timed on this
@@ -201,23 +232,26 @@ def peak_flops(device: torch.device, shapes: tuple[tuple[int, int, int], ...] = 
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peaks = {**{k: spec.peak_flops("bf16") for k, spec in GPUS.items()}, **_OTHER_GPU_PEAK_FLOPS}
-        for key, flops in peaks.items():
-            if key in name:
-                return flops, f"{key} bf16 dense datasheet peak"
-        return measure_matmul_peak(device, 4096, torch.bfloat16), "measured bf16 matmul peak"
+        known = datasheet_peak(name, precision)
+        what = "TF32" if precision == "fp32" else "bf16"
+        if known is not None:
+            return known[0], f"{known[1]} {what} dense datasheet peak"
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        return (measure_matmul_peak(device, 4096, dtype),
+                f"{what} matmul peak measured now on {name}, a card without a datasheet entry")
     key = (str(device), tuple(shapes), torch.get_num_threads())
     if key not in _PEAK_CACHE:
         _PEAK_CACHE[key] = _time_cpu_peak(device, tuple(shapes), again=False)
     return _PEAK_CACHE[key]
 
 
-def retime_peak(device: torch.device, shapes: tuple[tuple[int, int, int], ...] = ()) -> tuple[float, str]:
+def retime_peak(device: torch.device, shapes: tuple[tuple[int, int, int], ...] = (),
+                precision: str = "bf16") -> tuple[float, str]:
     """`peak_flops` timed again, for when an MFU above 100% shows the peak was timed low: the
     higher of the new timing and the best known (in this process or on disk). GPU datasheet
     peaks are returned as they are."""
     if device.type == "cuda":
-        return peak_flops(device, shapes)
+        return peak_flops(device, shapes, precision)
     key = (str(device), tuple(shapes), torch.get_num_threads())
     known = _PEAK_CACHE.get(key, (0.0, ""))[0]
     _PEAK_CACHE[key] = _time_cpu_peak(device, tuple(shapes), again=True, known=known)

@@ -226,10 +226,11 @@ def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
         return None
     print("== models: size, bits per byte, decode speed, cost")
     runs = {"pretrained": out, **runs}
-    speed = compare_decode(runs, rounds=3)
+    speed = compare_decode(runs, rounds=3, device=cfg.device)  # on the device the runs trained on
     data = cfg.data.path or str(out / "data")
     # each on the windows it validated on: the pretrained row reads as its training and its evaluation
-    table = [model_row(run, name, data=data, usd_per_hour=cfg.serve.usd_per_hour, tokens_per_s=speed[name])
+    table = [model_row(run, name, data=data, device=cfg.device, usd_per_hour=cfg.serve.usd_per_hour,
+                       tokens_per_s=speed[name])
              for name, run in runs.items()]
     for r in table:
         bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "—"

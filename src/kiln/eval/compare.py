@@ -12,10 +12,10 @@ from kiln.infer.generate import decode_tokens_per_s
 from kiln.infer.load import load
 
 
-def compare_decode(runs: dict[str, str | Path], rounds: int = 8, device: str = "cpu", **kw) -> dict[str, float]:
+def compare_decode(runs: dict[str, str | Path], rounds: int = 8, device: str = "auto", **kw) -> dict[str, float]:
     """Decode tokens/s of several runs measured in turns (one run each per round, the best round
     kept), so that a busy machine's slow spells do not fall on one model only."""
-    models = {name: load(run, device, key="run").model for name, run in runs.items()}
+    models = {name: load(run, device, "auto", key="run").model for name, run in runs.items()}
     best = dict.fromkeys(models, 0.0)
     for _ in range(rounds):
         for name, model in models.items():
@@ -23,7 +23,7 @@ def compare_decode(runs: dict[str, str | Path], rounds: int = 8, device: str = "
     return best
 
 
-def model_row(run: str | Path, label: str = "", data: str | Path | None = None, device: str = "cpu",
+def model_row(run: str | Path, label: str = "", data: str | Path | None = None, device: str = "auto",
               usd_per_hour: float = 0.0, heldout: bool = True, tokens_per_s: float | None = None) -> dict:
     """One row of the speedrun's model table for a run (float or quantized): parameters, bytes on
     disk, held-out bits per byte (`kiln.eval.scoring.heldout_bits_per_byte` on the windows the run

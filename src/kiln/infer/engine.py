@@ -11,7 +11,9 @@ thread; `kiln.infer.generate.generate` runs one to completion for everything els
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,6 +209,15 @@ class _RowView(KVCache):
         self._step = None
 
 
+def has_compiled_modules(model: nn.Module) -> bool:
+    """Whether `model` holds `torch.compile`d modules (compiled training blocks, `train.compile`)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
+
+
 class Batch:
     """Sequences decoding together over one preallocated KV cache, one row each, each at its
     own position. `add` prefills new sequences into free rows (the lowest first, so the running
@@ -244,6 +255,11 @@ class Batch:
         if self.fast is not None:
             self.fast.warm_up(self.cache)  # while every row is free
         self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model
+        # A model being trained (a GRPO policy, a distilled student) may have compiled blocks
+        # (`train.compile`), made for training shapes: a KV cache through them would compile once
+        # per layer and per step, past dynamo's limit. The model's own forwards here (prefill, the
+        # unfused decode) run them eagerly; wrappers' hooks (FSDP2's gathers) still run.
+        self.eager_blocks = has_compiled_modules(model)
 
     @property
     def rows(self) -> int:
@@ -269,13 +285,18 @@ class Batch:
         view = self._view(a, b)
         at = torch.arange(b - a, device=self.device)
         ends = torch.full((b - a,), ids.shape[1] - 1, device=self.device) if ends is None else ends
-        if self.wrapped:  # through the wrapper's forward (its hooks), which gives the logits itself
-            logits = fn(ids, cache=view, attention_mask=mask)[at, ends]
-        else:  # the LM head on the wanted positions only
-            logits = self.core.logits(fn(ids, cache=view, attention_mask=mask, return_hidden=True)[at, ends])
+        with self._eager() if fn is self.model else contextlib.nullcontext():
+            if self.wrapped:  # through the wrapper's forward (its hooks), which gives the logits itself
+                logits = fn(ids, cache=view, attention_mask=mask)[at, ends]
+            else:  # the LM head on the wanted positions only
+                logits = self.core.logits(fn(ids, cache=view, attention_mask=mask, return_hidden=True)[at, ends])
         if view is not self.cache:
             self.cache.lengths[a:b] = view.lengths
         return logits
+
+    def _eager(self):
+        """Where the model's own forward runs: its compiled modules, if any, eagerly."""
+        return torch.compiler.set_stance("force_eager") if self.eager_blocks else contextlib.nullcontext()
 
     def _no_grad(self):
         return torch.inference_mode() if self.inference else torch.no_grad()
@@ -340,10 +361,22 @@ class Batch:
             self.cache.lengths[:hi] += live
         else:
             mask = None if all(s is not None for s in self.seqs[:hi]) else live[:, None]
-            logits = self._logits(self.decode, self.last[:hi], 0, hi, mask)
+            logits = self._unfused(hi, mask)
         for row in range(hi):
             self.length[row] += self.seqs[row] is not None
         self._take(self._sample(logits, 0, hi), 0)
+
+    def _unfused(self, hi: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """One step of the model's own forward, compiled if asked; if that fails to compile, the
+        step reruns eagerly (the cache's lengths as they were) and every later one is eager."""
+        if self.decode is not self.model:
+            lengths = self.cache.lengths.clone()
+            try:
+                return self._logits(self.decode, self.last[:hi], 0, hi, mask)
+            except Exception as e:  # noqa: BLE001 - a failure eager would also have is raised by the rerun
+                decode.compile_failed("the model's decode step", e)
+                self.decode, self.cache.lengths, self.cache._step = self.model, lengths, None
+        return self._logits(self.model, self.last[:hi], 0, hi, mask)
 
     def _sample(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
         logits = logits[:, : self.vocab].float()
@@ -389,7 +422,7 @@ class Batch:
     def idle_step(self) -> None:
         """A forward whose output is dropped: with sharded weights (or DDP's buffer broadcast) a rank
         that has nothing left to decode still joins each forward of the ranks that have."""
-        with self._no_grad():
+        with self._no_grad(), self._eager():
             self.model(self.last[:1], attention_mask=None)
 
     @torch.inference_mode()

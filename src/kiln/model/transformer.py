@@ -39,10 +39,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) queries or keys by (T, hd) tables, or by per-row (B, 1, T, hd) ones."""
+    """Rotate (B, H, T, hd) queries or keys by (T, hd) tables, or by per-row (B, 1, T, hd) ones.
+
+    The rotation runs in the tables' precision (fp32 unless the model was cast whole) and returns
+    `x`'s dtype, so q and k stay in the dtype of v and the KV cache (SDPA wants one dtype)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:

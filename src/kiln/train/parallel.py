@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -124,9 +125,21 @@ class ParallelEnv:
 
 
 def pick_device(spec: str) -> torch.device:
+    """The device `spec` names for this process (`choose_device`), set up for use (`use_device`)."""
+    return use_device(choose_device(spec))
+
+
+def choose_device(spec: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps as one device for this process.
+
+    As torchrun-launched tools do, `cuda` (and `auto` on a CUDA host) is this rank's own GPU, the
+    one at index LOCAL_RANK (0 outside torchrun); which GPUs a node lends is chosen with
+    CUDA_VISIBLE_DEVICES. `cuda:N` pins one GPU, which only a single rank per node can use:
+    with several, every rank would land on GPU N, so it is refused.
+    """
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return _local_gpu()
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -134,9 +147,47 @@ def pick_device(spec: str) -> torch.device:
         dev = torch.device(spec)
     except RuntimeError:
         raise KilnError(f"device={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise KilnError(f"device={spec} asked for CUDA but none is available; use device=auto or device=cpu")
+    if dev.index is None:
+        return _local_gpu()
+    per_node = _ranks_per_node()
+    if per_node > 1:
+        raise KilnError(f"device={spec} would put all {per_node} ranks on this node on one GPU; use device=cuda "
+                        "(each rank takes the GPU at its LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick the GPUs")
+    visible = torch.cuda.device_count()
+    if dev.index >= visible:
+        raise KilnError(f"device={spec} names GPU {dev.index}, but {visible} GPU{'s' * (visible != 1)} "
+                        f"{'are' if visible != 1 else 'is'} visible (0..{visible - 1}); check CUDA_VISIBLE_DEVICES")
     return dev
+
+
+def _ranks_per_node() -> int:
+    """How many ranks torchrun started on this node (LOCAL_WORLD_SIZE; the world size without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _local_gpu() -> torch.device:
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= visible:
+        raise KilnError(f"LOCAL_RANK={local_rank}, but {visible} GPU{'s' * (visible != 1)} "
+                        f"{'are' if visible != 1 else 'is'} visible on this node; start at most {visible} "
+                        "processes per node (torchrun --nproc-per-node) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank)
+
+
+def use_device(device: torch.device) -> torch.device:
+    """Set this process up for `device`. On CUDA: it becomes the current device (what kernels,
+    collectives and memory figures that name no device use), and fp32 matmuls and convolutions run
+    on TF32 tensor cores (the rate `kiln plan` and the MFU peak of fp32 training assume; 10 mantissa
+    bits on the multiply, fp32 accumulation). Other devices are left as they are."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the legacy flags: they leave CPU (oneDNN) matmuls in fp32
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def resolve_layout(pc: ParallelConfig, world: int) -> dict[str, int]:
@@ -175,9 +226,7 @@ def init_env(cfg: Config) -> ParallelEnv:
         return ParallelEnv(device=pick_device(cfg.device), layout=layout)
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = pick_device(cfg.device)  # this rank's GPU, made current before the process group forms
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
@@ -300,10 +349,79 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile block by block: the blocks are identical, so one compiled graph serves them all."""
+# What `apply_compile` compiles with (a name or a backend function). Tests and CPU checks set
+# "eager": dynamo's tracing, guards and cache entries without inductor's code generation.
+COMPILE_BACKEND = "inductor"
+# Graphs one model's blocks may need: gradients on or off × with or without a mask × positions as
+# a range or per row × static lengths, then lengths marked dynamic. More is a recompilation bug,
+# and a `fullgraph` compile raises on it rather than run slowly.
+BLOCK_RECOMPILE_LIMIT = 16
+
+
+def apply_compile(model: nn.Module, backend: str | Callable | None = None) -> None:
+    """Compile block by block (`fullgraph`), every block of `model` through one dynamo context.
+
+    Dynamo keeps compiled graphs on the code object it traced, `Block.forward`, which every block
+    of every model in the process runs, and past `torch._dynamo.config.recompile_limit` (8)
+    entries a `fullgraph` compile raises `FailOnRecompileLimitHit`; its automatic dynamic shapes
+    are learnt per code object too, so one model's shapes turned another's dynamic (under FSDP2
+    its head counts too, which SDPA's `enable_gqa` then refused). The models of one process (a speedrun's stages, a DPO policy
+    beside its reference, a distillation student beside its teacher) used to add up to both.
+    Here, per model:
+
+    - its blocks share one graph: their parameters are graph inputs, and blocks of one shape pass
+      the same guards;
+    - its entries are its own (`isolate_recompiles`), up to `BLOCK_RECOMPILE_LIMIT`;
+    - shapes are static (`dynamic=False`): nothing turns dynamic because another model differs.
+      What does vary within one model, the batch and sequence lengths (DPO's and GRPO's padded
+      widths, a smaller evaluation batch), is marked dynamic on the blocks' inputs once the model
+      has seen a second one (`_VaryingLengths`): one more graph, for every length after it.
+
+    Generation through a model with compiled blocks (GRPO's rollouts, on-policy distillation)
+    runs them eagerly (`kiln.infer.engine.Batch`): a KV cache is not a training shape.
+    """
+    blocks = list(model.layers.values())
+    if not blocks:
+        return
+    first = torch.compile(blocks[0], fullgraph=True, dynamic=False, backend=backend or COMPILE_BACKEND,
+                          recompile_limit=BLOCK_RECOMPILE_LIMIT, isolate_recompiles=True)
+    lengths = _VaryingLengths()
     for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+        # the first block's context wraps the others: one region, so one graph for all of them
+        wrapped = first if block is blocks[0] else first.dynamo_ctx(block)
+        wrapped.register_forward_pre_hook(lengths)
+        model.layers.register_module(name, wrapped)
+
+
+class _VaryingLengths:
+    """A forward pre-hook on one model's compiled blocks, which take (x, cos, sin, mask, cache):
+    x (B, T, d), the RoPE tables (T, hd) or per row (B, 1, T, hd), the mask (B, 1, T, T). Once
+    the model has seen a second batch size or sequence length, those dimensions of every input are
+    marked dynamic (softly: a size dynamo specializes, like 1, stays static)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, int] | None = None
+        self.batch = self.seq = False
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3 or any(
+                a is not None for a in args[4:]):  # a KV cache: generation, which runs the blocks eagerly
+            return
+        b, t = args[0].shape[:2]
+        if self.first is None:
+            self.first = (b, t)
+        self.batch |= b != self.first[0]
+        self.seq |= t != self.first[1]
+        if not (self.batch or self.seq):
+            return
+        x, cos, sin, mask = (list(args) + [None] * 4)[:4]
+        # (tensor, its batch dimensions, its sequence dimensions)
+        parts = [(x, (0,), (1,)), (mask, (0,), (2, 3))]
+        parts += [(r, (), (0,)) if r.dim() == 2 else (r, (0,), (2,)) for r in (cos, sin) if isinstance(r, torch.Tensor)]
+        for tensor, batch_dims, seq_dims in parts:
+            if isinstance(tensor, torch.Tensor):
+                for d in (batch_dims if self.batch else ()) + (seq_dims if self.seq else ()):
+                    torch._dynamo.maybe_mark_dynamic(tensor, d)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, bf16: bool) -> None:

@@ -154,11 +154,16 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------------
     def state(self) -> dict:
-        s = {"step": self.step, "rng_cpu": torch.get_rng_state(), "loader": self.loader.state_dict(),
+        """The trainer state a checkpoint keeps (`state.pt`). Collective under torch.distributed:
+        every rank's RNG states are gathered (`rng_ranks`), so each resumes from its own."""
+        rng = rng_state(self.env.device)
+        s = {"step": self.step, **rng, "loader": self.loader.state_dict(),
              "guard": self.guard.state_dict(), "tokens": self.tokens, "elapsed_s": self.elapsed,
              "tokens_per_step": self.tokens_per_step, "world": self.env.world}
-        if torch.cuda.is_available():
-            s["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.env.distributed:
+            every: list = [None] * self.env.world
+            torch.distributed.all_gather_object(every, rng)
+            s["rng_ranks"] = every
         return s
 
     def resume_from(self, path: Path) -> None:
@@ -170,9 +175,7 @@ class Trainer:
         else:
             state = self.ckpt.load(path, self.model, self.optimizer)
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        restore_rng(state, self.env)
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
         before = int(state.get("tokens_per_step", self.tokens_per_step))
@@ -282,8 +285,11 @@ class Trainer:
 
     def _fit(self) -> dict:
         tc, env = self.tc, self.env
+        if env.device.type == "cuda":  # the peak memory figures count this fit, not an earlier stage in the process
+            torch.cuda.reset_peak_memory_stats(env.device)
         log = MetricsLog(self.run_dir, self.step, tensorboard=tc.tensorboard, enabled=env.is_main)
-        peak, peak_note = peak_flops(env.device, self.matmul_shapes)
+        # the datasheet peak of the precision the matmuls run in: bf16, or TF32 for fp32 on CUDA
+        peak, peak_note = peak_flops(env.device, self.matmul_shapes, precision="bf16" if self._use_bf16() else "fp32")
         retimes = 0  # of the CPU peak, when a step's MFU reads above 100%
         if env.is_main:
             self.say(f"MFU is measured against {peak / 1e9:,.0f} GFLOP/s per device ({peak_note})")
@@ -390,6 +396,33 @@ def _mfu_text(mfu: float) -> str:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states: the CPU generator's and, on a GPU, that device's own (`rng_device`)."""
+    s = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["rng_device"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def restore_rng(state: dict, env: parallel.ParallelEnv) -> None:
+    """Put back the RNG states `state` saved for this rank: its own entry of `rng_ranks` when the
+    checkpoint was saved by as many ranks, else the saving rank 0's (a new layout resumes exactly
+    only where it draws nothing random per rank). A checkpoint from before per-device states holds
+    `rng_cuda`, one state per GPU its process saw: this device's entry is taken if there is one."""
+    ranks = state.get("rng_ranks")
+    mine = ranks[env.rank] if ranks and len(ranks) == env.world else state
+    torch.set_rng_state(mine["rng_cpu"])
+    device = env.device
+    if device.type != "cuda":
+        return
+    saved = mine.get("rng_device")
+    if saved is None and isinstance(state.get("rng_cuda"), (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = state["rng_cuda"][index] if index < len(state["rng_cuda"]) else None
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def _memory_gb(device: torch.device) -> float:

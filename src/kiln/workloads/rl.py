@@ -425,12 +425,10 @@ TASK_REWARDS = {"code": "kiln.rewards.code:code_reward",
 
 def run_rl(cfg: Config) -> dict:
     rc = cfg.rl
-    if cfg.train.compile == "on":
-        raise KilnError("rl: rollouts decode through the model with a KV cache, which the compiled blocks do not "
-                        "take; set train.compile=off (or auto)")
     rc = dataclasses.replace(rc, reward=rc.reward or TASK_REWARDS[rc.task])
-    # the caller's cfg stays as it was
-    cfg = dataclasses.replace(cfg, rl=rc, train=dataclasses.replace(cfg.train, compile="off"))
+    # the caller's cfg stays as it was. Rollouts run the policy's compiled blocks (train.compile) eagerly
+    # (`kiln.infer.engine.Batch`); its updates run them compiled.
+    cfg = dataclasses.replace(cfg, rl=rc)
     if cfg.parallel.tp > 1:
         raise KilnError("rl: rollouts decode with a KV cache that does not run under tensor parallelism yet; set "
                         "parallel.tp=1 (parallel.dp_shard shards the policy instead)")
