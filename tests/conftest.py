@@ -61,3 +61,26 @@ def run_dir(tmp_path, prepared) -> Path:
     shutil.copytree(prepared / "data", out / "data")
     shutil.copytree(prepared / "tokenizer", out / "tokenizer")
     return out
+
+
+def check_plan_vs_run(run: Path, partial: bool = False, predicted: bool = True) -> dict:
+    """A finished run's `plan_vs_run.json` (what the Trainer predicted before the first step and
+    measured by the end) and its report's "Plan vs measured" table: every figure there, the
+    prediction marked partial exactly when the planner leaves part of the workload out, or no
+    prediction at all (`predicted=False`) with the reason."""
+    import json
+
+    data = json.loads((run / "plan_vs_run.json").read_text())
+    report = (run / "report.md").read_text()
+    assert "### Plan vs measured" in report
+    if not predicted:
+        assert data["predicted"] is None and data["no_prediction"], data
+        assert "No prediction: " in report
+        return data
+    for key in ("peak_memory_bytes", "step_seconds", "tokens_per_s"):
+        assert data["predicted"][key] > 0, key
+        assert data["measured"][key] > 0, key  # on CPU: the allocator's peak of the first step, not RSS
+        assert key in data["error"], key
+    assert bool(data["partial"]) == partial, data["partial"]
+    assert ("**partial prediction**" in report) == partial
+    return data

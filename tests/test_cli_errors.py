@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,11 @@ BAD: dict[str, list[tuple[str, list[str], str]]] = {
         ("unknown workload", ["workload=train"], "is not 'pretrain' | "),
         ("zero layers", ["model.n_layers=0"], "'model.n_layers' = 0 is out of range"),
     ],
+    "diff": [
+        ("misspelt key", ["rtoll=1"], "did you mean 'rtol'?"),
+        ("no runs", [], "name two runs: kiln diff runs/A runs/B"),
+        ("not a run", ["{tmp}", "{tmp}"], "'{tmp}' is not a training run (no config.yaml or provenance.json)"),
+    ],
     "label": [
         ("not a sub-command", ["serv", OUT], "'serv' is not a sub-command; write kiln label generate|serve"),
         ("no sub-command", [OUT], "is not a sub-command; write kiln label generate|serve"),
@@ -179,11 +185,12 @@ BAD: dict[str, list[tuple[str, list[str], str]]] = {
         ("misspelt key", ["serve", OUT, "labelers_per_pair=2"], "did you mean 'label.labellers_per_pair'?"),
     ],
 }
-# Bad for every verb alike.
-for _verb in cli.VERBS:
+# Bad for every verb alike (a schema without model.* keys, `kiln diff`'s, has no key to suggest).
+for _verb, _spec in cli.VERBS.items():
+    _hint = "; did you mean 'model.preset'?" if "model" in {f.name for f in fields(cli._resolve(_spec.schema))} else ""
     BAD.setdefault(_verb, []).extend([
         ("missing recipe", ["-c", "{tmp}/nope.yaml"], "recipe file '{tmp}/nope.yaml' does not exist"),
-        ("recipe with a typo", ["-c", "{tmp}/typo.yaml"], "unknown config key 'modle.preset'; did you mean 'model.preset'?"),
+        ("recipe with a typo", ["-c", "{tmp}/typo.yaml"], f"unknown config key 'modle.preset'{_hint}"),
     ])
 
 CASES = [(verb, name, args, want) for verb, cases in BAD.items() for name, args, want in cases]
@@ -264,6 +271,61 @@ def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, prepared):
     assert len(lines) == 1 and "= 3 ranks, but 2 were launched" in lines[0], p.stderr
 
 
+def _launch_failing_with(monkeypatch, capsys, exits: dict[int, int], timeout_s: float = 120) -> tuple[int, str]:
+    """`kiln pretrain --nproc-per-node N` whose workers ended with `exits` (rank -> exit code, as
+    torch's agent reports them: -N for signal N), without starting any: the agent's failure is faked."""
+    import torch.distributed.launcher.api as launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def fake_launch(config, entrypoint):
+        def run(*args):
+            failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=code, error_file="/nonexistent")
+                        for r, code in exits.items()}
+            raise ChildFailedError("kiln", failures)
+        return run
+
+    monkeypatch.setattr(launcher, "elastic_launch", fake_launch)
+    rc = cli.launch("pretrain", len(exits), [], timeout_s)
+    return rc, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("abort", [-6, 134], ids=["signal", "through-a-shell"])
+def test_a_rank_the_nccl_watchdog_aborted_is_named_with_its_cause(monkeypatch, capsys, abort):
+    """Under NCCL a rank whose collective fails or outlasts the timeout is ended by the watchdog with
+    SIGABRT (-6 from the agent, 134 through a shell): the one line says so, not just the signal."""
+    rc, err = _launch_failing_with(monkeypatch, capsys, {0: -15, 1: abort})
+    lines = err.splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("kiln pretrain: error: rank 1 was aborted (SIGABRT")
+    assert "NCCL's watchdog" in line and "parallel.timeout_s=120" in line and "resume" in line
+
+
+def test_a_rank_that_died_is_named_before_the_ranks_the_watchdog_aborted_after_it(monkeypatch, capsys):
+    """One rank is killed (out of memory: SIGKILL); the watchdog then aborts the others: the line
+    names the killed one, the root cause."""
+    rc, err = _launch_failing_with(monkeypatch, capsys, {0: -6, 1: -9, 2: -6})
+    assert rc == 1 and err == "kiln pretrain: error: rank 1 was killed by SIGKILL; its output is above"
+
+
+def test_nccl_runs_raise_collective_errors_instead_of_aborting(monkeypatch):
+    """For an NCCL process group kiln asks torch to abort the communicators and raise in the
+    training thread (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) rather than SIGABRT the process (its
+    default, 3), so a lost peer ends in kiln's one line; a value the user set is kept."""
+    import torch
+
+    from kiln.train import parallel
+
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    assert parallel.process_group_backend(torch.device("cpu")) == "gloo"
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
+    assert parallel.process_group_backend(torch.device("cuda", 0)) == "nccl"
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    parallel.process_group_backend(torch.device("cuda", 0))
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
 # ---- keys scoped to the verb ---------------------------------------------------------------------------
 @pytest.mark.parametrize("verb, key, owner", [
     ("pretrain", "lora.rank=8", "kiln sft"),
@@ -336,6 +398,7 @@ MISSING_PATHS: list[tuple[str, list[str], str]] = [
     *[(verb, [OUT, f"data.path={MISSING}"], f"'{MISSING}' holds no prepared data (manifest.json missing or "
       f"unreadable); run `kiln prepare data.path={MISSING}` first") for verb in ("pretrain", "encoder", "distill")],
     ("vision", [OUT, "data.kind=images", f"data.path={MISSING}"], f"run `kiln prepare data.path={MISSING}` first"),
+    ("diff", [MISSING, "{tmp}"], f"'{MISSING}' does not exist; name two training runs: kiln diff runs/A runs/B"),
 ]
 # main() in a fresh interpreter: prints whether torch was imported by the time it returned, exits with its code
 PROBE = "import sys\nfrom kiln.cli import main\nrc = main(sys.argv[1:])\nprint('torch' in sys.modules)\nsys.exit(rc)"
@@ -377,8 +440,8 @@ def test_every_verb_input_is_a_key_it_reads_with_a_torch_free_check():
             "print('torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.stdout.split() == ["False"], p.stderr
-    keys = {k for k, _, _ in C.describe(C.Config)}
     for name, verb in cli.VERBS.items():
+        keys = {k for k, _, _ in C.describe(cli._resolve(verb.schema))}
         for inp in verb.inputs:
             for key in inp.keys.split("|") + ([inp.when] if inp.when else []):
                 assert key in keys and verb.reads(key), f"kiln {name}: input {key!r}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN, kiln
+from conftest import TINY_TRAIN, check_plan_vs_run, kiln
 from kiln.runs import sha256_file
 from kiln.workloads.distill import WindowLoader, token_divergence, topk_forward_kl
 
@@ -85,6 +85,8 @@ def test_the_student_learns_from_the_frozen_teacher(teacher, tmp_path):
     assert info["model"]["d_model"] == 32 and info["distill"]["divergence"] == "forward_kl"
     assert sha256_file(teacher / "checkpoints" / "step_0000040" / "model.safetensors") == before
     assert "## Distillation" in (out / "report.md").read_text()
+    planned = check_plan_vs_run(out, partial=True)  # the teacher's logits are not planned, its weights are
+    assert planned["predicted"]["memory"]["frozen_weights"] > 0
 
 
 def test_window_ids_name_the_windows_each_batch_holds(teacher):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
-from conftest import kiln
+from conftest import check_plan_vs_run, kiln
 from kiln.config import Config, load
 from kiln.data.preference_data import PairStats, normalize_row, pair_batch, tokenize_pairs
 from kiln.data.tokenizer import PAD, load_tokenizer
@@ -145,3 +145,5 @@ def test_dpo_raises_the_held_out_preference_of_the_policy_over_its_start(dpo_run
     assert train and all(k in train[-1] for k in ("rewards_rejected", "rewards_margin", "rewards_accuracy"))
     report = (dpo_run / "report.md").read_text()
     assert "## DPO" in report and "implicit-reward accuracy vs the reference | 50.0% |" in report
+    planned = check_plan_vs_run(dpo_run, partial=True)  # pairs padded to their batch: said, not hidden
+    assert any("padded" in reason for reason in planned["partial"])

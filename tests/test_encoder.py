@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, kiln
+from conftest import TINY_TRAIN, check_plan_vs_run, kiln
 from kiln.data.labelled_text import mask_tokens
 from kiln.data.tokenizer import SPECIAL_TOKENS
 from kiln.model.config import ModelConfig
@@ -87,6 +87,7 @@ def test_the_encoder_learns_masked_tokens_bidirectionally(encoder_run):
     result = json.loads((encoder_run / "encoder_eval.json").read_text())
     assert result["val_accuracy"] > result["frequent_token_accuracy"] + 0.03
     assert "## Masked language model" in (encoder_run / "report.md").read_text()
+    check_plan_vs_run(encoder_run)  # logits over the vocabulary at every position, as the planner counts
 
 
 def test_the_encoder_exports_to_transformers_eurobert_with_matching_outputs(encoder_run):
@@ -119,6 +120,7 @@ def test_the_fine_tuned_classifier_clearly_beats_both_baselines(classify_run):
     assert result["test_accuracy"] > max(baselines.values()) + 0.15, result
     report = (classify_run / "report.md").read_text()
     assert "## Classification" in report and "TF-IDF + logistic regression" in report
+    check_plan_vs_run(classify_run, partial=True)  # a pooled head: no vocabulary logits
 
 
 def test_the_classifier_starts_from_the_encoder_and_exports_with_matching_outputs(classify_run, encoder_run):

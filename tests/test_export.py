@@ -221,18 +221,20 @@ def hf_dir(tmp_path_factory, corpus):
     return d, model, tok
 
 
-def test_import_maps_the_models_own_bos_eos_and_reproduces_its_logits(hf_dir, tmp_path):
+def test_import_keeps_the_models_tokenizer_and_reproduces_its_logits(hf_dir, tmp_path):
     src, hf, hftok = hf_dir
     out, notes = import_hf(src, tmp_path / "imported")
     info = CheckpointManager.info(out / "checkpoints" / "step_0000000")
     assert CheckpointManager(out).verify(out / "checkpoints" / "step_0000000") is None
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000000"
     model, tok = kiln_model(out)
-    assert tok.token_to_id(BOS) == 1 and tok.token_to_id(EOS) == 2  # the model's own <s> and </s>, same ids
-    added = json.loads((out / "tokenizer" / "import.json").read_text())["added"]
-    assert sorted(added.values()) == list(range(290, 290 + len(added))) and "<|assistant|>" in added
+    # the model's own <s> and </s>, neither renamed nor joined by kiln's tokens (see tests/test_hf_chat.py)
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert tok.token_to_id("<s>") == 1 and tok.token_to_id(BOS) is None and tok.get_vocab_size() == 290
+    chat = json.loads((out / "tokenizer" / "chat.json").read_text())
+    assert chat["bos"] == 1 and chat["eos"] == [2] and chat["template"] is None
     assert info["model"]["vocab_size"] == 320 and info["model"]["rope_theta"] == 5000.0
-    assert any("renamed <s> → <|bos|>" in n for n in notes)
+    assert any("BOS <s> (1); EOS </s> (2)" in n and "no chat template" in n for n in notes)
     text = "for key in sorted(d):\n    print(key)\n"
     assert tok.encode(text).ids == hftok(text).input_ids  # ordinary text keeps its ids, BOS included
     ids = torch.tensor([hftok(text).input_ids])
@@ -323,9 +325,10 @@ def test_unsupported_incomplete_and_traversing_directories_are_refused(hf_dir, t
 
     cases = {
         "gpt2": (lambda d: set_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2"),
-                 "architecture 'GPT2LMHeadModel' is not supported; kiln imports Llama-architecture"),
-        "scaled": (lambda d: set_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
-                   "uses RoPE scaling 'llama3', which kiln's model does not implement"),
+                 "architecture 'GPT2LMHeadModel' is not supported; kiln imports LlamaForCausalLM, Qwen2ForCausalLM"),
+        "scaled": (lambda d: set_config(d, rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 5e5}),
+                   "config.json's rope_parameters.rope_type is 'dynamic' (frequencies that change with the sequence "
+                   "length), which kiln's model does not compute"),
         "noweights": (lambda d: (d / "model.safetensors").unlink(), "is incomplete: it holds no weights"),
         "noconfig": (lambda d: (d / "config.json").unlink(), "is incomplete: config.json is missing"),
         "notok": (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),

@@ -414,7 +414,7 @@ def test_pairs_with_an_empty_reply_are_neither_labelled_nor_exported(tmp_path, c
 
     replies = iter([["", "x = 1"], [" ", "y"], ["a", "b"], ["c", "c"]])
     monkeypatch.setattr(Engine, "from_run", classmethod(lambda cls, *a, **k: types.SimpleNamespace(
-        generate=lambda context, sc: next(replies))))
+        generate=lambda context, sc, chat=False: next(replies))))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n')
     run = tmp_path / "run"

@@ -319,3 +319,148 @@ def test_a_quantized_run_generates_in_bf16(quantized, fmt):
     engine = Engine.from_run(quantized[fmt], "cpu", "bf16")
     (text,) = engine.generate("def ", SampleConfig(max_new_tokens=8, temperature=0))
     assert isinstance(text, str)
+
+
+# ---- CUDA's kernels, chosen without a GPU ------------------------------------------------------
+H100 = (9, 0)
+
+
+@pytest.mark.parametrize("fmt, shape, group, rows, grad, cap, want", [
+    # CPU: as before (bf16 kernels for decode-sized inputs, the dequantized matmul past 16 rows)
+    ("int8", (1024, 512), 0, 1, False, None, "int8-cpu"),
+    ("int4", (1024, 512), 32, 16, False, None, "int4-cpu"),
+    ("int4", (1030, 512), 32, 1, False, None, "dequantize"),  # ATen's CPU layout wants N % 16 == 0
+    ("int8", (1024, 512), 0, 17, False, None, "dequantize"),
+    ("int8", (64, 128), 0, 1, False, None, "dense-once"),  # small: dequantized once
+    ("int4", (1024, 512), 32, 1, True, None, "dequantize"),  # autograd: no kernel has a backward
+])
+def test_the_cpu_matmul_choice_is_unchanged(fmt, shape, group, rows, grad, cap, want):
+    assert QF.choose_matmul("cpu", fmt, shape, group, rows, grad) == want
+
+
+@pytest.mark.parametrize("fmt, shape, group, rows, grad, cap, want", [
+    ("int4", (4096, 4096), 64, 1, False, H100, "int4-cuda"),  # tinygemm: decode and small batches
+    ("int4", (4096, 4096), 256, 64, False, H100, "int4-cuda"),
+    ("int4", (4096, 4096), 64, 65, False, H100, "dequantize"),  # prefill: dequantized, cuBLAS
+    ("int4", (4096, 4096), 64, 1, True, H100, "dequantize"),
+    ("int4", (4096, 4096), 64, 1, False, (8, 0), "int4-cuda"),
+    ("int4", (4096, 4096), 64, 1, False, (7, 5), "dequantize"),  # the kernel needs sm80 or newer
+    ("int4", (4100, 4096), 64, 1, False, H100, "dequantize"),  # N % 8 != 0
+    ("int4", (4096, 4128), 32, 1, False, H100, "int4-cuda"),  # K % 32: two inner k-tiles
+    ("int8", (4096, 4096), 0, 1, False, H100, "int8-upcast"),  # converted in the matmul, scaled after
+    ("int8", (4096, 4096), 0, 4096, False, H100, "int8-upcast"),
+    ("int8", (4096, 4096), 0, 1, True, H100, "dequantize"),
+    ("int8", (256, 256), 0, 1, False, H100, "dense-once"),
+])
+def test_cuda_gets_its_own_kernels(fmt, shape, group, rows, grad, cap, want):
+    assert QF.choose_matmul("cuda", fmt, shape, group, rows, grad, cap) == want
+
+
+def test_other_devices_dequantize_per_call_and_say_so_once(capsys):
+    assert QF.choose_matmul("mps", "int4", (4096, 4096), 64, 1, False) == "dequantize"
+    QF.fallback_note("mps", "int4")
+    QF.fallback_note("mps", "int4")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dequantized" in err and "mps" in err
+
+
+def test_cuda_int4_bytes_hold_the_even_column_in_the_high_nibble():
+    """`_convert_weight_to_int4pack` (CUDA) reads (N, K/2) uint8 with column 2j in the high nibble (the
+    reverse of the stored form)."""
+    stored = QF.pack_int4(torch.tensor([[1, 2, 15, 0]]))
+    assert QF.int4_cuda_bytes(stored).tolist() == [[0x12, 0xF0]]
+    q = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(6))
+    cuda = QF.int4_cuda_bytes(QF.pack_int4(q))
+    assert torch.equal(torch.stack([cuda >> 4, cuda & 0x0F], -1).flatten(-2).long(), q)
+
+
+def _stand_in_cuda_int4_ops(monkeypatch):
+    """ATen's CUDA int4 ops on this CPU: the CUDA byte order unpacked, then the CPU kernel (same grid,
+    same (K/g, N, 2) scales and zeros); a wrong nibble order, grid or group would show in the numbers."""
+    def convert(w, inner_k_tiles):
+        assert w.dtype == torch.uint8 and w.is_contiguous() and inner_k_tiles in (2, 4, 8)
+        assert (2 * w.shape[1]) % (16 * inner_k_tiles) == 0
+        values = torch.stack([w >> 4, w & 0x0F], -1).flatten(-2).to(torch.int32)
+        return torch._convert_weight_to_int4pack_for_cpu(values, 1)
+
+    def mm(x, w, group, sz):
+        assert x.dtype == torch.bfloat16 and x.is_contiguous() and sz.dtype == torch.bfloat16
+        return torch._weight_int4pack_mm_for_cpu(x, w, group, sz)
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", convert)
+    monkeypatch.setattr(torch, "_weight_int4pack_mm", mm)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_cuda_paths_compute_the_stored_weights(fmt, monkeypatch):
+    _stand_in_cuda_int4_ops(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    stored = Q.quantize_rtn(torch.randn(1024, 512, generator=g) * 0.02, fmt, 64)
+    weight = QF.QuantWeight(stored)
+    kernel = weight.build_kernel("int4-cuda" if fmt == "int4" else "int8-upcast")
+    for dtype, tol in ((torch.float32, 0.02 if fmt == "int4" else 1e-5), (torch.bfloat16, 0.03)):
+        x = torch.randn(3, 512, generator=g).to(dtype)
+        reference = x.float() @ stored.dequantize().T
+        with torch.no_grad():
+            y = kernel(x)
+        assert y.dtype == dtype and y.shape == (3, 1024)
+        assert torch.allclose(y.float(), reference, rtol=0, atol=tol * reference.abs().max().item()), (fmt, dtype)
+
+
+# ---- GPTQ on the configured device -------------------------------------------------------------
+def test_gptq_calibrates_on_the_configured_device_and_stores_on_the_cpu(trained, tmp_path, monkeypatch):
+    """`kiln quantize device=...` runs the model, the calibration and GPTQ where `device` says (as
+    every verb picks it: `pick_device`) and writes the stored tensors from the CPU."""
+    asked, seen = [], []
+    real_pick, real_gptq = Q.pick_device, Q.quantize_gptq
+
+    def pick(spec):
+        asked.append(spec)
+        return real_pick("cpu")
+
+    def gptq(w, hessian, *args, **kw):
+        seen.append((w.device.type, hessian.device.type))
+        out = real_gptq(w, hessian, *args, **kw)
+        return out
+
+    monkeypatch.setattr(Q, "pick_device", pick)
+    monkeypatch.setattr(Q, "quantize_gptq", gptq)
+    out = tmp_path / "on-device"
+    assert kiln("quantize", f"source={trained}", f"out={out}", "format=int4", "group_size=32", "method=gptq",
+                "calib_sequences=8", "calib_seq_len=32", "evaluate=false", "device=cpu") == 0
+    assert asked == ["cpu"] and seen and set(seen) == {("cpu", "cpu")}
+    assert _latest(out)[1]["quantization"]["method"] == "gptq"
+
+
+def test_stored_tensors_come_back_to_the_cpu_from_any_device():
+    qt = Q.quantize_rtn(torch.randn(64, 64), "int4", 32)
+    moved = qt.to("meta")
+    assert moved.q.device.type == moved.scale.device.type == moved.min.device.type == "meta"
+    assert moved.group_size == 32 and moved.format == "int4" and qt.to("cpu").q is qt.q
+
+
+def test_quantization_on_cuda_keeps_fp32_matmuls_exact():
+    """`use_device` turns TF32 on for CUDA (training's rate); the second moments and GPTQ's error
+    propagation, and the before/after scores, are computed at full fp32 and the flag is put back."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with Q.exact_fp32(torch.device("cuda", 0)):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+        with Q.exact_fp32(torch.device("cpu")):
+            assert torch.backends.cuda.matmul.allow_tf32  # nothing to change off CUDA
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def test_a_models_matmul_paths_are_counted_for_the_gpu_check():
+    mc = preset("tiny", vocab_size=512)
+    model = Transformer(mc)
+    model.init_weights(0)
+    stored = Q.quantize_model(model, "int4", 32)
+    rest = {k: v for k, v in QF.stored_tensors(model, stored).items() if not k.endswith((".q", ".scale", ".min"))}
+    quantized = QF.build_quantized(mc, stored, rest)
+    counts = QF.matmul_paths(quantized)
+    assert sum(counts.values()) == len(QF.matrix_names(mc))  # the tied table once
+    assert set(counts) <= {"dense-once", "int4-cpu", "dequantize"}

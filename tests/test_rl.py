@@ -14,7 +14,7 @@ import torch
 from test_compile import eager_backend  # noqa: F401  (compiles with the eager backend)
 from test_reward import FAST, base, easy_pairs, write_jsonl  # noqa: F401  (the module's base run)
 
-from conftest import kiln
+from conftest import check_plan_vs_run, kiln
 from kiln.config import Config, SandboxConfig, load
 from kiln.data.preference_default import docstring_prompts
 from kiln.errors import KilnError
@@ -285,6 +285,8 @@ def test_a_run_goes_through_failing_rewards_and_attacks_counting_each(rl_run):
     assert all({"prompt", "completion", "reward", "reason"} <= set(r) for r in samples)
     assert {r["prompt"] for r in samples} == {f"def c{i}(y):\n" for i in range(4)}
     assert "Held-out greedy completions" in report and "- step 4, reward" in report
+    planned = check_plan_vs_run(out, partial=True)  # rollouts run inside each step: not planned, and said so
+    assert planned["predicted"]["memory"]["frozen_weights"] > 0  # the KL reference's weights are
 
 
 def test_a_resumed_rl_run_keeps_every_section_of_its_report(tmp_path, rl_run):

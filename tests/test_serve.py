@@ -521,3 +521,87 @@ def test_kiln_serve_stops_gracefully_finishing_the_stream_in_flight(trained):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+# ---- the scheduler's thread ------------------------------------------------------------------
+class _Ids:
+    """The least of a tokenizer a batch over token ids needs: no end tokens, a vocabulary size."""
+
+    def get_vocab_size(self) -> int:
+        return 96
+
+    def token_to_id(self, token: str):
+        return None
+
+
+def _tiny_engine() -> Engine:
+    import torch
+
+    from kiln.model.config import preset
+    from kiln.model.transformer import Transformer
+
+    model = Transformer(preset("tiny", vocab_size=96))
+    model.init_weights(0)
+    return Engine(model.eval(), _Ids(), torch.device("cpu"))
+
+
+def test_the_decode_step_is_warmed_up_on_the_thread_that_steps_it(monkeypatch):
+    """torch keeps CUDA graph trees per thread: graphs recorded while the server starts (in the
+    thread that builds the scheduler) would be recorded again by the scheduler's thread at the first
+    request. The warm-up runs on the scheduler's thread, before the scheduler is ready."""
+    from kiln.infer import decode
+
+    warmed, stepped = [], []
+
+    def warm_up(self, cache):
+        warmed.append(threading.get_ident())
+
+    def step(self, tokens, cache, rows, used):
+        stepped.append(threading.get_ident())
+        return self._step(tokens[:rows], cache.lengths[:rows], cache.k, cache.v, used)  # eagerly: no compile here
+
+    monkeypatch.setattr(decode.DecodeStep, "warm_up", warm_up)
+    monkeypatch.setattr(decode.DecodeStep, "__call__", step)
+    with Scheduler(_tiny_engine(), max_batch=2, max_queue=4, compile=True) as sched:
+        assert len(warmed) == 1  # done before the scheduler takes requests
+        seq = Sequence([1, 5, 9], SamplingParams(max_new_tokens=4, temperature=0.0), None)
+        sched.submit([seq])
+        assert sched.wait([seq], 60) and len(seq.tokens) == 4
+    assert stepped and set(stepped) == set(warmed) == {sched._thread.ident}
+    assert threading.get_ident() not in warmed
+
+
+def test_a_warm_up_that_fails_stops_the_scheduler_from_starting(monkeypatch):
+    from kiln.infer import decode
+
+    def broken(self, cache):
+        raise RuntimeError("out of memory while recording")
+
+    monkeypatch.setattr(decode.DecodeStep, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="out of memory while recording"):
+        Scheduler(_tiny_engine(), max_batch=2, max_queue=4, compile=True)
+
+
+def test_cuda_graphs_are_warmed_up_once_per_thread_other_compiled_steps_once():
+    """The step remembers which threads warmed it up when it replays CUDA graphs (their trees are
+    per thread); otherwise one warm-up serves every thread (dynamo's code is shared)."""
+    import torch
+
+    from kiln.infer import decode
+    from kiln.model.transformer import KVCache
+
+    def warm_ups(settings: decode.StepCompile) -> int:
+        model = _tiny_engine().model
+        step = decode.DecodeStep(model, compile=True, settings=settings)
+        calls = []
+        step._compiled = lambda tokens, cache, rows, used: calls.append(threading.get_ident()) or torch.zeros(rows, 96)
+        cache = KVCache(model.cfg, 2, 128)
+        step.warm_up(cache)
+        step.warm_up(cache)  # again on this thread: nothing to do
+        worker = threading.Thread(target=step.warm_up, args=(cache,))
+        worker.start()
+        worker.join()
+        return len(set(calls))
+
+    assert warm_ups(decode.StepCompile({"backend": "eager"}, cuda_graphs=True)) == 2
+    assert warm_ups(decode.StepCompile({"backend": "eager"})) == 1

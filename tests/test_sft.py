@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN, kiln
+from conftest import TINY_TRAIN, check_plan_vs_run, kiln
 from kiln.config import LoRAConfig
 from kiln.data.chat import IGNORE
 from kiln.data.chat_data import (
@@ -329,6 +329,8 @@ def test_lora_run_on_the_default_task_beats_its_base_and_reports_it(lora_run):
     assert task["step"] == 8 and task["task_prompts"] > 0 and 0 <= task["base_task_f1"] <= 1
     report = (lora_run / "report.md").read_text()
     assert "## Supervised fine-tuning" in report and "LoRA rank 8" in report and "held-out loss on assistant" in report
+    planned = check_plan_vs_run(lora_run)  # the planner models LoRA on all seven projections
+    assert planned["predicted"]["memory"]["optimizer"] < planned["predicted"]["memory"]["weights"]
 
 
 def test_generate_serves_the_merged_model_equal_to_adapters_on_the_base(lora_run, base, capsys):
@@ -420,6 +422,7 @@ def test_full_sft_from_user_jsonl_raises_the_held_out_task_metric(base, tmp_path
     ck = checkpoint(out, 12)
     assert not (ck / ADAPTER_FILE).exists()
     assert set(load_file(ck / "model.safetensors")) == set(load_file(checkpoint(base, 20) / "model.safetensors"))
+    check_plan_vs_run(out)
 
 
 def test_bad_setups_get_one_line(base, tmp_path, capsys, prepared):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, kiln
+from conftest import TINY_TRAIN, check_plan_vs_run, kiln
 from kiln.config import Config, TrainConfig, load
 from kiln.data.shards import TokenLoader
 from kiln.errors import KilnError
@@ -37,6 +37,8 @@ def test_pretrain_learns_and_logs_every_field(run_dir):
     assert evals[-1]["val_bpb"] < baseline  # better than token frequencies alone
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000080"
+    planned = check_plan_vs_run(run_dir)
+    assert abs(planned["error"]["peak_memory_bytes"]) < 0.1
 
 
 def _trainer(run_dir, overrides, objective=None):
@@ -159,12 +161,14 @@ def test_an_mfu_above_100_percent_retimes_the_peak_and_is_never_printed_as_a_res
     monkeypatch.setattr(hardware, "_PEAK_CACHE", {})
     rates = iter([1e3] * 5 + [retimed_rate] * 100)  # 5 timings at 1024³ at the start, then the re-times
     monkeypatch.setattr(hardware, "measure_matmul_peak", lambda device, *a, **kw: next(rates))
-    t = _trainer(run_dir, ["train.max_steps=3", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=100"])
+    t = _trainer(run_dir, ["train.max_steps=4", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=100"])
     t.flops_per_token = 1e6  # ~1e9 FLOP/s on this host: far above a 1 kFLOP/s "peak"
     t.fit()
     out = capsys.readouterr().out
     steps = [line for line in out.splitlines() if line.startswith("pretrain: step ") and "| loss " in line]
-    assert len(steps) == 3 and "re-timed" in out
+    assert len(steps) == 4 and "warm-up: not timed" in steps[0]  # the first step is warm-up: no MFU
+    steps = steps[1:]
+    assert "re-timed" in out
     m = [r for r in metrics(run_dir) if "mfu" in r]
     for line, r in zip(steps, m):
         mfu = line.split("| MFU ")[1].split(" |")[0]
@@ -176,3 +180,48 @@ def test_an_mfu_above_100_percent_retimes_the_peak_and_is_never_printed_as_a_res
             assert "unreliable" in mfu
     if retimed_rate > 1e9:
         assert sum("re-timed" in line for line in out.splitlines()) == 1  # later steps read ≤ 100%
+
+
+def _seconds(text: str) -> float:
+    h = m = s = 0
+    for value, unit in __import__("re").findall(r"(\d+)([hms])", text):
+        h, m, s = (int(value), m, s) if unit == "h" else (h, int(value), s) if unit == "m" else (h, m, int(value))
+    return 3600 * h + 60 * m + s
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["first-step", "first-step-after-resume"])
+def test_a_slow_first_step_is_warm_up_left_out_of_tok_s_mfu_and_eta(run_dir, capsys, monkeypatch, resumed):
+    """torch.compile's warm-up makes the first step of a run (and of a resume) slow: its line says
+    warm-up instead of a rate, and the next lines' tok/s, MFU and ETA do not count it."""
+    slow_s = 3.0
+    if resumed:
+        _trainer(run_dir, ["train.max_steps=2", "train.ckpt_every=2", "train.eval_every=100"]).fit()
+        capsys.readouterr()
+    t = _trainer(run_dir, ["train.max_steps=6", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=100",
+                           *(["resume=auto"] if resumed else [])])
+    if resumed:
+        t.resume_from(t.ckpt.latest_intact())
+    first = t.step + 1
+    real = Trainer.train_step
+
+    def compiling_first(self):
+        if self.step == first - 1:
+            import time
+
+            time.sleep(slow_s)  # what compiling the blocks costs the first step
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", compiling_first)
+    t.fit()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("pretrain: step ") and "| loss " in ln]
+    assert [int(ln.split()[2].split("/")[0]) for ln in lines] == list(range(first, 7))
+    assert "warm-up" in lines[0] and "tok/s" not in lines[0].split("warm-up")[0] and "MFU " not in lines[0], lines[0]
+    assert lines[0].endswith("ETA after warm-up"), lines[0]
+    for ln in lines[1:]:
+        assert "warm-up" not in ln and "| MFU " in ln, ln
+        assert _seconds(ln.split("ETA ")[1]) < slow_s, ln  # the remaining steps at the steady rate
+    m = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+    assert m[first].get("warmup") is True and "tokens_per_s" not in m[first] and "mfu" not in m[first]
+    second = m[first + 1]
+    assert "warmup" not in second and t.tokens_per_step / second["tokens_per_s"] < slow_s / 2
+    assert second["elapsed_s"] >= slow_s  # the run's own clock still counts it

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import kiln
+from conftest import check_plan_vs_run, kiln
 from kiln.config import AugmentConfig, ImageDataConfig
 from kiln.data.augment import BatchAugment
 from kiln.data.images import ImageLoader, decode_image, split_batches
@@ -291,6 +291,7 @@ def test_digits_speedrun_clearly_learns_and_reports(tmp_path, digits):
                  "ViT without augmentation"):
         assert part in report
     assert (out / "confusion.png").is_file() and (out / "compare-no-augment" / "report.md").is_file()
+    check_plan_vs_run(out, partial=True)  # a ViT over patch tokens: the patch embedding and pooled head are not planned
 
 
 def test_a_resumed_vision_run_reaches_the_same_weights(tmp_path, digits):
@@ -310,3 +311,4 @@ def test_a_resumed_vision_run_reaches_the_same_weights(tmp_path, digits):
     assert kiln("vision", "-c", RECIPE, f"out={parts}", *args, "train.max_steps=6") == 0
     a, b = weights(straight), weights(parts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_plan_vs_run(straight, predicted=False)  # a CNN has no transformer block to plan: said, no figure

@@ -33,6 +33,7 @@ PAIRS = "kiln.data.inputs:check_pairs"  # a JSONL file of preference pairs
 PROMPTS = "kiln.data.inputs:check_prompts"  # a JSONL file of GRPO prompts
 LABEL_PROMPTS = "kiln.data.inputs:check_label_prompts"  # prompts to label, .jsonl or text
 CLASSIFY_INPUT = "kiln.data.inputs:check_classify_input"  # a built-in classification task or a JSONL file
+RUN = "kiln.provenance:check_run"  # a training run's directory (config.yaml or provenance.json)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ class Verb:
     trains: bool = False
     # Sub-commands, (name, summary): `kiln VERB MODE key=value ...`; `target` names the function as `{mode}`.
     modes: tuple[tuple[str, str], ...] = ()
-    positional: str | None = None  # key a bare first argument sets (`kiln import PATH` = hf_import.path=PATH)
+    # key a bare first argument sets (`kiln import PATH` = hf_import.path=PATH); a tuple: the keys the
+    # bare arguments set in order (`kiln diff A B` = a=A b=B)
+    positional: str | tuple[str, ...] | None = None
     ignores: tuple[str, ...] = ()  # keys under `sections` the verb does not read: not in --help, refused
     # Paths the verb reads, in the order it reads them, checked before its module (and torch) is imported.
     inputs: tuple[Input, ...] = ()
@@ -169,7 +172,7 @@ VERBS: dict[str, Verb] = {
     "quantize": Verb(
         "kiln.post.quantize:run_quantize",
         "weight-only INT8 / INT4 (round-to-nearest or GPTQ) of a run: kiln quantize source=RUN out=NEW format=int4",
-        sections=("out", "data.path", "quantize"),
+        sections=("out", "device", "data.path", "quantize"),
         shorthand="quantize",
         inputs=(Input("quantize.source", CHECKPOINT),),
     ),
@@ -211,14 +214,14 @@ VERBS: dict[str, Verb] = {
     ),
     "export": Verb(
         "kiln.post.export:run_export",
-        "write a run's checkpoint as a Hugging Face Llama directory (format=hf) or a GGUF file (format=gguf)",
+        "write a run's checkpoint as a Hugging Face directory (format=hf: Llama, or the Qwen2 / Qwen3 / Mistral architecture it needs) or a GGUF file (format=gguf)",
         sections=("out", "export"),
         shorthand="export",
         inputs=(Input("export.checkpoint|out", CHECKPOINT),),
     ),
     "import": Verb(
         "kiln.post.export:run_import",
-        "turn a Llama-architecture Hugging Face directory into a kiln run: kiln import PATH out=runs/NAME",
+        "turn a Hugging Face Llama, Qwen2, Qwen3 or Mistral directory into a kiln run: kiln import PATH out=runs/NAME",
         sections=("out", "hf_import"),
         shorthand="hf_import",
         positional="hf_import.path",
@@ -230,6 +233,15 @@ VERBS: dict[str, Verb] = {
         sections=("out", "device", "eval"),
         shorthand="eval",
         inputs=(Input("eval.path|out", MODEL),),
+    ),
+    "diff": Verb(
+        "kiln.provenance:run_diff",
+        "what differs between two runs: config keys, data, code, packages, hardware, and the step where their "
+        "losses part: kiln diff runs/A runs/B",
+        schema="kiln.provenance:DiffConfig",
+        flags=("json",),
+        positional=("a", "b"),
+        inputs=(Input("a", RUN), Input("b", RUN)),
     ),
     "plan": Verb(
         "kiln.plan:run_plan",
@@ -348,7 +360,38 @@ def _quiet_stdout() -> None:
         pass
 
 
-def launch(verb: str, nproc: int, argv: list[str]) -> int:
+def _aborted(failure) -> bool:
+    """Whether a worker died of SIGABRT: -6 as the agent reports a signal, 134 (128 + 6) through a shell."""
+    return failure.exitcode in (-signal.SIGABRT, 128 + signal.SIGABRT)
+
+
+def failure_line(failures: dict, timeout_s: float | None = None) -> tuple[str, int]:
+    """The launcher's one line for failed workers (rank -> the agent's `ProcessFailure`) and the
+    exit code. The root cause is the first failure, leaving out ranks the agent itself stopped
+    (SIGTERM) once another had failed, and ranks aborted with SIGABRT while another failed some
+    other way (NCCL's watchdog aborts the survivors of a dead rank); within the same second (the
+    timestamps' grain), one that left kiln's line. A rank killed by SIGABRT is named with the
+    watchdog's cause, which its output (above) holds in full."""
+    causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    causes = {r: f for r, f in causes.items() if not _aborted(f)} or causes
+    rank = min(causes, key=lambda r: (causes[r].timestamp, _left_message(causes[r]) is None, r))
+    failure = causes[rank]
+    if _left_message(failure):
+        line = _left_message(failure)
+    elif _aborted(failure):
+        limit = f"parallel.timeout_s={timeout_s:g}" if timeout_s is not None else "parallel.timeout_s"
+        line = (f"rank {rank} was aborted (SIGABRT, exit code {failure.exitcode}): that is NCCL's watchdog ending "
+                f"a rank whose collective failed or waited longer than {limit}, because another rank died, "
+                "stalled or called a different collective; the watchdog's message is in its output above; "
+                "rerun the same command to resume from the last checkpoint")
+    elif failure.exitcode < 0:
+        line = f"rank {rank} was killed by {failure.signal_name()}; its output is above"
+    else:
+        line = f"rank {rank} exited with code {failure.exitcode}; its output is above"
+    return line, 2 if failure.exitcode == 2 else 1
+
+
+def launch(verb: str, nproc: int, argv: list[str], timeout_s: float | None = None) -> int:
     """`kiln VERB --nproc-per-node N ...`: torchrun's elastic launch (standalone rendezvous) run in this
     process, so that a failed worker ends the launch with its one-line error, not ChildFailedError's dump."""
     import logging
@@ -370,19 +413,9 @@ def launch(verb: str, nproc: int, argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "kiln", verb, *argv)
         return 0
     except ChildFailedError as e:
-        # The first failure, leaving out ranks the agent itself stopped (SIGTERM) once another had
-        # failed; within the same second (the timestamps' grain), one that left kiln's line.
-        causes = {r: f for r, f in e.failures.items() if f.exitcode != -signal.SIGTERM} or e.failures
-        rank = min(causes, key=lambda r: (causes[r].timestamp, _left_message(causes[r]) is None, r))
-        failure = causes[rank]
-        if _left_message(failure):
-            line = _left_message(failure)
-        elif failure.exitcode < 0:
-            line = f"rank {rank} was killed by {failure.signal_name()}; its output is above"
-        else:
-            line = f"rank {rank} exited with code {failure.exitcode}; its output is above"
+        line, code = failure_line(e.failures, timeout_s)
         print(f"kiln {verb}: error: {line}", file=sys.stderr)
-        return 2 if failure.exitcode == 2 else 1
+        return code
     except SignalException:
         print(f"kiln {verb}: interrupted", file=sys.stderr)
         return 130
@@ -432,15 +465,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = args.overrides + [f"{f}=true" for f in verb.flags if getattr(args, f)]
         bare = [o for o in overrides if "=" not in o]
-        if verb.positional and bare:  # the first bare argument; any other stays an error
-            overrides[overrides.index(bare[0])] = f"{verb.positional}={bare[0]}"
+        if verb.positional and bare:  # the first bare arguments, in order; any other stays an error
+            keys = (verb.positional,) if isinstance(verb.positional, str) else verb.positional
+            for key, arg in zip(keys, bare):
+                overrides[overrides.index(arg)] = f"{key}={arg}"
         cfg = C.load(_resolve(verb.schema), args.config, overrides, shorthand=verb.shorthand, continue_run=verb.trains,
                      scope=verb.sections)
         _check_scope(args.verb, overrides, cfg)
         _check_inputs(verb, cfg, getattr(args, "mode", None))
         nproc = getattr(args, "nproc_per_node", None)
         if nproc is not None:  # the config is good: start the processes, each loads it again
-            return launch(args.verb, nproc, (["-c", args.config] if args.config else []) + overrides)
+            timeout_s = getattr(getattr(cfg, "parallel", None), "timeout_s", None)
+            return launch(args.verb, nproc, (["-c", args.config] if args.config else []) + overrides, timeout_s)
         saved = C.run_config_path(cfg.out, cfg.resume) if verb.trains else None
         if saved and _rank() == 0:
             print(f"{args.verb}: continuing the run in {cfg.out}: settings read from {saved}, "

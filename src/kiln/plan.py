@@ -16,6 +16,10 @@ layout down at the same MFU, it raises the hardware FLOPs utilization (HFU) that
 the plan reports that HFU beside the time. Tensor- and pipeline-parallel traffic is on the critical
 path; FSDP's and DDP's hides behind the compute it overlaps, up to that compute.
 
+Every training run asks `predict_run` about itself before its first step (the same models for one
+concrete layout and device) and writes the comparison with what it measured to `plan_vs_run.json`;
+`calibrate=RUN,…` plans with the MFU those runs measured (`read_calibration`).
+
 The activation count is not a textbook constant: it is the exact list of tensors kiln's
 transformer (`kiln.model.transformer`) saves for backward, checked against a measured CPU run
 in tests/test_plan.py.
@@ -103,6 +107,8 @@ class PlanConfig:
     # FLOPs only, so time does not depend on checkpointing (its recomputed forward shows up as the HFU a layout
     # needs instead); exposed communication and the pipeline bubble are added on top.
     mfu: float = ranged(0.4, gt=0, le=1)
+    # Runs (RUN[,RUN…]) whose measured MFU replaces `mfu`: the median of what their plan_vs_run.json measured.
+    calibrate: list[str] = field(default_factory=list)
     activation_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto = only where a layout needs it to fit
     max_memory_fraction: float = ranged(0.9, gt=0, le=1)  # the rest of HBM is CUDA context, NCCL buffers, fragmentation
     price_per_gpu_hour: float = ranged(0.0, ge=0)  # 0 = prices.<gpu>
@@ -159,11 +165,17 @@ def activation_bytes_per_token(
     math path) the softmax probabilities, n_heads·seq_len per token, replace the logsumexp.
     This is Korthikanti et al.'s s·b·h·(34 + 5·a·s/h) redone for a Llama block (SwiGLU, no
     dropout): 20·h + 8·F bytes per token in bf16, about 48·h for Llama 3's F = 3.5·h.
+    Where the heads' width n_heads·head_dim differs from d (Qwen3), q and the attention output
+    take that width; per-head q/k norms (Qwen3) keep q and k twice more (their input and x·rstd)
+    and an rstd per head.
     """
     d, f, nq = model.d_model, model.ffn_hidden, model.n_heads
-    kv = model.n_kv_heads * model.head_dim
-    elems = 8 * d + 2 * kv + 4 * f + 7 * lora_rank  # LoRA adds each adapter's rank-r intermediate
+    q, kv = nq * model.head_dim, model.n_kv_heads * model.head_dim
+    elems = 6 * d + 2 * q + 2 * kv + 4 * f + 7 * lora_rank  # LoRA adds each adapter's rank-r intermediate
     fp32 = 2 + nq
+    if model.qk_norm:  # q and k before the norm and x·rstd (for the gain's gradient), and an rstd per head
+        elems += 2 * (q + kv)
+        fp32 += nq + model.n_kv_heads
     if not flash_attention:
         elems += nq * (seq_len or model.max_seq_len)
         fp32 -= nq
@@ -674,6 +686,138 @@ def inference_estimate(model: ModelConfig, gpu: GPUSpec, precision: str, batch: 
             "usd_per_million_tokens": n * price / 3600 / tokens_s * 1e6}
 
 
+# ---- one concrete run: what a training verb asks before it starts ------------------------------
+DEFAULT_MFU = 0.4  # PlanConfig.mfu's default: what a run assumes until `calibrate=` replaces it
+PLAN_VS_RUN = "plan_vs_run.json"  # in a run directory: the prediction, the measurement, the error of each
+_FROZEN_BYTES = 4  # kiln keeps a frozen model's weights (DPO reference, teacher) in fp32; autocast computes in bf16
+
+
+def device_spec(name: str, peak_flops: float, memory_bytes: float, link_bytes_s: float = 0.0) -> GPUSpec:
+    """A device the datasheet table does not hold (a CPU host, an unlisted GPU) as the planner's
+    GPUSpec: its measured matmul peak for every precision, its memory, and (distributed) the rate
+    its collectives were measured to move, per direction."""
+    tflops = peak_flops / 1e12
+    return GPUSpec(name, memory_bytes / GB, tflops, None, tflops, 0.0, 2 * link_bytes_s / GB)
+
+
+def predict_run(model: ModelConfig, *, micro_batch: int, seq_len: int, steps: int, layout: dict[str, int],
+                precision: str, gpu: GPUSpec, price_per_device_hour: float, accumulation: int = 1,
+                pp_microbatches: int = 1, schedule: str = "1f1b", link_bytes_s: float = 0.0,
+                devices_per_node: int = 0, mfu: float = DEFAULT_MFU, lora_rank: int = 0,
+                activation_checkpointing: bool = False, frozen: tuple[ModelConfig, ...] = (), ddp_buckets: bool = False,
+                step_tokens: int = 0) -> dict:
+    """The planner's figures for one concrete run (one layout, one micro-batch, one device type), as
+    `kiln <training verb>` asks before it starts: peak memory per device, step seconds, tokens/s,
+    total seconds and cost. The same memory model, step model (compute at `mfu` + exposed
+    communication + pipeline bubble) and FLOPs as `kiln plan`; nothing is searched.
+
+    `micro_batch` sequences of `seq_len` per forward on each data-parallel rank, `accumulation`
+    forwards per optimizer step; under pipeline parallelism (`layout["pp"]` > 1) each forward splits
+    into `pp_microbatches` micro-batches run by `schedule`. `frozen`: models held but not trained
+    (a DPO reference, a teacher), whose fp32 weights are placed like the trained one's (TP- and
+    FSDP-sharded). `ddp_buckets`: DDP keeps a flat fp32 copy of every gradient in its buckets, beside
+    `.grad`. `step_tokens`: what the run counts as tokens per step (images for a classifier; the
+    default, sequences × seq_len); tokens/s is in those units. `link_bytes_s`: the per-direction rate
+    of every collective (0: the GPU's NVLink within `devices_per_node` and 400 Gb/s InfiniBand across).
+    """
+    dp_replicate, dp_shard, tp, pp = (layout.get(k, 1) for k in ("dp_replicate", "dp_shard", "tp", "pp"))
+    devices = dp_replicate * dp_shard * tp * pp
+    if pp > 1:  # each of the `accumulation` forwards is one pipeline pass of pp_microbatches micro-batches
+        m, passes = max(1, pp_microbatches), accumulation
+        mb = max(1, micro_batch // m)
+    else:
+        m, passes, mb = accumulation, 1, micro_batch
+    nvlink = link_bytes_s or gpu.nvlink_gbps * GB / 2 or math.inf  # inf: one device, nothing to move
+    cluster = Cluster(gpu, devices_per_node or devices, nvlink, link_bytes_s or 400 * GB / 8,
+                      price_per_device_hour, 1.0)
+    pass_tokens = m * dp_replicate * dp_shard * mb * seq_len
+    job = TrainingJob(model, float(steps * passes * pass_tokens), seq_len, precision, mfu, mb, pass_tokens,
+                      lora_rank, "on" if activation_checkpointing else "off")
+    lay = _evaluate(job, cluster, dp_replicate, dp_shard, tp, pp, mb, m, schedule)
+    memory = dict(lay.memory)
+    memory["frozen_weights"] = sum(f.num_params() for f in frozen) * _FROZEN_BYTES / (tp * dp_shard)
+    trainable = (model.n_layers * lora_layer_params(model, lora_rank) if lora_rank else model.num_params()) / (tp * pp)
+    memory["ddp_buckets"] = trainable * 4 if ddp_buckets and dp_replicate > 1 and dp_shard == 1 else 0.0
+    peak = memory["total"] + memory["frozen_weights"] + memory["ddp_buckets"]
+    step_s = lay.step_s * passes
+    total_s = steps * step_s
+    counted = step_tokens or passes * pass_tokens
+    return {
+        "peak_memory_bytes": peak, "memory": memory, "fits": peak <= gpu.memory_gb * GB,
+        "step_seconds": step_s, "compute_seconds": lay.compute_s * passes,
+        "exposed_comm_seconds": lay.exposed_comm_s * passes, "bubble_seconds": lay.bubble_s * passes,
+        "tokens_per_s": counted / step_s, "total_seconds": total_s, "devices": devices,
+        "cost_usd": devices * total_s / 3600 * price_per_device_hour, "price_per_device_hour": price_per_device_hour,
+        "mfu": mfu, "step_mfu": lay.step_mfu, "hfu": lay.hfu, "layout": lay.label, "micro_batch": mb,
+        "microbatches": m, "passes": passes, "schedule": schedule if pp > 1 else "", "checkpointing": lay.checkpointing,
+        "model_flops_per_step": training_flops_per_token(model, seq_len, bool(lora_rank))["total"] * passes * pass_tokens,
+        "peak_flops_per_device": gpu.peak_flops(precision), "device": gpu.name, "precision": precision,
+        "seq_len": seq_len, "steps": steps,
+    }
+
+
+def calibrated_mfu(predicted: dict, step_seconds: float) -> float:
+    """The MFU while computing that makes `predicted`'s step take the measured `step_seconds`: the
+    run's model FLOPs over the compute part of its measured step (the step less the planner's exposed
+    communication, and less the pipeline bubble's share of the step). Where that leaves under a
+    tenth of the step, the MFU over the whole step."""
+    work = predicted["model_flops_per_step"] / (predicted["devices"] * predicted["peak_flops_per_device"])
+    bubble_share = predicted["bubble_seconds"] / predicted["step_seconds"] if predicted["step_seconds"] else 0.0
+    compute = step_seconds * (1 - bubble_share) - predicted["exposed_comm_seconds"]
+    return work / (compute if compute > 0.1 * step_seconds else step_seconds)
+
+
+def read_calibration(runs: list[str]) -> dict:
+    """The MFU measured by the runs `runs` name (their `plan_vs_run.json`): each run's, and the median
+    of them that `kiln plan … calibrate=` uses instead of the assumed one. A run without the file, or
+    one that timed no step, is a one-line error."""
+    from pathlib import Path
+
+    found = []
+    for run in runs:
+        path = Path(run) / PLAN_VS_RUN
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise KilnError(f"calibrate={run}: no {PLAN_VS_RUN} there; name a run directory a training verb "
+                            "finished (every run since plan checking writes one)") from None
+        except (OSError, ValueError) as e:
+            raise KilnError(f"calibrate={run}: cannot read {path} ({e})") from None
+        mfu = (data.get("calibration") or {}).get("mfu")
+        if not mfu and (data.get("measured") or {}).get("mfu_unreliable"):
+            raise KilnError(f"calibrate={run}: its MFU read above 100% (the matmul peak was timed while the host "
+                            "was busy), a measurement error; rerun it on a quiet machine")
+        if not mfu:
+            raise KilnError(f"calibrate={run}: the run timed no training step, so it measured no MFU; "
+                            "calibrate on a run of at least 2 steps")
+        if data.get("partial"):
+            raise KilnError(f"calibrate={run}: that {data.get('workload', 'run')}'s step holds work the planner does "
+                            f"not model ({data['partial'][0]}), so its MFU would mislead a plan; calibrate on a "
+                            "pretrain, sft or encoder run")
+        pred = data.get("predicted") or {}
+        found.append({"run": run, "mfu": mfu, "device": pred.get("device", "?"), "devices": pred.get("devices", 1),
+                      "layout": pred.get("layout", ""), "seq_len": pred.get("seq_len"),
+                      "micro_batch": pred.get("micro_batch"), "workload": data.get("workload", ""),
+                      "params": (data.get("model") or {}).get("params")})
+    mfus = sorted(r["mfu"] for r in found)
+    mid = len(mfus) // 2
+    median = mfus[mid] if len(mfus) % 2 else (mfus[mid - 1] + mfus[mid]) / 2
+    return {"mfu": median, "runs": found}
+
+
+def _calibration_line(cal: dict, assumed: float) -> str:
+    """'MFU 23% measured by runs/a (…), replacing the assumed 40% (calibrate=)'."""
+    def one(r: dict) -> str:
+        shape = f"{_si(r['params'])} params, " if r.get("params") else ""
+        return (f"{r['run']} ({r['workload'] or 'run'}, {shape}{r['micro_batch']}×{r['seq_len']} tokens per "
+                f"micro-batch, {r['devices']} × {r['device']})")
+    runs = cal["runs"]
+    how = (f"measured by {one(runs[0])}" if len(runs) == 1 else f"the median of {len(runs)} runs': "
+           + "; ".join(f"{r['mfu']:.1%} by {one(r)}" for r in runs))
+    return (f"calib   MFU {cal['mfu']:.1%} {how} — replaces the assumed {assumed:.0%} (calibrate=); measured on "
+            "their hardware at their shapes")
+
+
 # ---- running it ------------------------------------------------------------------------------
 def _check(cfg: PlanConfig) -> None:
     """What the per-key ranges (checked at load) cannot say: checks across keys."""
@@ -694,6 +838,10 @@ def _cluster(cfg: PlanConfig, gpu: GPUSpec, price: float) -> Cluster:
 def plan(cfg: PlanConfig) -> dict:
     """The whole plan as a JSON-ready dict (what `json=true` prints)."""
     _check(cfg)
+    calibration = read_calibration(cfg.calibrate) if cfg.calibrate else None
+    assumed = cfg.mfu
+    if calibration:
+        cfg = dataclasses.replace(cfg, mfu=min(1.0, calibration["mfu"]))
     gpu = gpu_spec(cfg.gpu)
     model = cfg.model.build(**({"max_seq_len": cfg.seq_len} if cfg.seq_len else {}))
     seq_len = cfg.seq_len or model.max_seq_len
@@ -707,6 +855,9 @@ def plan(cfg: PlanConfig) -> dict:
                                  "nvlink_gbps": cfg.interconnect.nvlink_gbps or gpu.nvlink_gbps,
                                  "ib_gbits": cfg.interconnect.ib_gbits,
                                  "max_memory_fraction": cfg.max_memory_fraction}}
+    if calibration:
+        out["calibration"] = {**calibration, "assumed_mfu": assumed}
+        out["assumptions"]["mfu_source"] = "calibrate=" + ",".join(cfg.calibrate)
     if cfg.workload == "inference":
         out["batch"], out["context"] = cfg.inference.batch, cfg.inference.context
         out["weights"] = cfg.precision if cfg.inference.weights == "auto" else cfg.inference.weights
@@ -834,9 +985,12 @@ def format_training(result: dict) -> str:
     f = result["flops"]
     lines = [f"kiln plan: {result['workload']}{lora} — {_tokens(result)}, seq_len {result['seq_len']}, "
              f"global batch {_si(result['global_batch_tokens'])} tokens, micro-batch "
-             f"{result['micro_batch'] or 'chosen per layout'}, {result['precision']}, AdamW, assumed MFU "
+             f"{result['micro_batch'] or 'chosen per layout'}, {result['precision']}, AdamW, "
+             f"{'calibrated' if result.get('calibration') else 'assumed'} MFU "
              f"{result['assumptions']['mfu']:.0%} while computing",
              *_header(result),
+             *([_calibration_line(result["calibration"], result["calibration"]["assumed_mfu"])]
+               if result.get("calibration") else []),
              f"compute {f['total']:.3g} model FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
              f"+ attention {f['attention']:.3g}", ""]
     mfu = result["assumptions"]["mfu"]

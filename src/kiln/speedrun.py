@@ -197,7 +197,8 @@ def compress(cfg: Config, rows: list[dict]) -> list[dict] | None:
             else:
                 print(f"== quantize {name}")
                 shutil.rmtree(qout, ignore_errors=True)
-                quantize_checkpoint(out, qout, dataclasses.replace(cfg.quantize, source=str(out), **spec))
+                quantize_checkpoint(out, qout, dataclasses.replace(cfg.quantize, source=str(out), **spec),
+                                    device=cfg.device)
             rows.append({"stage": f"quantize {name}", "out": str(qout), "seconds": time.perf_counter() - t0})
             runs[name] = qout
     if "distill" in stages:

@@ -14,7 +14,8 @@ from kiln.model.config import PRESETS, ModelConfig, preset
 MODEL_RANGES: dict[str, dict] = {
     "vocab_size": {"ge": 1}, "d_model": {"ge": 1}, "n_layers": {"ge": 1}, "n_heads": {"ge": 1},
     "n_kv_heads": {"ge": 0}, "ffn_hidden": {"ge": 0}, "multiple_of": {"ge": 1}, "max_seq_len": {"ge": 1},
-    "rope_theta": {"gt": 0}, "norm_eps": {"gt": 0},
+    "rope_theta": {"gt": 0}, "norm_eps": {"gt": 0}, "head_dim": {"ge": 0}, "sliding_window": {"ge": 0},
+    "window_from_layer": {"ge": 0},
 }
 
 

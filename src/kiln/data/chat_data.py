@@ -5,8 +5,9 @@ Two record formats, one per line (mixed freely in one file):
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
     {"prompt": "...", "completion": "..."}          # = one user turn and one assistant reply
 
-Each conversation is rendered with the one chat format (`kiln.data.chat.render`): labels only on
-assistant tokens (or only the last assistant turn). A bad record (not JSON, neither format, an
+Each conversation is rendered in the run's chat format (`kiln.data.chat.ChatFormat.render`: kiln's
+own, or an imported model's template): labels only on assistant tokens and their end-of-turn token
+(or only the last assistant turn). A bad record (not JSON, neither format, an
 unknown role, empty content) is skipped and counted by reason with its first example, or stops
 the run with one line under `strict`. A conversation longer than the context is dropped and
 counted, or truncated and counted; never cut silently. A file with nothing usable is an error.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.data.chat import IGNORE, check_messages, render
+from kiln.data.chat import IGNORE, as_format, check_messages
 from kiln.data.inputs import check_conversations
 from kiln.errors import KilnError
 
@@ -138,12 +139,14 @@ class Example:
         return len(self.ids) - 1
 
 
-def tokenize(tokenizer, conversations: list[list[dict]], seq_len: int, stats: ChatStats,
+def tokenize(fmt, conversations: list[list[dict]], seq_len: int, stats: ChatStats,
              too_long: str = "drop", train_on: str = "assistant") -> list[Example]:
-    """Render each conversation; one longer than `seq_len` inputs is dropped or truncated (counted)."""
+    """Render each conversation in `fmt` (the run's ChatFormat, or a kiln tokenizer: kiln's format);
+    one longer than `seq_len` inputs is dropped or truncated (counted)."""
+    fmt = as_format(fmt)
     out = []
     for messages in conversations:
-        r = render(tokenizer, messages, train_on=train_on)
+        r = fmt.render(messages, train_on=train_on)
         ids, labels = np.asarray(r.ids, dtype=np.int64), np.asarray(r.labels, dtype=np.int64)
         if len(ids) - 1 > seq_len:
             if too_long == "drop":

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.config import Config
+from kiln.data.chat import copy_format
 from kiln.data.document import StageStats, doc_record
 from kiln.data.executor import Executor
 from kiln.data.layout import check_not_a_trained_run, data_dir, tokenizer_path, work_dir
@@ -283,6 +284,7 @@ def _write_data(p: _Prepare, ex: Executor, kept: _Kept, summary: dict, tok_file:
     if not cfg.data.path:
         with atomic_dir(tok_out.parent) as tmp:
             shutil.copyfile(tok_file, tmp / "tokenizer.json")
+            copy_format(tok_file, tmp)  # an imported model's chat format travels with its tokenizer
             write_json(tmp / "manifest.json", manifest("tokenizer", asdict(cfg.data.tokenizer), p.inputs,
                                                        vocab_size=vocab))
     tok_hash = sha256_file(tok_file)
@@ -296,6 +298,7 @@ def _write_data(p: _Prepare, ex: Executor, kept: _Kept, summary: dict, tok_file:
             described = _write_metadata(tmp, work, kept.jobs)
         if cfg.data.path:
             shutil.copyfile(tok_file, tmp / tok_out.name)
+            copy_format(tok_file, tmp)
         man = manifest(
             "prepare",
             asdict(cfg.data),

@@ -3,8 +3,8 @@
 A row is `{"prompt": ..., "chosen": ..., "rejected": ...}` (TRL's preference format), either
 text (the prompt is a user turn, each completion an assistant turn) or conversational (message
 lists; without "prompt", the turns `chosen` and `rejected` share form the prompt). Each side is
-rendered with `kiln.data.chat`, so the loss-carrying tokens are the final assistant turn and its
-`<|end|>`. Rows that cannot be used are skipped and counted by reason (or, with
+rendered in the run's chat format (`kiln.data.chat.ChatFormat`: kiln's, or an imported model's
+template), so the loss-carrying tokens are the final assistant turn and its end-of-turn token. Rows that cannot be used are skipped and counted by reason (or, with
 `preference.strict`, stop the run at the first one with its file and line).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.data.chat import IGNORE, check_messages, render
+from kiln.data.chat import IGNORE, as_format, check_messages
 from kiln.data.inputs import check_pairs
 from kiln.errors import KilnError
 
@@ -139,18 +139,20 @@ class Pair:
     kind: str = ""  # the row's "kind", if it had one
 
 
-def _rendered(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
-    r = render(tokenizer, prompt + completion, train_on="last")
+def _rendered(fmt, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
+    r = fmt.render(prompt + completion, train_on="last")
     first = next(i for i, lab in enumerate(r.labels) if lab != IGNORE)
     return r.ids, first
 
 
-def tokenize_pairs(tokenizer, rows: list[dict], seq_len: int, stats: PairStats) -> list[Pair]:
-    """Render both sides of each row. A completion running past `seq_len` is cut there (counted); a
-    prompt leaving no room for one completion token, or two sides that are the same tokens, is skipped."""
+def tokenize_pairs(fmt, rows: list[dict], seq_len: int, stats: PairStats) -> list[Pair]:
+    """Render both sides of each row in `fmt` (the run's ChatFormat, or a kiln tokenizer). A completion
+    running past `seq_len` is cut there (counted); a prompt leaving no room for one completion token,
+    or two sides that are the same tokens, is skipped."""
+    fmt = as_format(fmt)
     out = []
     for i, row in enumerate(rows):
-        (c, pc), (r, pr) = _rendered(tokenizer, row["prompt"], row["chosen"]), _rendered(tokenizer, row["prompt"], row["rejected"])
+        (c, pc), (r, pr) = _rendered(fmt, row["prompt"], row["chosen"]), _rendered(fmt, row["prompt"], row["rejected"])
         start = min(pc, pr)
         if c == r:
             stats.skip(IDENTICAL, f"pair {i}: chosen and rejected are the same")
@@ -267,8 +269,8 @@ def by_kind(name: str, batch: dict, correct: torch.Tensor) -> dict[str, tuple[fl
     return out
 
 
-def load_pairs(cfg, tokenizer, seq_len: int, what: str) -> tuple[list[Pair], list[Pair], PairStats, PairStats]:
-    """Training and held-out pairs for `cfg.preference`, tokenized: the user's JSONL, or the
+def load_pairs(cfg, fmt, seq_len: int, what: str) -> tuple[list[Pair], list[Pair], PairStats, PairStats]:
+    """Training and held-out pairs for `cfg.preference`, rendered in `fmt`: the user's JSONL, or the
     embedded default pairs. Malformed rows count in the training stats (the held-out file's in
     the held-out stats). Refuses a side with no usable pair in one line."""
     pc = cfg.preference
@@ -287,8 +289,8 @@ def load_pairs(cfg, tokenizer, seq_len: int, what: str) -> tuple[list[Pair], lis
         rows, val_rows = default_pairs(pc.max_pairs or 4000, pc.val_fraction, cfg.data.seed)
         rows, val_rows = ([normalize_row(r, f"default pair {r['source']}") for r in side] for side in (rows, val_rows))
         train_stats.rows, val_stats.rows = len(rows), len(val_rows)
-    train = tokenize_pairs(tokenizer, rows, seq_len, train_stats)
-    val = tokenize_pairs(tokenizer, val_rows, seq_len, val_stats)
+    train = tokenize_pairs(fmt, rows, seq_len, train_stats)
+    val = tokenize_pairs(fmt, val_rows, seq_len, val_stats)
     if not train:
         raise KilnError(f"{what}: no usable training pair ({train_stats.describe()}); fix the data or raise train.seq_len")
     if not val:

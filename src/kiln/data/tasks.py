@@ -194,8 +194,10 @@ _TOKENIZER: dict[str, object] = {}
 
 
 def tokenize_task(job: Job, batch: int = 4096) -> dict:
-    """Step 4 for one task: token ids of every final document, BOS first, concatenated, with lengths."""
-    from kiln.data.tokenizer import BOS, load_tokenizer
+    """Step 4 for one task: token ids of every final document, BOS first (for a tokenizer without
+    one, the EOS that separates documents: `ChatFormat.document_start`), concatenated, with lengths."""
+    from kiln.data.chat import read_format
+    from kiln.data.tokenizer import load_tokenizer
 
     d, name, done = _step(job, "tokens")
     if done is not None:
@@ -203,9 +205,9 @@ def tokenize_task(job: Job, batch: int = 4096) -> dict:
     key = sha256_file(job.tokenizer)  # not the path: a rerun in this process may train another one there
     if key not in _TOKENIZER:
         _TOKENIZER.clear()
-        _TOKENIZER[key] = load_tokenizer(job.tokenizer)
-    tok = _TOKENIZER[key]
-    bos = tok.token_to_id(BOS)
+        tok = load_tokenizer(job.tokenizer)
+        _TOKENIZER[key] = (tok, read_format(job.tokenizer, tok).document_start)
+    tok, bos = _TOKENIZER[key]
     texts = [doc.text for doc in load_docs(Path(job.work) / "post" / f"{name}.docs")]
     parts, lens = [], []
     for i in range(0, len(texts), batch):

@@ -34,6 +34,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json (or the directory holding it): one `kiln prepare` trained, which has kiln's
+    special tokens, or an imported model's (`chat.json` beside it says which ids are what)."""
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -43,6 +45,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise KilnError(f"tokenizer '{p}' cannot be read ({str(e).splitlines()[0]}); re-run `kiln prepare`") from None
+    if (p.parent / "chat.json").is_file():
+        return tok  # an imported model's tokenizer, kept as it was: its ids are recorded in chat.json
     for s in (BOS, EOS):
         if tok.token_to_id(s) is None:
             raise KilnError(f"tokenizer '{p}' lacks the special token {s}; train it with `kiln prepare`")

@@ -9,7 +9,9 @@ so the standard benchmarks run on kiln checkpoints:
 or `kiln eval eval.harness_tasks=hellaswag` (lm-eval downloads the task's data set). Importing
 this module also registers the class under the name "kiln" (`--model kiln --model_args
 pretrained=runs/NAME` in a program that imported it). Every request is prefixed with <|bos|>, as
-kiln's training documents and prompts are; generation is greedy, the one mode the interface asks for.
+kiln's training documents and prompts are (an imported model's own BOS, or for a tokenizer without
+one an empty context only, with the EOS that separates documents); chat requests render in the
+model's chat format; generation is greedy, the one mode the interface asks for.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from kiln.data.chat import CHAT_TEMPLATE, ROLE_TOKENS, render_text
+from kiln.data.chat import ROLE_TOKENS
 from kiln.errors import KilnError
 from kiln.eval.scoring import greedy_generate, rolling_windows, score_windows
 from kiln.infer.load import Loaded, load
@@ -46,18 +48,24 @@ class KilnLM(LM):
         return str(self.lm.source)
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return CHAT_TEMPLATE
+        fmt = self.lm.chat_format
+        fmt.check_chat("KilnLM.chat_template")
+        return fmt.chat_template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        fmt = self.lm.chat_format
         unknown = [m["role"] for m in chat_history if m["role"] not in ROLE_TOKENS]
-        if unknown:
+        if unknown and fmt.own:
             raise KilnError(f"kiln's chat format has no role {unknown[0]!r}; use {', '.join(ROLE_TOKENS)}")
-        return render_text(chat_history, add_generation_prompt)
+        return fmt.render_text(chat_history, add_generation_prompt)
 
     def _context(self, text: str) -> list[int]:
-        """<|bos|> + the text's ids (a chat-rendered context already starts with <|bos|>)."""
-        ids = self.lm.encode(text)
-        return ids if ids[:1] == [self.lm.bos] else [self.lm.bos, *ids]
+        """BOS + the text's ids (a chat-rendered context already starts with it); for a tokenizer
+        without BOS, the text's ids alone (an empty text: the document separator)."""
+        fmt, ids = self.lm.chat_format, self.lm.encode(text)
+        if not fmt.starts_with_bos:
+            return ids or [self.lm.bos]
+        return ids if ids[:1] == [fmt.bos] else [fmt.bos, *ids]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether greedy decoding gives the continuation) per request;
@@ -94,7 +102,7 @@ class KilnLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         """Greedy continuations, each cut before the first of its `until` strings (and ended by
-        <|bos|> / <|eos|>) or at `max_gen_toks` tokens."""
+        BOS / EOS) or at `max_gen_toks` tokens."""
         prompts, stops, budgets = [], [], []
         for req in requests:
             context, kwargs = req.args

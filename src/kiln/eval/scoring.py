@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.data.shards import held_out_batches, held_out_window, open_data, tokens_per_byte
-from kiln.data.tokenizer import EOS
 from kiln.errors import KilnError
 from kiln.infer.generate import generate, greedy
 from kiln.infer.load import Loaded
@@ -160,6 +159,6 @@ def greedy_generate(lm: Loaded, prompts: list[list[int]], max_new: int,
     each row stops at <|bos|> / <|eos|> ("end"), when `done(prompt index, new ids)` says so
     ("done"), or at its budget of `max_new` tokens within the model's context ("length").
     Returns (new ids, why it stopped)."""
-    stop = {lm.bos, lm.tokenizer.token_to_id(EOS)}
+    stop = {i for i in (lm.bos, *lm.chat_format.eos) if i is not None}
     seqs = generate(lm.model, prompts, greedy(max_new), stop_ids=stop, vocab=lm.n_vocab, rows=batch_size, until=done)
     return [(s.tokens, {"end": "end", "until": "done"}.get(s.ended_by, "length")) for s in seqs]

@@ -7,8 +7,13 @@ prefill, and for models this cannot take, e.g. quantized ones):
 
 - The query, key and value projections and the MLP's gate and up projections each run as one
   matrix (`fuse_projections`), so a step makes 4 matrix-vector products per layer instead of 7.
-  The fused matrices replace the model's own weights (those become views into them), so no
-  memory is duplicated and the model's eager forward is unchanged.
+  The fused matrices (and q/k/v biases, where the model has them) replace the model's own weights
+  (those become views into them), so no memory is duplicated and the model's eager forward is
+  unchanged.
+- What imported families add is computed as the forward computes it: q/k/v and output biases,
+  per-head q/k RMSNorm (Qwen3), a head size of its own, scaled RoPE (the model's own tables), and a
+  sliding window (each row's mask stops `window` slots before its position, in the layers that
+  have one).
 - Positions come from the cache's per-row lengths as a tensor, never read back to the host: the
   number of attended slots (`used`) is given by the caller, who knows every row's length
   already, and each row masks the slots past its own length.
@@ -29,6 +34,7 @@ On this CPU, for the 11M `small` model at batch 1, the eager step decodes ~1.25x
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -36,20 +42,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.model.transformer import KVCache, Transformer, apply_rope
+from kiln.model.transformer import KVCache, RMSNorm, Transformer, apply_rope, sdpa
 
 
 def supports(model: nn.Module) -> bool:
     """Whether `model` is a plain decoder this step can run: every projection an ordinary
-    `nn.Linear` with a dense weight (no quantized, LoRA-wrapped or sharded layers)."""
+    `nn.Linear` with a dense weight (no quantized, LoRA-wrapped or sharded layers), biased or not,
+    and q/k norms (if any) plain RMSNorms."""
     if type(model) is not Transformer or not model.cfg.causal or model.tok_emb is None or model.lm_head is None:
         return False
     if len(model.layers) != model.cfg.n_layers:
         return False
     for blk in model.layers.values():
         for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.w1, blk.mlp.w2, blk.mlp.w3):
-            if type(lin) is not nn.Linear or lin.bias is not None or type(lin.weight.data) is not torch.Tensor:
+            if type(lin) is not nn.Linear or type(lin.weight.data) is not torch.Tensor or \
+                    (lin.bias is not None and type(lin.bias.data) is not torch.Tensor):
                 return False
+        # q, k and v fuse into one matrix: biased all three or none; the MLP has no biases
+        if len({lin.bias is None for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv)}) != 1 or \
+                any(lin.bias is not None for lin in (blk.mlp.w1, blk.mlp.w2, blk.mlp.w3)):
+            return False
+        norms = {type(blk.attn.q_norm), type(blk.attn.k_norm)}
+        if norms != {type(None)} and norms != {RMSNorm}:
+            return False
     return True
 
 
@@ -57,10 +72,11 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the (q;k;v) and (gate;up) weights as single matrices. The model's own wq, wk,
-    wv, w1 and w3 weights are re-pointed at rows of them, so nothing is stored twice; a second
-    call returns the same matrices while the model's weights still point into them."""
+def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per layer, the (q;k;v) and (gate;up) weights as single matrices, and the (q;k;v) biases as one
+    vector (None without biases). The model's own wq, wk, wv, w1 and w3 weights (and q/k/v biases)
+    are re-pointed at rows of them, so nothing is stored twice; a second call returns the same
+    matrices while the model's weights still point into them."""
     groups = [((b.attn.wq, b.attn.wk, b.attn.wv), (b.mlp.w1, b.mlp.w3)) for b in model.layers.values()]
     known = _FUSED.get(model)
     if known is not None and all(parts[0].weight.data_ptr() == whole.data_ptr()
@@ -68,18 +84,23 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor, torch.Tenso
         return known
     fused = []
     for layer in groups:
-        pair = []
-        for parts in layer:
-            whole = torch.cat([lin.weight.data for lin in parts]).contiguous()
-            row = 0
-            for lin in parts:
-                n = lin.weight.shape[0]
-                lin.weight.data = whole[row : row + n]
-                row += n
-            pair.append(whole)
-        fused.append(tuple(pair))
+        pair = [_fuse([lin.weight for lin in parts]) for parts in layer]
+        qkv = layer[0]
+        bias = _fuse([lin.bias for lin in qkv]) if qkv[0].bias is not None else None
+        fused.append((*pair, bias))
     _FUSED[model] = fused
     return fused
+
+
+def _fuse(params: list[nn.Parameter]) -> torch.Tensor:
+    """`params` concatenated along their first dimension, each re-pointed at its rows of the whole."""
+    whole = torch.cat([p.data for p in params]).contiguous()
+    row = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = whole[row : row + n]
+        row += n
+    return whole
 
 
 @dataclass(frozen=True)
@@ -144,10 +165,11 @@ class DecodeStep:
         self.model = model
         self.fused = fuse_projections(model)
         self.nq, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.windows = sorted({blk.attn.window for blk in model.layers.values()})  # 0: full attention
         self.ffn = cfg.ffn_hidden
         self.settings = settings or compile_settings(model.tok_emb.weight.device)
         self.compiled = compile
-        self.warm = False
+        self._warmed: set[int | None] = set()  # threads that warmed it up (None: all, without CUDA graphs)
         self.note: str | None = None  # why the step runs eagerly although compiling was asked for
         self._static: weakref.ref | None = None  # the cache whose tensors CUDA graphs write in place
         self._run = self._step
@@ -159,8 +181,13 @@ class DecodeStep:
 
     def warm_up(self, cache: KVCache) -> None:
         """Compile now, for one row and for several, with the attended length already dynamic,
-        so no request pays for it later. Writes only slot 0 of free rows (`cache.lengths` 0)."""
-        if not self.compiled or self.warm:
+        so no request pays for it later. Writes only slot 0 of free rows (`cache.lengths` 0).
+
+        Call it on the thread that will run the step: under CUDA graphs torch keeps the graph trees
+        per thread (`torch._inductor.cudagraph_trees`), so each thread that steps warms up its own;
+        without them, one warm-up serves every thread."""
+        thread = threading.get_ident() if self.settings.cuda_graphs else None
+        if not self.compiled or thread in self._warmed:
             return
         tokens = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
         # two attended lengths (two buckets under CUDA graphs), so the second compile makes it dynamic
@@ -169,7 +196,7 @@ class DecodeStep:
             for rows in sorted({1, min(2, cache.batch)}):
                 for used in sorted({min(u, cache.max_len) for u in lengths}):
                     self(tokens, cache, rows, used)
-        self.warm = True
+        self._warmed.add(thread)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, rows: int, used: int) -> torch.Tensor:
         if self.compiled:
@@ -205,7 +232,7 @@ class DecodeStep:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b = q.shape[0]
         if not self.compiled:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nq != self.nkv)
+            return sdpa(q, k, v, mask, False)  # the model's own layout choice (a fused kernel on CUDA)
         # (B, kv, g, 1, hd) queries against (B, kv, 1, used, hd) keys: plain products and sums,
         # which the compiler fuses with the mask and softmax into a few loops (a batched matmul
         # of one query row is a library call per layer, and no faster at these sizes)
@@ -221,15 +248,20 @@ class DecodeStep:
         x = m.tok_emb(tokens)[:, None]  # (B, 1, d)
         cos, sin = m.rope_cos[positions][:, None, None], m.rope_sin[positions][:, None, None]
         rows = torch.arange(b, device=tokens.device)
-        mask = (torch.arange(used, device=tokens.device)[None, :] <= positions[:, None])[:, None, None]  # (B,1,1,used)
-        for (qkv_w, gate_up_w), blk, k_cache, v_cache in zip(self.fused, m.layers.values(), ks, vs):
+        slots = torch.arange(used, device=tokens.device)[None, :]
+        mask = (slots <= positions[:, None])[:, None, None]  # (B,1,1,used)
+        windowed = {w: mask & (slots > positions[:, None] - w)[:, None, None] for w in self.windows if w}
+        for (qkv_w, gate_up_w, qkv_b), blk, k_cache, v_cache in zip(self.fused, m.layers.values(), ks, vs):
             h = blk.attn_norm(x)
-            q, k, v = F.linear(h, qkv_w).split([nq * hd, nkv * hd, nkv * hd], -1)
-            q = apply_rope(q.view(b, 1, nq, hd).transpose(1, 2), cos, sin)
-            k = apply_rope(k.view(b, 1, nkv, hd).transpose(1, 2), cos, sin)
+            q, k, v = F.linear(h, qkv_w, qkv_b).split([nq * hd, nkv * hd, nkv * hd], -1)
+            q, k = q.view(b, 1, nq, hd), k.view(b, 1, nkv, hd)
+            if blk.attn.q_norm is not None:
+                q, k = blk.attn.q_norm(q), blk.attn.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin)
+            k = apply_rope(k.transpose(1, 2), cos, sin)
             k_cache[rows, :, positions] = k[:, :, 0].to(k_cache.dtype)
             v_cache[rows, :, positions] = v.view(b, nkv, hd).to(v_cache.dtype)
-            y = self._attend(q, k_cache[:b, :, :used], v_cache[:b, :, :used], mask)
+            y = self._attend(q, k_cache[:b, :, :used], v_cache[:b, :, :used], windowed.get(blk.attn.window, mask))
             x = x + blk.attn.wo(y.transpose(1, 2).reshape(b, 1, nq * hd))
             gate, up = F.linear(blk.mlp_norm(x), gate_up_w).split([self.ffn, self.ffn], -1)
             x = x + blk.mlp.w2(F.silu(gate) * up)

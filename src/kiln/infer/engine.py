@@ -21,24 +21,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kiln.data.tokenizer import BOS, END, EOS
+from kiln.data.chat import as_format
 from kiln.infer import decode
 from kiln.model.transformer import KVCache
 
 
 def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torch.Generator | None = None,
-                *, uniform: torch.Tensor | None = None) -> torch.Tensor:
+                *, uniform: torch.Tensor | None = None, sampling: bool | None = None) -> torch.Tensor:
     """Pick one token per row of (B, V) logits: greedy where the temperature is 0, else top-k and
     nucleus (top-p) sampling. The settings are numbers or per-row (B,) tensors, so rows of one
     batch sample with their own; `uniform` holds each row's draw in [0, 1) (from the row's own
     generator, so a seeded request samples the same whatever batch it runs in), else the draws
-    come from `generator`."""
+    come from `generator`. `sampling`: whether any row samples, when the caller knows (else it is
+    read from the temperatures: a host sync on a GPU)."""
     b, v = logits.shape
     dev = logits.device
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=dev).expand(b)
     greedy_tokens = logits.argmax(-1)
     greedy = temperature <= 0
-    if not bool((~greedy).any()):
+    if sampling is None:
+        sampling = bool((~greedy).any())
+    if not sampling:
         return greedy_tokens
     top_k = torch.as_tensor(top_k, device=dev).expand(b)
     top_p = torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(b)
@@ -51,14 +54,17 @@ def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torc
     cdf = (probs * keep).cumsum(-1)
     if uniform is None:
         uniform = torch.rand(b, generator=generator, device=generator.device if generator is not None else "cpu")
-    draw = uniform.to(dev, torch.float32)[:, None] * cdf[:, -1:]
+    # a copy from the host that the host need not wait for (a plain one waits for the GPU on CUDA)
+    draw = uniform.to(dev, torch.float32, non_blocking=dev.type == "cuda")[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, draw, right=True).clamp_(max=v - 1)
     return torch.where(greedy, greedy_tokens, order.gather(-1, pick).squeeze(-1))
 
 
-def end_ids(tokenizer) -> set[int]:
-    """Tokens that end a generation: a new document begins, a document or a chat turn ends."""
-    return {i for i in (tokenizer.token_to_id(t) for t in (BOS, EOS, END)) if i is not None}
+def end_ids(fmt) -> set[int]:
+    """Tokens that end a generation: a new document begins, a document or a chat turn ends: the run's
+    `ChatFormat.stop_ids` (an imported model's EOS and end-of-turn ids; a bare tokenizer is one
+    `kiln prepare` trained: <|bos|>, <|eos|>, <|end|>)."""
+    return as_format(fmt).stop_ids
 
 
 class StreamDecoder:
@@ -207,6 +213,7 @@ class _RowView(KVCache):
         self.max_len = cache.max_len
         self.lengths = cache.lengths[a:b].clone()
         self._step = None
+        self._known = None
 
 
 def has_compiled_modules(model: nn.Module) -> bool:
@@ -228,10 +235,19 @@ class Batch:
     or FSDP2: then every forward goes through the wrapper (its hooks gather sharded weights), the
     model's own logits come from that forward, and gradients are off without `inference_mode`
     (its tensors could not be trained on later; `inference=False` asks for that on a plain model
-    too). `fused=False` keeps the model's own forward for decoding."""
+    too). `fused=False` keeps the model's own forward for decoding.
+
+    A compiled decode step is warmed up (compiled, and on CUDA its graphs recorded) when the batch
+    is made, in the thread that makes it; `warm=False` leaves that to `warm_up()`, which the thread
+    that will step the batch calls (`kiln.serve.scheduler`): torch keeps CUDA graph trees per
+    thread, so graphs recorded in another thread would be recorded again at the first request.
+
+    Each step reads the device once: the sampled tokens (`step(read=...)` brings a caller's
+    tensor back in the same read). The rows' cache lengths are kept on the host (`length`) and
+    handed to the cache before each forward, so planning one reads nothing back."""
 
     def __init__(self, model: nn.Module, vocab_size: int, stop_ids: set[int], rows: int, max_len: int,
-                 compile: bool = False, fused: bool = True, inference: bool = True) -> None:
+                 compile: bool = False, fused: bool = True, inference: bool = True, warm: bool = True) -> None:
         core = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 is the model itself
         p = next(model.parameters())
         self.model, self.core, self.vocab, self.stop_ids, self.max_len = model, core, vocab_size, stop_ids, max_len
@@ -252,14 +268,20 @@ class Batch:
         # else the model's own forward (compiled when asked). Prefill (other shapes, once per
         # request) stays eager.
         self.fast = decode.decode_step(model, compile) if fused and decode.supports(model) else None
-        if self.fast is not None:
-            self.fast.warm_up(self.cache)  # while every row is free
+        if warm:
+            self.warm_up()
         self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model
         # A model being trained (a GRPO policy, a distilled student) may have compiled blocks
         # (`train.compile`), made for training shapes: a KV cache through them would compile once
         # per layer and per step, past dynamo's limit. The model's own forwards here (prefill, the
         # unfused decode) run them eagerly; wrappers' hooks (FSDP2's gathers) still run.
         self.eager_blocks = has_compiled_modules(model)
+
+    def warm_up(self) -> None:
+        """Compile the decode step now, in this thread (the one that will step the batch), while
+        every row is free; a no-op without a compiled fused step or once this thread has done it."""
+        if self.fast is not None and not any(self.seqs):
+            self.fast.warm_up(self.cache)
 
     @property
     def rows(self) -> int:
@@ -278,11 +300,11 @@ class Batch:
     def _view(self, a: int, b: int) -> KVCache:
         return self.cache if (a, b) == (0, self.rows) else _RowView(self.cache, a, b)
 
-    def _logits(self, fn, ids: torch.Tensor, a: int, b: int, mask: torch.Tensor | None,
+    def _logits(self, fn, ids: torch.Tensor, a: int, b: int, mask: torch.Tensor | None, lengths: list[int],
                 ends: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at position `ends` of each row (the last position when None) of a forward over
-        cache rows a..b-1."""
-        view = self._view(a, b)
+        cache rows a..b-1, whose cache lengths are `lengths` (known here: nothing is read back)."""
+        view = self._view(a, b).known(lengths)
         at = torch.arange(b - a, device=self.device)
         ends = torch.full((b - a,), ids.shape[1] - 1, device=self.device) if ends is None else ends
         with self._eager() if fn is self.model else contextlib.nullcontext():
@@ -343,18 +365,19 @@ class Batch:
                 mask[i, : len(s.prompt)] = 1
             ends = torch.tensor([len(s.prompt) - 1 for s in group], device=self.device)
             logits = self._logits(self.model, ids.to(self.device), a, b, mask.to(self.device) if b - a > 1 else None,
-                                  ends)
+                                  [0] * (b - a), ends)  # the rows were just reset
             self._take(self._sample(logits, a, b), a)
 
-    def step(self) -> None:
-        """Decode one token for every running row."""
+    def step(self, read: torch.Tensor | None = None) -> list | None:
+        """Decode one token for every running row. `read`: a tensor whose values come back (as a
+        list) in the same device read as the step's tokens, instead of a read of its own."""
         with self._no_grad():
-            self._step()
+            return self._step(read)
 
-    def _step(self) -> None:
+    def _step(self, read: torch.Tensor | None = None) -> list | None:
         hi = self._hi()
         if hi == 0:
-            return
+            return None if read is None else read.tolist()
         live = self.live[:hi]
         if self.fast is not None:
             logits = self.fast(self.last[:, 0], self.cache, hi, max(self.length[:hi]) + 1)
@@ -364,19 +387,20 @@ class Batch:
             logits = self._unfused(hi, mask)
         for row in range(hi):
             self.length[row] += self.seqs[row] is not None
-        self._take(self._sample(logits, 0, hi), 0)
+        return self._take(self._sample(logits, 0, hi), 0, read)
 
     def _unfused(self, hi: int, mask: torch.Tensor | None) -> torch.Tensor:
         """One step of the model's own forward, compiled if asked; if that fails to compile, the
         step reruns eagerly (the cache's lengths as they were) and every later one is eager."""
+        known = self.length[:hi]  # free rows are at 0, as their cache rows
         if self.decode is not self.model:
             lengths = self.cache.lengths.clone()
             try:
-                return self._logits(self.decode, self.last[:hi], 0, hi, mask)
+                return self._logits(self.decode, self.last[:hi], 0, hi, mask, known)
             except Exception as e:  # noqa: BLE001 - a failure eager would also have is raised by the rerun
                 decode.compile_failed("the model's decode step", e)
                 self.decode, self.cache.lengths, self.cache._step = self.model, lengths, None
-        return self._logits(self.model, self.last[:hi], 0, hi, mask)
+        return self._logits(self.model, self.last[:hi], 0, hi, mask, known)
 
     def _sample(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
         logits = logits[:, : self.vocab].float()
@@ -387,16 +411,22 @@ class Batch:
         if not any(s is not None and s.params.temperature > 0 for s in seqs):
             return logits.argmax(-1)
         draws = torch.tensor([s.rng.random() if s is not None and s.params.temperature > 0 else 0.0 for s in seqs])
-        return sample_next(logits, self.temperature[a:b], self.top_k[a:b], self.top_p[a:b], uniform=draws)
+        if self.device.type == "cuda":  # page-locked, so the copy to the GPU runs without the host waiting
+            draws = draws.pin_memory()
+        return sample_next(logits, self.temperature[a:b], self.top_k[a:b], self.top_p[a:b], uniform=draws,
+                           sampling=True)
 
-    def _take(self, tokens: torch.Tensor, a: int) -> None:
-        """Hand each row its sampled token; free the rows whose sequences end."""
+    def _take(self, tokens: torch.Tensor, a: int, read: torch.Tensor | None = None) -> list | None:
+        """Hand each row its sampled token; free the rows whose sequences end. The tokens are the
+        step's one read of the device; `read`'s values come back with them (returned)."""
         b = a + tokens.shape[0]
         self.last[a:b, 0] = tokens
         if self.seen is not None:
             self.seen[torch.arange(a, b, device=self.device), tokens] = True
+        values = tokens.tolist() if read is None else torch.cat([tokens, read.reshape(-1).to(tokens)]).tolist()
+        tokens, extra = values[: b - a], (values[b - a :] if read is not None else None)
         now = time.perf_counter()
-        for row, token in enumerate(tokens.tolist(), start=a):
+        for row, token in enumerate(tokens, start=a):
             seq = self.seqs[row]
             if seq is None:
                 continue
@@ -412,6 +442,7 @@ class Batch:
                     seq.finish("length")
             if seq.finish_reason is not None:
                 self._free(row)
+        return extra
 
     def _free(self, row: int) -> None:
         self.seqs[row] = None

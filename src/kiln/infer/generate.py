@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config, SampleConfig
-from kiln.data.chat import chat_messages, prompt_ids
-from kiln.data.tokenizer import BOS, USER
+from kiln.data.chat import ChatFormat, chat_messages
 from kiln.errors import KilnError
 from kiln.infer.engine import Batch, SamplingParams, Sequence, end_ids
 from kiln.infer.load import load
@@ -70,22 +69,30 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
         rows = len(seqs)
     batch = Batch(model, vocab, stop_ids, min(rows or len(seqs), len(seqs)), max_len, compile, fused, inference)
     waiting = list(seqs)
+    anyone = True  # under `synced`: whether some rank had rows left, as of the last all-reduce read
     while True:
         if waiting and batch.free_rows():
             take, waiting = waiting[: batch.free_rows()], waiting[batch.free_rows():]
             batch.add(take)
         busy = bool(batch.running) or bool(waiting)
-        if synced:
-            flag = torch.tensor([1.0 if busy else 0.0], device=batch.device)
-            torch.distributed.all_reduce(flag)
-            if flag.item() == 0:
+        if not synced:
+            if not busy:
                 break
-            if not batch.running:  # this rank is done: keep the others' sharded forwards company
-                batch.idle_step()
-                continue
-        elif not busy:
+            batch.step()
+            continue
+        # Every rank steps until none has rows left. Whether this one has is all-reduced each step
+        # and read back with the step's tokens (one device read per step, not two), so the ranks
+        # learn that all are done one step late: each makes one forward more, all alike.
+        if not anyone:
             break
-        batch.step()
+        flag = torch.full((1,), int(busy), dtype=torch.long, device=batch.device)
+        torch.distributed.all_reduce(flag)
+        if batch.running:
+            (others,) = batch.step(read=flag)
+        else:  # this rank is done: keep the others' sharded forwards company
+            batch.idle_step()
+            others = int(flag.item())
+        anyone = others > 0
     return seqs
 
 
@@ -121,14 +128,19 @@ class Engine:
     tokenizer: object
     device: torch.device
     notes: list[str] = field(default_factory=list)  # what the last generate had to say (e.g. context end)
-    chat: bool = False  # trained to answer kiln's chat format (`kiln.data.chat.speaks_chat`)
+    chat: bool = False  # trained to answer in its chat format (`kiln.data.chat.speaks_chat`)
     workload: str = ""
+    chat_format: ChatFormat | None = None  # its ids and chat template; None: kiln's format over `tokenizer`
+
+    def __post_init__(self) -> None:
+        if self.chat_format is None:
+            self.chat_format = ChatFormat.kiln(self.tokenizer)
 
     @classmethod
     def from_run(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", key: str = "out") -> Engine:
         """A run, checkpoint, quantized run or Hugging Face directory (`kiln.infer.load.load`)."""
         lm = load(spec, device, dtype, key=key)
-        return cls(lm.model, lm.tokenizer, lm.device, chat=lm.chat, workload=lm.workload)
+        return cls(lm.model, lm.tokenizer, lm.device, chat=lm.chat, workload=lm.workload, chat_format=lm.chat_format)
 
     @property
     def context(self) -> int:
@@ -136,27 +148,29 @@ class Engine:
 
     @property
     def stop_ids(self) -> set[int]:
-        return end_ids(self.tokenizer)
+        return end_ids(self.chat_format)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        return [tok.token_to_id(BOS), *tok.encode(prompt, add_special_tokens=False).ids]
+        """A plain-text prompt: BOS (where the model's documents start with one) and the text's ids."""
+        return self.chat_format.text_ids(prompt)
 
-    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False) -> Batch:
+    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False, warm: bool = True) -> Batch:
+        """A batch over this model; `warm=False` leaves the decode step's warm-up to `Batch.warm_up()`,
+        called by the thread that will step the batch."""
         return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
-                     min(max_len or self.context, self.context), compile)
+                     min(max_len or self.context, self.context), compile, warm=warm)
 
     def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None,
                  chat: bool = False) -> list[str]:
         """`sc.num_samples` completions of `prompt` (the prompt itself not included); with `chat`,
-        replies to `prompt` as the user's turn (after `sc.system`, if set) in kiln's chat format,
+        replies to `prompt` as the user's turn (after `sc.system`, if set) in the model's chat format,
         as the server's chat endpoint renders it.
 
         The whole prompt is always kept: one that leaves no room in the model's context is
         refused. Generation stops at `max_new_tokens`, an end token, or the context's end, which
         is then noted in `self.notes` (and said by `kiln generate`), never silently.
         """
-        ids = prompt_ids(self.tokenizer, chat_messages(prompt, sc.system)) if chat else self.encode_prompt(prompt)
+        ids = self.chat_format.prompt_ids(chat_messages(prompt, sc.system)) if chat else self.encode_prompt(prompt)
         self.notes = []
         if len(ids) >= self.context:
             raise KilnError(f"the prompt is {len(ids)} tokens but the model's context holds {self.context}; "
@@ -179,9 +193,11 @@ def run_generate(cfg: Config) -> list[str]:
     engine = Engine.from_run(cfg.out, cfg.device)
     sc = cfg.sample
     chat = sc.chat == "on" or (sc.chat == "auto" and engine.chat)
-    if chat and engine.tokenizer.token_to_id(USER) is None:
-        raise KilnError(f"sample.chat=on: the tokenizer of out={cfg.out} has no {USER} token; it does not speak "
-                        "kiln's chat format (sample.chat=off completes the prompt as text)")
+    if chat:
+        try:
+            engine.chat_format.check_chat(f"sample.chat=on: out={cfg.out}")
+        except KilnError as e:
+            raise KilnError(f"{e} (sample.chat=off completes the prompt as text)") from None
     if sc.system and not chat:
         raise KilnError("sample.system is a chat setting, and this run completes text; set sample.chat=on or "
                         "drop sample.system")

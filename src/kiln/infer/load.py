@@ -27,8 +27,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from kiln.data.chat import speaks_chat
-from kiln.data.tokenizer import BOS, load_tokenizer, token_count
+from kiln.data.chat import ChatFormat, read_format, speaks_chat
+from kiln.data.tokenizer import load_tokenizer, token_count
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.heads import ScalarHeadModel
@@ -47,7 +47,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class RunCheckpoint:
     """One checkpoint of a run, read but not built: `model` is its shape, `info` its
-    checkpoint.json (`workload` says what it was trained as), the tokenizer the one it records."""
+    checkpoint.json (`workload` says what it was trained as), the tokenizer the one it records,
+    `chat_format` its ids and chat template (`kiln.data.chat.read_format`)."""
 
     path: Path
     run: Path
@@ -55,6 +56,7 @@ class RunCheckpoint:
     model: ModelConfig
     tokenizer_file: Path
     tokenizer: Tokenizer
+    chat_format: ChatFormat
 
     @cached_property
     def quantization(self) -> dict | None:
@@ -95,13 +97,15 @@ def open_checkpoint(spec: str | Path, key: str = "out", what: str = "") -> RunCh
     run = path.parent.parent
     tfile = run / "tokenizer" / "tokenizer.json"
     check_tokenizer(tfile, info, what or f"{key}={spec}")
-    return RunCheckpoint(path, run, info, ModelConfig.from_dict(info["model"]), tfile, load_tokenizer(tfile))
+    tok = load_tokenizer(tfile)
+    return RunCheckpoint(path, run, info, ModelConfig.from_dict(info["model"]), tfile, tok, read_format(tfile, tok))
 
 
 # ---- a model ready for inference -------------------------------------------------------------------
 @dataclass
 class Loaded:
-    """A model ready for inference (eval mode, on `device`) with its tokenizer and origin."""
+    """A model ready for inference (eval mode, on `device`) with its tokenizer, its chat format
+    (the ids that start and end documents and turns, how conversations render) and origin."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -111,6 +115,11 @@ class Loaded:
     home: Path  # where results about it go: the run, or the Hugging Face directory
     info: dict = field(default_factory=dict)  # checkpoint.json ({} for a Hugging Face directory)
     data: Path | None = None  # the prepared data it was trained on, if known
+    chat_format: ChatFormat | None = None  # None: kiln's own format over `tokenizer`
+
+    def __post_init__(self) -> None:
+        if self.chat_format is None:
+            self.chat_format = ChatFormat.kiln(self.tokenizer)
 
     @property
     def step(self) -> int | None:
@@ -137,7 +146,8 @@ class Loaded:
 
     @property
     def bos(self) -> int:
-        return self.tokenizer.token_to_id(BOS)
+        """The token a document starts after: BOS (or, for a tokenizer without one, the EOS before it)."""
+        return self.chat_format.document_start
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -164,12 +174,14 @@ def load(spec: str | Path, device: str | torch.device = "auto", dtype: str | tor
     dt = pick_dtype(dtype, dev)
     if check_model(spec, key) == "checkpoint":  # what `kiln.cli` also checks before importing torch
         ck = open_checkpoint(path, key)
-        loaded = Loaded(model_of(ck, dev, dt), ck.tokenizer, dev, "checkpoint", ck.path, ck.run, ck.info, ck.data)
+        loaded = Loaded(model_of(ck, dev, dt), ck.tokenizer, dev, "checkpoint", ck.path, ck.run, ck.info, ck.data,
+                        ck.chat_format)
     else:
         from kiln.infer.hf import read_hf
 
         hf = read_hf(path, allow_pickle, key)
-        loaded = Loaded(_float_model(hf.model, hf.tensors, path), hf.tokenizer, dev, "hf", path, path)
+        loaded = Loaded(_float_model(hf.model, hf.tensors, path), hf.tokenizer, dev, "hf", path, path,
+                        chat_format=hf.chat)
     if not loaded.quantized:
         loaded.model.to(device=dev, dtype=dt)
     loaded.model.eval()

@@ -40,19 +40,21 @@ _SUFFIXES = (".lora_a", ".lora_b")
 
 
 class LoRALinear(nn.Module):
-    """A bias-free linear layer with a frozen weight and a trainable low-rank update.
+    """A linear layer with a frozen weight (and frozen bias, if it has one: Qwen2's q/k/v) and a
+    trainable low-rank update.
 
-    It takes over the replaced `nn.Linear`'s weight Parameter itself (same object, same name),
-    so it costs no copy and works on the meta device before sharding.
+    It takes over the replaced `nn.Linear`'s weight and bias Parameters themselves (same objects,
+    same names), so it costs no copy and works on the meta device before sharding.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRALinear adapts bias-free projections only")
         out_features, in_features = base.weight.shape
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's own initialization; `init_lora` redraws it seeded
@@ -61,7 +63,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
     def delta(self) -> torch.Tensor:
         """(alpha / r) · B A, the update the adapter adds to the weight."""
@@ -117,8 +119,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     the model is again a plain Transformer, as fast as the base. In place; returns the model."""
     for name, m in list(lora_modules(model)):
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        merged = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False, device="meta")
+        merged = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
         merged.weight = nn.Parameter((m.weight.float() + m.delta()).to(m.weight.dtype), requires_grad=False)
+        if m.bias is not None:
+            merged.bias = m.bias
         setattr(parent, name.rsplit(".", 1)[1], merged)
     return model
 

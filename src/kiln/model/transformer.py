@@ -1,9 +1,11 @@
 """A Llama-style transformer in plain single-device PyTorch: the one model every workload shares.
 
-RMSNorm, rotary position embeddings (per-row positions), grouped-query attention through
-`F.scaled_dot_product_attention` (causal or bidirectional, with padding and document masks),
-a SwiGLU MLP, optional tied embeddings, a preallocated KV cache with per-row lengths, and the
-final hidden states on request. Nothing here knows about devices, ranks or parallelism: that is applied
+RMSNorm, rotary position embeddings (per-row positions; linear, llama3 or yarn scaling),
+grouped-query attention through `F.scaled_dot_product_attention` (causal or bidirectional, with
+padding and document masks, a sliding window where the config sets one), optional q/k/v and output
+biases and per-head q/k RMSNorm, a head size of its own, a SwiGLU MLP, optional tied embeddings, a
+preallocated KV cache with per-row lengths, and the final hidden states on request: Llama 2/3.x,
+Qwen2/2.5, Qwen3 and Mistral compute here exactly as `transformers` computes them. Nothing here knows about devices, ranks or parallelism: that is applied
 from outside (`kiln.train.parallel`).
 """
 
@@ -30,12 +32,54 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_seq_len, head_dim), halves repeated (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """The rotary inverse frequencies (head_dim / 2 of them, float64) and the factor cos and sin are
+    scaled by, for base `theta` and `scaling` (`ModelConfig.rope_scaling`, checked there), computed
+    as `transformers`' modeling_rope_utils computes them (see `kiln.model.config.ROPE_SCALINGS`)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv, 1.0
+    kind, factor = scaling["type"], scaling["factor"]
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":  # by wavelength against the original context: long ones / factor, short ones kept
+        old, low, high = scaling["original_max_seq_len"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        return torch.where(wavelen > old / low, inv / factor, torch.where(wavelen < old / high, inv, blended)), 1.0
+    if kind == "yarn":  # interpolated below the ramp's start, original past its end, blended along it
+        old = scaling["original_max_seq_len"]
+
+        def dim_turning(rotations: float) -> float:  # the dimension that turns `rotations` times over `old`
+            return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_turning(scaling["beta_fast"]), dim_turning(scaling["beta_slow"])
+        if scaling["truncate"]:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        attention = scaling["attention_factor"]
+        if attention is None:
+            attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return inv / factor * ramp + inv * (1 - ramp), attention
+    raise ValueError(f"RoPE scaling {kind!r} is not computed here")
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim), halves repeated (rotate-half layout),
+    with `scaling`'s frequencies and attention factor (`rope_frequencies`)."""
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention).float(), (angles.sin() * attention).float()
+
+
+def model_rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_tables` for a model of shape `cfg`."""
+    return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,6 +102,11 @@ class KVCache:
     `lengths[b] ... lengths[b] + T - 1` and lets each query see its row's slots up to its own.
     A row's padding (attention_mask 0, only at the end of a chunk) is written but not counted,
     so the row's next tokens overwrite it. `reset(rows)` frees rows for new sequences.
+
+    Planning a forward needs the rows' lengths on the host (how many slots to attend, whether a
+    mask is needed, whether they fit): a caller that keeps them there (the engine does) says so
+    with `known(lengths)` before the forward, and nothing is read back from the device (on a GPU
+    each read is a host sync); otherwise `begin` reads `lengths` once.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> None:
@@ -69,6 +118,7 @@ class KVCache:
         self.max_len = max_len
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self._step: tuple | None = None  # (slot index, used length, mask) for the forward in progress
+        self._known: list[int] | None = None  # the rows' lengths as the caller knows them, for the next forward
 
     @property
     def batch(self) -> int:
@@ -81,16 +131,26 @@ class KVCache:
         else:
             self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
 
+    def known(self, lengths: list[int]) -> KVCache:
+        """Tell the next forward the rows' current lengths, kept on the host by the caller, so that
+        `begin` plans it without reading `self.lengths` back (for that forward only). Returns the cache."""
+        if len(lengths) != self.batch:
+            raise ValueError(f"{len(lengths)} lengths for a cache of {self.batch} rows")
+        self._known = [int(n) for n in lengths]
+        return self
+
     def begin(self, t: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Plan a forward of `t` new tokens per row; returns their default positions (B, t)."""
         start = self.lengths
-        if int(start.max()) + t > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {int(start.max()) + t}")
+        known, self._known = self._known, None
+        if known is None:
+            known = start.tolist()  # the one read of a forward the caller did not plan (a host sync on a GPU)
+        used = max(known) + t
+        if used > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {used}")
         offsets = torch.arange(t, device=start.device)
         slots = start[:, None] + offsets  # (B, t)
-        used = int(start.max()) + t
-        first = int(start[0])
-        if attention_mask is None and bool((start == first).all()) and (t == 1 or first == 0):
+        if attention_mask is None and all(n == known[0] for n in known) and (t == 1 or known[0] == 0):
             # every row at the same length: one new token sees every used slot, a first chunk is plain
             # causal, so the fused kernels run without an explicit mask
             mask = None if t == 1 else "causal"
@@ -141,6 +201,88 @@ def build_attention_mask(
     return mask[:, None]
 
 
+# ---- grouped-query heads and SDPA's backends -------------------------------------------------
+# Which CUDA kernels take what, in torch 2.13 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and
+# sdp_utils_cpp.h; default order flash, memory-efficient, math, cuDNN, with cuDNN first only on some
+# Hopper/Blackwell setups): flash takes grouped-query heads (`enable_gqa`) but no `attn_mask` and only
+# fp16/bf16 with head_dim <= 256; the memory-efficient kernel takes a mask (as an additive bias) and
+# fp32, but not unequal query and key/value head counts (its GQA support, pytorch#191085, came after
+# 2.13: `check_batch_size_and_num_heads_dense` there has no `supports_mqa` parameter). So a masked or
+# fp32 grouped-query call falls through to the math backend, which materializes the (B, H, T, T)
+# scores: O(T²) memory. Laid out with equal head counts, the same call runs the memory-efficient kernel.
+FLASH_MAX_HEAD_DIM = 256
+
+
+def attention_layout(device_type: str, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
+                     t: int, masked: bool) -> str:
+    """How `sdpa` lays grouped-query heads out for `F.scaled_dot_product_attention`:
+
+    - "native": as they are (`enable_gqa` when the head counts differ): off CUDA (the CPU kernels
+      take masks and groups: today's numbers), with equal head counts, and where flash runs;
+    - "fold": one new token per row (decoding): each group of query heads becomes that many query
+      rows against its one key/value head, the mask repeated per row: no copy of the cache;
+    - "expand": keys and values repeated to the query heads (what the math backend would do anyway,
+      O(T) memory) so the memory-efficient kernel takes the mask or the fp32 batch.
+    """
+    if n_heads == n_kv_heads or device_type != "cuda":
+        return "native"
+    if not masked and dtype in (torch.float16, torch.bfloat16) and head_dim <= FLASH_MAX_HEAD_DIM:
+        return "native"  # flash, GQA included
+    return "fold" if t == 1 else "expand"
+
+
+def _lay_out(q, k, v, mask, causal: bool, layout: str):
+    """(q, k, v, mask, causal) as `layout` (see `attention_layout`) hands them to SDPA."""
+    b, nq, t, hd = q.shape
+    nkv, s = k.shape[1], k.shape[2]
+    g = nq // nkv
+    if layout == "fold" and nq != nkv:  # (B, Hkv, g, hd) queries: row i of a group is query head kv·g + i
+        if t != 1:
+            raise ValueError(f"the fold layout takes one new token per row, not {t}")
+        return q.reshape(b, nkv, g, hd), k, v, None if mask is None else mask.expand(b, 1, g, s), False
+    if layout == "expand" and nq != nkv:  # query head h reads key/value head h // g, as enable_gqa does
+        k = k[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, nq, s, hd)
+        v = v[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, nq, s, v.shape[3])
+    return q, k, v, mask, causal
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+         layout: str | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of (B, Hq, T, hd) queries against (B, Hkv, S, hd) keys and
+    values (Hkv dividing Hq; query head h reads key/value head h // (Hq / Hkv)), with an optional
+    boolean mask broadcastable to (B, 1, T, S), laid out as `attention_layout` says (or `layout`)."""
+    b, nq, t, hd = q.shape
+    if layout is None:
+        layout = attention_layout(q.device.type, q.dtype, nq, k.shape[1], hd, t, mask is not None)
+    q2, k, v, mask, causal = _lay_out(q, k, v, mask, causal, layout)
+    gqa = k.shape[1] != q2.shape[1]  # grouped-query heads share K/V without copying the cache per query head
+    if mask is None:
+        y = F.scaled_dot_product_attention(q2, k, v, is_causal=causal, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q2, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.reshape(b, nq, t, y.shape[-1]) if q2.shape[1] != nq else y  # a folded group back to its heads
+
+
+def sdpa_backend(cfg: ModelConfig, device, dtype: torch.dtype, batch: int, t: int, masked: bool,
+                 past: int = 0, grad: bool = False) -> str:
+    """The SDPA backend torch picks on `device` for the call `Attention` makes with `t` new tokens
+    per row after `past` cached ones, masked or not (a bool mask as padding, documents or rows at
+    different lengths give): "flash_attention", "efficient_attention", "cudnn_attention" or "math".
+    Asks torch's own dispatcher (`torch._fused_sdp_choice`) on small tensors of those shapes."""
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device(device)
+    hd, nq, nkv, s = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, past + t
+    q = torch.zeros(batch, t, nq, hd, device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+    k = torch.zeros(batch, nkv, s, hd, device=device, dtype=dtype).requires_grad_(grad)
+    v = torch.zeros(batch, nkv, s, hd, device=device, dtype=dtype).requires_grad_(grad)
+    mask = torch.ones(batch, 1, t, s, device=device, dtype=torch.bool).tril(past) if masked else None
+    layout = attention_layout(device.type, dtype, nq, nkv, hd, t, masked)
+    q, k, v, mask, causal = _lay_out(q, k, v, mask, not masked and t > 1 and past == 0, layout)
+    choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, enable_gqa=k.shape[1] != q.shape[1])
+    return SDPBackend(choice).name.lower()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -148,16 +290,23 @@ class Attention(nn.Module):
         self.causal = cfg.causal
         # Tensor parallelism rewrites the two head counts to the local shard's (train/parallel.py).
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.window = cfg.layer_window(layer)  # 0: full attention
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        # Qwen3: each head's queries and keys RMS-normed (one gain over head_dim, shared by the heads)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q = self.wq(x).view(b, t, nq, hd).transpose(1, 2)
-        k = self.wk(x).view(b, t, nkv, hd).transpose(1, 2)
+        q = self.wq(x).view(b, t, nq, hd)
+        k = self.wk(x).view(b, t, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(b, t, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = self.causal
@@ -165,12 +314,37 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer, k, v)
             causal = isinstance(mask, str)  # "causal": a first chunk on every row
             mask = None if causal else mask
-        gqa = nq != nkv  # grouped-query heads share K/V without copying the cache per query head
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if self.window and k.shape[2] > self.window:
+                mask, causal = self._windowed(mask, causal, t, k.shape[2], True, x.device)
+        elif self.window and t > self.window:
+            mask, causal = self._windowed(mask, causal, t, t, False, x.device)
+        # grouped-query heads laid out so that a fused kernel takes a masked or fp32 batch on CUDA
+        layout = attention_layout(q.device.type, q.dtype, nq, nkv, hd, t, mask is not None)
+        y = sdpa(q, k, v, mask, causal, layout)
         return self.wo(y.transpose(1, 2).reshape(b, t, nq * hd))
+
+    def _windowed(self, mask: torch.Tensor | None, causal: bool, t: int, s: int, cached: bool,
+                  device: torch.device) -> tuple[torch.Tensor, bool]:
+        """(mask, causal) for `t` queries against `s` keys with this block's sliding window: a query
+        sees only the `window` keys ending at its own position (itself included), counted by index
+        (sequence index, or cache slot) as `transformers` counts them (kv_idx > q_idx - window).
+
+        `mask` is None (no cache: plain causal; with the cache: one new token per row, every row at
+        slot s - 1), causal (`causal`: a first chunk, queries at slots 0..t-1) or a boolean
+        (B, 1, t, s) mask: without the cache, any (padding, documents) over sequence indices; with
+        it, the cache's own, in which a query sees exactly the slots up to its own, so its slot is
+        the count of what it sees, less one."""
+        w = self.window
+        if mask is None and cached and not causal:  # t == 1: the new tokens sit at slot s - 1
+            return (torch.arange(s, device=device) > s - 1 - w).expand(1, 1, 1, s), False
+        if mask is None:  # queries 0..t-1 against keys 0..t-1
+            rows = torch.ones(t, s, dtype=torch.bool, device=device)
+            return (rows.tril() & rows.triu(1 - w))[None, None], False
+        if cached:
+            slot = mask.sum(-1, keepdim=True) - 1  # (B, 1, t, 1)
+            return mask & (torch.arange(s, device=device) > slot - w), False
+        rows = torch.ones(t, s, dtype=torch.bool, device=device)
+        return mask & rows.triu(1 - w), False
 
 
 class MLP(nn.Module):
@@ -226,13 +400,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2·layers).
+        """Normal(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2·layers); norm
+        gains 1, biases 0.
 
         Works on a model materialized from the meta device after sharding (`to_empty`): each
         parameter is drawn whole, in the same order as for a single-device model, and a sharded
@@ -250,7 +425,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             full = torch.empty(p.shape, dtype=p.dtype)
             if p.ndim == 1:
-                full.fill_(1.0)
+                full.fill_(0.0 if name.endswith(".bias") else 1.0)
             else:
                 std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 full.normal_(0.0, std, generator=gen)
@@ -260,15 +435,17 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute the rotary tables (not saved in checkpoints; garbage after `to_empty`)."""
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = model_rope_tables(self.cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
     def _rope(self, positions: torch.Tensor | None, t: int, start: int = 0):
         if positions is None:
             return self.rope_cos[start : start + t], self.rope_sin[start : start + t]
-        if int(positions.max()) >= self.cfg.max_seq_len or int(positions.min()) < 0:
-            raise ValueError(f"position {int(positions.max())} is outside 0..model.max_seq_len-1={self.cfg.max_seq_len - 1}")
+        # checked on the device: reading the positions back would stop the host at every forward
+        # (an error surfaces at the next read on a GPU, at once on CPU)
+        inside = ((positions >= 0) & (positions < self.cfg.max_seq_len)).all()
+        torch._assert_async(inside, f"a position is outside 0..model.max_seq_len-1={self.cfg.max_seq_len - 1}")
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
 
     def forward(

@@ -79,6 +79,10 @@ def export_eurobert(tensors: dict[str, torch.Tensor], cfg: ModelConfig, tokenize
 
     if cfg.causal:
         raise KilnError("only a bidirectional encoder (causal=false) exports as EuroBERT; a decoder exports as Llama")
+    added = [f"model.{k}" for k in ("qkv_bias", "out_bias", "qk_norm", "rope_scaling") if getattr(cfg, k)]
+    if added:  # an encoder made from an imported Qwen or Llama 3.1+ (init_from)
+        raise KilnError(f"this encoder has {', '.join(added)}, which kiln's EuroBERT export does not write; "
+                        "only encoders of kiln's own shape export as EuroBERT")
     tok = load_tokenizer(tokenizer_path)
     if tok.get_vocab_size() != mask_id:
         raise KilnError(f"the tokenizer has {tok.get_vocab_size()} tokens but the mask token is id {mask_id}; "

@@ -1,21 +1,24 @@
 """`kiln quantize`: weight-only INT8 (per output channel) and INT4 (group-wise, two values per
 byte) checkpoints, by round-to-nearest or GPTQ calibrated on the run's own training shards. The
 stored format and the modules computing with it are `kiln.model.quant`; `kiln.infer.load` loads
-a quantized run like any other.
+a quantized run like any other. The model, its calibration, GPTQ and the before/after scores run
+on the configured `device` (as every verb picks it), in full fp32 (TF32 off on CUDA); what is
+written comes from the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from kiln.data.chat import speaks_chat
+from kiln.data.chat import copy_format, speaks_chat
 from kiln.data.shards import open_data
 from kiln.data.tokenizer import token_count
 from kiln.errors import KilnError
@@ -36,6 +39,7 @@ from kiln.model.quant import (
 from kiln.report import write_section
 from kiln.runs import atomic_dir, read_manifest, write_json
 from kiln.train.checkpoint import CheckpointManager
+from kiln.train.parallel import pick_device
 
 
 def check_group_size(name: str, k: int, fmt: str, group_size: int) -> None:
@@ -80,14 +84,15 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: str, group_size: 
     (from the error-updated weights); int8 rows keep the round-to-nearest scale."""
     w = w.detach().float().clone()
     n, k = w.shape
-    h = hessian.double().clone()
+    # the inverse in float64, on the weight's device (MPS has no float64: there, on the CPU)
+    h = hessian.to("cpu" if w.device.type == "mps" else w.device, torch.float64).clone()
     dead = h.diagonal() == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[:, dead.to(w.device)] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
     try:
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        u = torch.linalg.cholesky(hinv, upper=True).float()
+        u = torch.linalg.cholesky(hinv, upper=True).float().to(w.device)
     except RuntimeError:  # not positive definite even with damping: nothing to calibrate against
         return quantize_rtn(w, fmt, group_size)
     q = torch.empty(n, k, device=w.device)
@@ -149,23 +154,39 @@ class SecondMoment:
         return self.sum / max(self.n, 1)
 
 
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """fp32 matmuls at full precision on CUDA for the duration (`use_device` turns TF32 on for
+    training; second moments, GPTQ's error propagation and small KL figures want all 23 bits)."""
+    if device.type != "cuda":
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, method: str = "rtn",
                    calibration: Iterable[torch.Tensor] = (), damp: float = 0.01, progress=None) -> dict[str, QuantizedTensor]:
-    """Every matrix of a float `Transformer` in its stored form. `method="gptq"` runs the
-    calibration sequences (token-id batches) through the model block by block, each block seeing
+    """Every matrix of a float `Transformer` in its stored form, on the CPU. `method="gptq"` runs
+    the calibration sequences (token-id batches) through the model block by block, each block seeing
     the outputs of the blocks already quantized, and quantizes each projection with GPTQ against
     its inputs' second moment; the embedding table (the LM head too when tied, since GPTQ's error
     compensation is valid only for a matmul's inputs) is rounded to nearest. An untied LM head
-    is calibrated on the final norm's outputs."""
+    is calibrated on the final norm's outputs. The work runs on the model's device."""
     mc: ModelConfig = model.cfg
     check_model(mc, fmt, group_size)
     params = dict(model.named_parameters())
     if method == "rtn":
-        return {name: quantize_rtn(params[name], fmt, group_size) for name in matrix_names(mc)}
+        return {name: quantize_rtn(params[name], fmt, group_size).to("cpu") for name in matrix_names(mc)}
     if method != "gptq":
         raise KilnError(f"quantize.method={method!r} is not rtn or gptq")
-    batches = [b for b in calibration]
+    device = params["tok_emb.weight"].device
+    batches = [b.to(device) for b in calibration]
     if not batches:
         raise KilnError("GPTQ needs calibration sequences; the source run's training shards gave none")
     out = {"tok_emb.weight": quantize_rtn(params["tok_emb.weight"], fmt, group_size)}
@@ -184,8 +205,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, method: str
             for sub in names:
                 lin = block.get_submodule(sub)
                 qt = quantize_gptq(lin.weight, moment, fmt, group_size, damp)
-                out[f"layers.{i}.{sub}.weight"] = qt
                 lin.weight.copy_(qt.dequantize(lin.weight.dtype))  # later blocks see this block quantized
+                out[f"layers.{i}.{sub}.weight"] = qt.to("cpu")
         hidden = [block(x, cos, sin) for x in hidden]
         if progress:
             progress(f"block {int(i) + 1}/{mc.n_layers} quantized")
@@ -193,7 +214,7 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, method: str
         final = [model.norm(x).reshape(-1, mc.d_model).float() for x in hidden]
         moment = sum(x.T @ x for x in final) / sum(x.shape[0] for x in final)
         out["lm_head.weight"] = quantize_gptq(model.lm_head.weight, moment, fmt, group_size, damp)
-    return out
+    return {name: qt.to("cpu") for name, qt in out.items()}
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -219,27 +240,37 @@ def calibration_batches(ddir: Path, sequences: int, seq_len: int, batch_size: in
     return out
 
 
-def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str = "", say=print) -> dict:
+def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str = "", say=print,
+                        device: str | torch.device = "cpu") -> dict:
     """Quantize `source` (a run or checkpoint) into the run directory `out`; returns the figures.
 
     `qc` is a `kiln.config.QuantizeConfig`. The result is a checkpoint like any other
     (`out/checkpoints/step_N/`, checkpoint.json carrying the `quantization` entry) beside a copy
     of the tokenizer, so `kiln generate / serve / eval out=OUT` read it as they read a trained run.
+    The float model is scored, calibrated and quantized on `device` (a `device=` setting: auto,
+    cpu, cuda, ...) in fp32; the stored tensors are written from the CPU.
     """
     ck = _source(source, Path(out), qc)
     out = Path(out)
     ddir = _data(ck, data_path, qc)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    with exact_fp32(dev):
+        return _quantize(ck, out, qc, ddir, dev, say)
+
+
+def _quantize(ck: RunCheckpoint, out: Path, qc, ddir: Path | None, dev: torch.device, say) -> dict:
     group = qc.group_size if qc.format == "int4" else 0
     seq_len = min(qc.calib_seq_len or 256, ck.model.max_seq_len)
     windows = run_windows(info=ck.info, context=ck.model.max_seq_len)
     vocab = min(token_count(ck.tokenizer), ck.model.vocab_size)
 
     t0 = time.perf_counter()
-    model = model_of(ck, torch.device("cpu")).eval()
+    model = model_of(ck, dev).to(dev).eval()
     before = heldout_bits_per_byte(model, ddir, windows, vocab) if ddir and qc.evaluate else None
     calib = calibration_batches(ddir, qc.calib_sequences, seq_len) if qc.method == "gptq" else []
     say(f"quantize: {ck.path} → {qc.format}{f' g{group}' if group else ''} by {qc.method}"
-        + (f" ({qc.calib_sequences} calibration windows of {seq_len} tokens)" if calib else ""))
+        + (f" ({qc.calib_sequences} calibration windows of {seq_len} tokens)" if calib else "")
+        + (f" on {dev}" if dev.type != "cpu" else ""))
     stored = quantize_model(model, qc.format, qc.group_size, qc.method, calib, qc.damp,
                             progress=lambda m: say(f"quantize: {m}"))
     entry = quantization_entry(qc.format, group, qc.method,
@@ -250,8 +281,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, qc, data_path: str 
     after = {}
     if before is not None:
         if qc.method == "gptq":  # GPTQ left its own dequantized weights in `model`: read the float ones again
-            model = model_of(ck, torch.device("cpu")).eval()
-        after = heldout_bits_per_byte(load(final, "cpu", key="quantize").model, ddir, windows, vocab, reference=model)
+            model = model_of(ck, dev).to(dev).eval()
+        after = heldout_bits_per_byte(load(final, dev, key="quantize").model, ddir, windows, vocab, reference=model)
     mc = ck.model
     fp16 = 2 * mc.num_params()
     nbytes = (final / "model.safetensors").stat().st_size
@@ -323,11 +354,13 @@ def _write_checkpoint(ck: RunCheckpoint, out: Path, tensors: dict[str, torch.Ten
     ckpts = CheckpointManager(out)
     final = ckpts.path(int(info.get("step", 0)))
     with atomic_dir(final) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={METADATA_KEY: json.dumps(entry, sort_keys=True)})
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={METADATA_KEY: json.dumps(entry, sort_keys=True)})
         CheckpointManager.write_info(tmp, int(info.get("step", 0)), meta)
     ckpts.mark_latest(final)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copy2(ck.tokenizer_file, out / "tokenizer" / "tokenizer.json")
+    copy_format(ck.tokenizer_file, out / "tokenizer")  # an imported model's chat format travels with it
     return final
 
 
@@ -352,6 +385,6 @@ def run_quantize(cfg) -> dict:
     if not cfg.quantize.source:
         raise KilnError("quantize.source is empty; name the trained run to quantize, e.g. "
                         "kiln quantize source=runs/quickstart out=runs/quickstart-int8")
-    result = quantize_checkpoint(cfg.quantize.source, cfg.out, cfg.quantize, cfg.data.path)
+    result = quantize_checkpoint(cfg.quantize.source, cfg.out, cfg.quantize, cfg.data.path, device=cfg.device)
     atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
     return result

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kiln.config import Config, ServeConfig
-from kiln.data.chat import check_messages, prompt_ids
+from kiln.data.chat import check_messages
 from kiln.errors import KilnError
 from kiln.infer.engine import SamplingParams, Sequence
 from kiln.infer.generate import Engine
@@ -436,11 +436,10 @@ def _prompts(state: ServeState, req, chat: bool) -> list[list[int]]:
         messages = [{"role": m.role,  # `developer` becomes `system` in check_messages
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in req.messages]
-        try:
-            check_messages(messages, "messages")
+        try:  # rendered as the model was trained to read it: kiln's format or its own chat template
+            return [eng.chat_format.prompt_ids(check_messages(messages, "messages"))]
         except KilnError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return [prompt_ids(eng.tokenizer, messages)]
     prompt = req.prompt
     if isinstance(prompt, str):
         prompt = [prompt]

@@ -2,9 +2,10 @@
 it, while request handlers submit, stream and cancel from other threads (continuous batching);
 and the counters `/metrics` reports.
 
-Everything that touches the model runs on the loop's thread; other threads only queue work
-under a lock. A failure inside a step ends the sequences it touched with an error and the loop
-goes on: no request can stop the server.
+Everything that touches the model runs on the loop's thread, the decode step's warm-up
+(compiling it, and on CUDA recording its graphs, which torch keeps per thread) included; other
+threads only queue work under a lock. A failure inside a step ends the sequences it touched with
+an error and the loop goes on: no request can stop the server.
 """
 
 from __future__ import annotations
@@ -54,12 +55,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Scheduler:
     """Owns the running batch and its thread. `submit(seqs)` queues sequences (all or none;
     `QueueFull` past `max_queue` waiting), `cancel(seqs)` takes them out at the next step (their
-    rows free at once), `wait(seqs)` blocks until they finish, `stop()` ends the loop."""
+    rows free at once), `wait(seqs)` blocks until they finish, `stop()` ends the loop.
+
+    The constructor returns once the thread has warmed the decode step up (a warm-up that fails
+    is raised here, and the thread ends), so the first request does not pay for compiling."""
 
     def __init__(self, engine: Engine, max_batch: int, max_queue: int, max_len: int | None = None,
                  compile: bool = False, window_s: float = 10.0) -> None:
         self.engine = engine
-        self.batch = engine.new_batch(max_batch, max_len, compile)
+        self.batch = engine.new_batch(max_batch, max_len, compile, warm=False)  # warmed on the loop's thread
         self.max_queue = max_queue
         self.waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -73,8 +77,14 @@ class Scheduler:
         self.latency = Histogram(LATENCY_BUCKETS)
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
-        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None  # what the warm-up raised
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            self._thread.join()
+            raise self._failed
 
     def __enter__(self) -> Scheduler:
         return self
@@ -133,6 +143,16 @@ class Scheduler:
     # ---- the loop's thread -------------------------------------------------------------------
     def _has_work(self) -> bool:
         return bool(self._stopping or self.waiting or self._cancelled or self.batch.running)
+
+    def _run(self) -> None:
+        try:
+            self.batch.warm_up()  # on this thread, which steps the batch from now on
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._failed = e
+            return
+        finally:
+            self._ready.set()
+        self._loop()
 
     def _loop(self) -> None:
         while True:

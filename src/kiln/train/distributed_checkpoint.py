@@ -7,6 +7,9 @@ A sharded checkpoint is the directory a single-process one is (`checkpoints/step
 `model.safetensors` + `optimizer.pt`. All ranks write into `.step_NNNNNNN.dcp.tmp`; once every
 rank is done, rank 0 adds `state.pt`, hashes, writes `checkpoint.json` and renames the directory
 into place, so a kill at any moment leaves either a complete checkpoint or a stale temporary.
+Rank 0's part (hashing every shard; for the last checkpoint, merging the weights into one file)
+can take longer than the collective timeout on a large model, so the other ranks wait for it in a
+barrier on the host (gloo) whose timeout is sized from the checkpoint's bytes (`merge_budget_s`).
 State dicts go through `get_state_dict` / `set_state_dict` under fully qualified parameter names
 (optimizer state flattened), which is what makes a checkpoint independent of the layout: FSDP,
 TP, PP stages and DDP all save and load the same keys. The run directory must be on a file system
@@ -19,6 +22,7 @@ import os
 import shutil
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,10 +55,40 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# The slowest rate rank 0 is expected to read, write and hash a checkpoint at (a busy network file
+# system): what the others' wait for its part is sized with.
+MERGE_BYTES_PER_S = 50e6
+
+
+def merge_budget_s(tmp: Path, consolidated: bool, timeout_s: float) -> float:
+    """How long the other ranks wait for rank 0 to finish a checkpoint in `tmp`: the collective
+    timeout plus its part at `MERGE_BYTES_PER_S`: hashing every shard, and for a consolidated one
+    also reading them and writing (then hashing) the merged weights: three passes over the bytes."""
+    size = sum(f.stat().st_size for f in (Path(tmp) / "dcp").rglob("*") if f.is_file())
+    return timeout_s + (3 if consolidated else 1) * size / MERGE_BYTES_PER_S
+
+
+def _waiting_group(seconds: float):
+    """A gloo group over every rank whose operations time out after `seconds`, for a barrier the
+    hosts keep (the default group's timeout is the collective one; under NCCL its barrier also
+    runs on the GPU, watched by NCCL's watchdog). Collective: every rank makes it together."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+
+
+def _wait_for_rank_0(group) -> None:
+    """Every rank waits here, up to the group's timeout, until all (rank 0 last, done with its part)
+    arrive; a rank that dies closes its connections, so the others stop at once, not at the limit."""
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+
+
 def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict, meta: dict, rank: int, consolidated: bool = False) -> Path:
+         state: dict, meta: dict, rank: int, consolidated: bool = False, timeout_s: float = 300.0) -> Path:
     """Collective: every rank calls it. With `consolidated`, the checkpoint also carries one
-    `model.safetensors` (what generate and export read)."""
+    `model.safetensors` (what generate and export read). `timeout_s`: the collective timeout
+    (`parallel.timeout_s`); the wait for rank 0's part is longer (`merge_budget_s`)."""
     final = manager.path(step)
     tmp = manager.dir / f".{final.name}.dcp.tmp"
     if rank == 0:
@@ -64,6 +98,8 @@ def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: tor
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     dcp.save({"model": model_sd, "optim": optim_sd},
              storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True))  # collective; .metadata last
+    # made now, by every rank together, before rank 0 goes its own way
+    waiting = _waiting_group(merge_budget_s(tmp, consolidated, timeout_s)) if dist.is_initialized() else None
     if rank == 0:
         torch.save(state, tmp / "state.pt")
         if consolidated:
@@ -72,7 +108,8 @@ def save(manager: CheckpointManager, step: int, model: nn.Module, optimizer: tor
         manager.write_info(tmp, step, {"sharded": True, "world": world, **meta})
         publish_dir(tmp, final)
         manager.mark_latest(final)
-    _barrier()  # nobody moves on (or reads `latest`) before the checkpoint is in place
+    if waiting is not None:
+        _wait_for_rank_0(waiting)  # nobody moves on (or reads `latest`) before the checkpoint is in place
     return final
 
 

@@ -214,11 +214,30 @@ def resolve_layout(pc: ParallelConfig, world: int) -> dict[str, int]:
     return {"pp": pc.pp, "dp_replicate": pc.dp_replicate, "dp_shard": shard, "tp": pc.tp}
 
 
+# How NCCL's watchdog handles a collective that failed or outlasted the timeout (torch 2.13,
+# ProcessGroupNCCL.hpp `ErrorHandlingMode`): 3, torch's default, tears the process down (SIGABRT)
+# without aborting the communicators; 2 aborts them and leaves the process up, so the error is
+# raised in the training thread by its next collective (DistBackendError: "NCCL communicator was
+# aborted ..."), where `peer_failures_as_errors` turns it into kiln's one line. A value set in the
+# environment is kept.
+NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+def process_group_backend(device: torch.device) -> str:
+    """nccl for a CUDA device (its environment set first: `NCCL_ERROR_ENV`), else gloo."""
+    if device.type != "cuda":
+        return "gloo"
+    for key, value in NCCL_ERROR_ENV.items():
+        os.environ.setdefault(key, value)
+    return "nccl"
+
+
 def init_env(cfg: Config) -> ParallelEnv:
     """Join the process group torchrun describes (if any) and build the device mesh.
 
     nccl on CUDA, gloo otherwise; every collective gives up after `parallel.timeout_s`, so a dead
-    rank makes the others stop with an error instead of waiting forever.
+    rank makes the others stop with an error instead of waiting forever (under NCCL raised in this
+    thread, not a SIGABRT from the watchdog: `NCCL_ERROR_ENV`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = resolve_layout(cfg.parallel, world)
@@ -228,7 +247,7 @@ def init_env(cfg: Config) -> ParallelEnv:
 
     device = pick_device(cfg.device)  # this rank's GPU, made current before the process group forms
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
         atexit.register(shutdown)
     mesh = init_device_mesh(device.type, tuple(layout.values()), mesh_dim_names=MESH_DIMS)
@@ -275,7 +294,9 @@ def _replicate_norm(norm: nn.Module, tp_mesh) -> None:
 
 
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    """Megatron-style TP: q/k/v and w1/w3 split by output (heads / hidden), wo and w2 by input.
+    """Megatron-style TP: q/k/v and w1/w3 split by output (heads / hidden; q/k/v biases with
+    them), wo and w2 by input (wo's bias added once, after the reduction). Sliding windows, scaled
+    RoPE and a head size of its own need nothing more; per-head q/k norms (Qwen3) are refused.
 
     With `sequence_parallel` the norms and the residual stream between blocks are split along the
     sequence, so each rank holds 1/tp of those activations (all-gather before attention / MLP,
@@ -299,6 +320,10 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
                             f"both n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}")
     if cfg.ffn_hidden % tp or cfg.vocab_size % tp:
         raise KilnError(f"parallel.tp={tp} does not divide ffn_hidden={cfg.ffn_hidden} and vocab={cfg.vocab_size}")
+    if cfg.qk_norm:  # each rank would train its own copy of the norm gains from its own heads' gradients
+        raise KilnError(f"parallel.tp={tp} with model.qk_norm=true (a Qwen3): the per-head q/k norm gains are shared "
+                        "by heads that TP puts on different ranks, and their gradients are not summed across them; "
+                        "use parallel.tp=1 (FSDP, parallel.dp_shard, shards the model instead)")
     seq = Shard(1) if sequence_parallel else Replicate()
     root_plan = {}
     if model.tok_emb is not None:

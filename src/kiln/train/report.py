@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+from kiln.plan import PLAN_VS_RUN
 from kiln.report import write_section
 from kiln.runs import HeldOutWindows, read_manifest
 from kiln.train.metrics import read_metrics
@@ -62,6 +63,74 @@ def _throughput_line(speed: list[float], mfu: list[float], peaks: list[float]) -
     return line
 
 
+def _bytes(x: float) -> str:
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if x >= div:
+            return f"{x / div:,.1f} {unit}"
+    return f"{x:,.0f} B"
+
+
+def _seconds(x: float) -> str:
+    if x >= 3600:
+        return f"{x / 3600:,.2f} h"
+    return f"{x:,.3g} s" if x >= 1 else f"{x * 1e3:,.3g} ms"
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 0.01 else f"${x:.2g}"
+
+
+def plan_vs_measured(run: Path) -> list[str]:
+    """The "Plan vs measured" lines of a run's report, from its plan_vs_run.json (nothing without one)."""
+    path = run / PLAN_VS_RUN
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    p, m, err = data.get("predicted"), data.get("measured") or {}, data.get("error") or {}
+    lines = ["### Plan vs measured", ""]
+    if not p:
+        return lines + [f"No prediction: {data.get('no_prediction') or 'the planner could not model this run'}.", ""]
+    partial = data.get("partial") or []
+    lines += [
+        f"Before its first step the run asked the planner (`kiln plan`'s memory and step model) about itself: "
+        f"{p['devices']} × {p['device']}, layout {p['layout']} (dp_replicate×dp_shard×tp×pp), "
+        f"{p['microbatches']} micro-batch{'es' if p['microbatches'] > 1 else ''} of {p['micro_batch']} × {p['seq_len']} "
+        f"per {'pipeline pass' if p.get('schedule') else 'step'}, {p['precision']}, "
+        f"{p['peak_flops_per_device'] / 1e9:,.0f} GFLOP/s peak per device, an assumed MFU of {p['mfu']:.0%}"
+        + (" (partial: see below)" if partial else "") + ". Error = predicted / measured − 1.", "",
+        "| figure | predicted | measured | error |", "|---|---|---|---|"]
+
+    def row(name: str, key: str, fmt, note: str = "") -> None:
+        got = m.get(key)
+        e = err.get(key)
+        lines.append(f"| {name} | {fmt(p[key])} | {fmt(got) + note if got else 'not measured'} | "
+                     f"{f'{e:+.1%}' if e is not None else '–'} |")
+
+    warm = " (warm-up steps only: no step was timed after them)" if m.get("timing") == "warm-up" else ""
+    row("peak memory per device", "peak_memory_bytes", _bytes)
+    row("step time", "step_seconds", _seconds, warm)
+    row("tokens/s (all devices)", "tokens_per_s", lambda x: f"{x:,.0f}", warm)
+    row(f"total time, {p['steps']} steps", "total_seconds", _seconds,
+        " (wall time: warm-up, evaluation and checkpoints included)")
+    row(f"cost at {_usd(p['price_per_device_hour'])} per device-hour", "cost_usd", _usd)
+    if m.get("mfu_unreliable"):
+        lines.append(f"| MFU while computing | {p['mfu']:.0%} (assumed) | unreliable: reads {m['mfu']:.0%} > 100%, "
+                     "the matmul peak was timed low | – |")
+    elif m.get("mfu"):
+        lines.append(f"| MFU while computing | {p['mfu']:.0%} (assumed) | {m['mfu']:.1%} | – |")
+    lines.append("")
+    for reason in partial:
+        lines.append(f"- **partial prediction**: {reason}")
+    lines.append(f"- measured peak memory: {m.get('memory_source', 'not measured')}")
+    if data.get("calibration") and not partial:
+        lines.append(f"- `kiln plan … calibrate={run}` plans with this run's measured MFU instead of the assumed one")
+    lines.append("")
+    return lines
+
+
 def training_section(run: Path) -> list[str]:
     """The "Training" lines of a run's report (nothing when it logged no step)."""
     metrics = read_metrics(run)
@@ -104,6 +173,9 @@ def training_section(run: Path) -> list[str]:
                      f"{verdict}; `kiln eval` and `kiln quantize` score the same windows")
     skipped = last.get("skipped_steps", 0)
     lines.append(f"- steps skipped by the loss-spike guard: {skipped}")
+    planned = plan_vs_measured(run)
+    if planned:
+        lines += ["", *planned]
     if cfg_text:
         lines += ["", "<details><summary>resolved config</summary>", "", "```yaml", cfg_text.rstrip(), "```",
                   "", "</details>"]

@@ -26,6 +26,7 @@ from kiln.train.checkpoint import CheckpointManager
 from kiln.train.metrics import MetricsLog, format_duration
 from kiln.train.objectives import Batch, Objective
 from kiln.train.optim import build_optimizer, lr_at, set_lr
+from kiln.train.plan_check import PlanCheck
 from kiln.train.report import push_training_section
 
 
@@ -84,8 +85,18 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _scalar(v) -> float:
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+def _wide(device: torch.device) -> torch.dtype:
+    """The dtype metrics are summed in on `device`: float64 (the sums Python floats made), where it exists."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _add_metrics(sums: dict[str, torch.Tensor], metrics: dict, accum: int) -> None:
+    """Add one micro-batch's metrics (0-d tensors or numbers) to the step's sums, each divided by
+    `accum`, as tensors where they are: nothing is read back to the host (a sync on a GPU)."""
+    for k, v in metrics.items():
+        t = v.detach().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        t = t.to(_wide(t.device)) / accum
+        sums[k] = sums[k] + t if k in sums else t
 
 
 class Trainer:
@@ -190,17 +201,22 @@ class Trainer:
     def save(self) -> Path:
         if self.env.distributed:  # every rank writes its shards; the last checkpoint also gets one model file
             return distributed_checkpoint.save(self.ckpt, self.step, self.model, self.optimizer, self.state(),
-                                               self.meta, self.env.rank, consolidated=self.step == self.tc.max_steps)
+                                               self.meta, self.env.rank, consolidated=self.step == self.tc.max_steps,
+                                               timeout_s=self.cfg.parallel.timeout_s)
         if self.env.is_main:
             return self.ckpt.save(self.step, self.model, self.optimizer, self.state(), self.meta)
         return self.ckpt.path(self.step)
 
     # ---- the loop --------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, dict]:
-        """One optimizer step over `accum` micro-batches; returns (loss, grad norm, metrics) before the update."""
+        """One optimizer step over `accum` micro-batches; returns (loss, grad norm, metrics) before the update.
+
+        The loss and gradient norm (which the spike guard needs every step) come back to the host in
+        one read; the metrics stay 0-d tensors, averaged over the micro-batches, until a logged step
+        reads them (`read_metrics`): a step reads the device once however many micro-batches it has."""
         env = self.env
         total = torch.zeros((), device=env.device)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         self.last_step_tokens = 0
         for i in range(self.accum):
             batch = to_device(self.loader.next_batch(), env.device)
@@ -218,16 +234,28 @@ class Trainer:
                     loss = loss / self.accum
                 loss.backward()
             total += loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + _scalar(v) / self.accum
+            _add_metrics(sums, metrics, self.accum)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
         if not env.distributed:
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
-            return float(total), float(grad_norm), sums
-        parallel.sync_tied_grads(self.model, env)
-        grad_norm = parallel.clip_grad_norm(self.model, clip, env)
-        return float(parallel.mean_loss(total, env)), float(grad_norm), sums
+        else:
+            parallel.sync_tied_grads(self.model, env)
+            grad_norm = parallel.clip_grad_norm(self.model, clip, env)
+            total = parallel.mean_loss(total, env)
+        loss, norm = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()  # one read
+        return loss, norm, sums
+
+    @staticmethod
+    def read_metrics(sums: dict) -> dict[str, float]:
+        """A step's metrics (`train_step`'s tensors) as floats, in one read per device they sit on."""
+        out: dict[str, float] = {k: float(v) for k, v in sums.items() if not isinstance(v, torch.Tensor)}
+        devices = {v.device for v in sums.values() if isinstance(v, torch.Tensor)}
+        for device in devices:
+            keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor) and v.device == device]
+            values = torch.stack([sums[k].reshape(()).to(_wide(device)) for k in keys]).tolist()
+            out.update(zip(keys, values))
+        return {k: out[k] for k in sums}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -267,12 +295,18 @@ class Trainer:
         return tqdm(total=self.tc.max_steps, initial=self.step, desc=self.name, unit="step", leave=True,
                     dynamic_ncols=True)
 
-    def _log_line(self, r: dict, peak: float, t_left: float) -> str:
-        parts = [f"step {r['step']}/{self.tc.max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
-                 f"{r['tokens_per_s']:,.0f} tok/s", _mfu_text(r['mfu'])]
+    def _log_line(self, r: dict, peak: float, t_left: float | None) -> str:
+        """The step's line; a window of warm-up steps only (`warmup`) has no rate, and before any
+        steady step the ETA has none either: the line says so instead of printing compile time as speed."""
+        parts = [f"step {r['step']}/{self.tc.max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+        if r.get("warmup"):
+            parts.append("warm-up: not timed")
+        else:
+            parts += [f"{r['tokens_per_s']:,.0f} tok/s", _mfu_text(r['mfu'])]
         if r.get("memory_gb"):
             parts.append(f"mem {r['memory_gb']:.2f} GB")
-        parts += [f"grad norm {r['grad_norm']:.3g}", f"ETA {format_duration(t_left)}"]
+        parts += [f"grad norm {r['grad_norm']:.3g}",
+                  "ETA after warm-up" if t_left is None else f"ETA {format_duration(t_left)}"]
         return " | ".join(parts)
 
     def fit(self) -> dict:
@@ -293,11 +327,17 @@ class Trainer:
         retimes = 0  # of the CPU peak, when a step's MFU reads above 100%
         if env.is_main:
             self.say(f"MFU is measured against {peak / 1e9:,.0f} GFLOP/s per device ({peak_note})")
+        check = PlanCheck(self, peak)  # the planner's figures for this run, compared with its own when it ends
+        if env.is_main:
+            self.say(check.describe())
         if tc.warmup_steps >= tc.max_steps:
             self.say(f"warning: train.warmup_steps={tc.warmup_steps} ≥ train.max_steps={tc.max_steps}: the whole run "
                      "stays in warmup and the learning rate never decays; lower train.warmup_steps")
         bar = self._progress_bar()
-        t_window, tokens_window = time.perf_counter(), 0
+        t_window, tokens_window, steps_window = time.perf_counter(), 0, 0
+        # Warm-up steps (the first of this fit, a fresh run's or a resume's, and any step during which
+        # torch.compile compiled) are left out of tok/s, MFU and the ETA: compile time is not speed.
+        warm_steps, warm_s = 0, 0.0
         t_run = time.perf_counter()
         elapsed0 = self.elapsed
         start_step = self.step
@@ -312,25 +352,40 @@ class Trainer:
         while self.step < tc.max_steps:
             lr = lr_at(self.step, tc)
             set_lr(self.optimizer, lr)
-            loss, grad_norm, extra = self.train_step()
+            t_step, compiled = time.perf_counter(), _frames_compiled()
+            probe = check.step_memory() if self.step == start_step else None  # the first step's memory
+            if probe is not None:
+                loss, grad_norm, extra = probe.train_step(self.train_step)
+            else:
+                loss, grad_norm, extra = self.train_step()
             reason = self.guard.bad(loss, grad_norm)
-            if reason is None:
+            if reason is None and probe is not None:
+                probe.optimizer_step()
+            elif reason is None:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.record(loss, reason, self.step + 1)
             self.step += 1
             step_tokens = self.last_step_tokens * env.dp_world  # every rank's micro-batches alike (rank 0's count)
             self.tokens += step_tokens
-            tokens_window += step_tokens
             if reason is not None:
                 self.say(f"step {self.step} skipped: {reason}")
             record = None
             now = time.perf_counter()
             self.elapsed = elapsed0 + (now - t_run)
+            if self.step == start_step + 1 or _frames_compiled() != compiled:  # warm-up: not timed
+                warm_steps += 1
+                warm_s += now - t_step
+                t_window += now - t_step
+                check.warm(step_tokens, now - t_step)
+            else:
+                tokens_window += step_tokens
+                steps_window += 1
             if self.step % tc.log_every == 0 or self.step == tc.max_steps or reason is not None:
-                tps = tokens_window / (now - t_window)
-                mfu = tps * self.flops_per_token / peak / env.world
-                if mfu > 1 and env.device.type != "cuda" and env.is_main and retimes < _MAX_PEAK_RETIMES:
+                tps = tokens_window / (now - t_window) if steps_window else None
+                mfu = tps * self.flops_per_token / peak / env.world if steps_window else None
+                if mfu is not None and mfu > 1 and env.device.type != "cuda" and env.is_main \
+                        and retimes < _MAX_PEAK_RETIMES:
                     # An MFU above 100% cannot be true: the matmul peak was timed while the host was busy.
                     # Time it again (the higher of that and the best known is kept) and recompute this step.
                     retimes += 1
@@ -340,20 +395,24 @@ class Trainer:
                     self.say(f"step {self.step}: MFU read above 100%, so the peak ({low / 1e9:,.0f} GFLOP/s) was "
                              f"timed low; MFU is now measured against {peak / 1e9:,.0f} GFLOP/s per device ({peak_note})")
                 record = {
-                    **extra,  # the objective's own metrics; the loop's names below win a clash
-                    "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps,
-                    "mfu": mfu, "peak_flops": peak, "grad_norm": grad_norm,
+                    **self.read_metrics(extra),  # the objective's own metrics; the loop's names below win a clash
+                    "step": self.step, "loss": loss, "lr": lr,
+                    **({"tokens_per_s": tps, "mfu": mfu} if steps_window else {"warmup": True}),
+                    "peak_flops": peak, "grad_norm": grad_norm,
                     "elapsed_s": self.elapsed, "tokens": self.tokens, "skipped_steps": self.guard.skipped,
                 }
-                if mfu > 1:  # still above 100%: a measurement error, kept but marked, never shown as a result
+                if mfu is not None and mfu > 1:  # still above 100%: a measurement error, kept but marked
                     record["mfu_unreliable"] = True
                 mem = _memory_gb(env.device)
                 if mem:
                     record["memory_gb"] = mem
-                t_window, tokens_window = time.perf_counter(), 0
-                rate = (now - t_run) / max(1, self.step - start_step)
+                if steps_window:
+                    check.timed(tokens_window, now - t_window, steps_window)
+                t_window, tokens_window, steps_window = time.perf_counter(), 0, 0
+                steady = self.step - start_step - warm_steps
+                t_left = (now - t_run - warm_s) / steady * (tc.max_steps - self.step) if steady else None
                 if bar is None:
-                    self.say(self._log_line(record, peak, rate * (tc.max_steps - self.step)))
+                    self.say(self._log_line(record, peak, t_left))
             if self.eval_batches and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
                 t0 = time.perf_counter()
                 ev = self.evaluate()
@@ -374,6 +433,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         log.close()
+        if self.step > start_step:  # collective; a fit with nothing left to do keeps the last comparison
+            check.finish(peak)
         if env.is_main:
             report = push_training_section(self.run_dir)
             where = f"checkpoint {checkpoint}, " if checkpoint else ""
@@ -385,6 +446,15 @@ class Trainer:
 
 
 _MAX_PEAK_RETIMES = 3  # per run: re-timing costs about a second per matmul shape
+
+
+def _frames_compiled() -> int:
+    """How many frames torch.compile has compiled in this process so far (0 before dynamo is loaded)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
 
 
 def _mfu_text(mfu: float) -> str:

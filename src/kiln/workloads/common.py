@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config, dump_yaml
+from kiln.data.chat import copy_format
 from kiln.data.layout import check_prepared, tokenizer_path
 from kiln.data.report import push_data_section
 from kiln.data.shards import eval_batches, held_out_window, validation_windows
@@ -26,6 +27,8 @@ from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import KilnError
 from kiln.model.config import ModelConfig
 from kiln.model.weights import clean_name
+from kiln.provenance import FILE as PROVENANCE
+from kiln.provenance import read_config, record_provenance
 from kiln.runs import atomic_write_text, read_manifest, sha256_file
 from kiln.train.checkpoint import CheckpointManager
 from kiln.train.parallel import ParallelEnv
@@ -82,21 +85,38 @@ def apply_freeze(model: nn.Module, patterns: list[str], workload: str) -> int:
 
 
 def prepare_run_dir(cfg: Config, env: ParallelEnv, tokenizer: Path, workload: str) -> None:
-    """Write the resolved config, keep the run's own copy of its tokenizer and put its data's section
-in the report (main rank)."""
+    """Write the resolved config, keep the run's own copy of its tokenizer, put its data's section
+in the report and record what made the run in provenance.json (main rank)."""
     if not env.is_main:
         return
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    before = read_config(out)  # the settings of the session this one may continue
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     push_data_section(out)  # the run's own prepared data, in its report
     mine = out / "tokenizer" / "tokenizer.json"
     if not mine.is_file():
         mine.parent.mkdir(exist_ok=True)
         shutil.copy2(tokenizer, mine)
+        copy_format(tokenizer, mine.parent)  # an imported model's chat format travels with its tokenizer
     elif sha256_file(mine) != sha256_file(tokenizer) and CheckpointManager(out).complete():
         raise KilnError(f"{workload}: '{mine}' differs from the data's tokenizer '{tokenizer}' and the run has "
                         "checkpoints; use the data prepared with the run's tokenizer, or a new out=")
+    record_run(cfg, env, workload, before)
+
+
+def record_run(cfg: Config, env: ParallelEnv, workload: str, before: dict | None) -> None:
+    """provenance.json (main rank, once config.yaml and the tokenizer are in place): the code,
+    packages, machine, seeds, data and layout of this session; a session that continues the run on
+    other code, packages, machine, layout or data says so in one line. `before`: the run's
+    config.yaml as it was before this session wrote its own (`kiln.provenance.read_config`)."""
+    changed = record_provenance(cfg.out, workload, asdict(cfg), before, world=env.world, layout=dict(env.layout),
+                                device=str(env.device))
+    moved = [c for c in changed if c["section"] != "config"]
+    if moved:
+        print(f"{workload}: this session continues the run on changed "
+              + ", ".join(f"{c['section']}.{c['key']}" for c in moved)
+              + f" (the sessions before it are kept in {Path(cfg.out) / PROVENANCE})", flush=True)
 
 
 def ensure_data(cfg: Config, ddir: Path, workload: str) -> None:

@@ -118,11 +118,11 @@ def run_dpo(cfg: Config) -> dict:
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
     seq_len, bs, mc = cfg.train.seq_len, cfg.train.batch_size, sp.model_cfg
-    train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
+    train, val, train_stats, val_stats = load_pairs(cfg, sp.chat_format, seq_len, WORKLOAD)
     notes: list[str] = []
     model = sp.build_policy(cfg, env, lambda: Transformer(mc), WORKLOAD, notes)
     reference = sp.build_reference(cfg, env, lambda: Transformer(mc), WORKLOAD)
-    pad = pad_id(sp.tokenizer)
+    pad = pad_id(sp.chat_format)
     evals_pairs = val[: bs * cfg.train.eval_batches * env.dp_world]
     objective = DPO(cfg.dpo.beta, cfg.dpo.sft_weight, reference)
     loader = PairLoader(train, bs, seq_len, pad, cfg.train.seed, rank=env.dp_rank, world=env.dp_world)

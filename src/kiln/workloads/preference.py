@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.tokenizer import PAD
+from kiln.data.chat import ChatFormat, as_format
 from kiln.errors import KilnError
 from kiln.infer.load import open_checkpoint
 from kiln.model.config import ModelConfig
@@ -34,6 +34,7 @@ class StartPoint:
     info: dict
     tokenizer_path: Path
     tokenizer: object
+    chat_format: ChatFormat  # the tokenizer's ids and chat format (kiln's, or an imported model's template)
     model_cfg: ModelConfig
     ckpt: CheckpointManager
     resume: Path | None
@@ -66,11 +67,12 @@ def start_point(cfg: Config, workload: str) -> StartPoint:
     model_cfg = model_config_for(cfg, ck.tokenizer.get_vocab_size(), ck.model)
     ckpt = CheckpointManager(Path(cfg.out), cfg.train.keep_last)
     resume = resolve_resume(cfg, ckpt, model_cfg, workload)
-    return StartPoint(ck.path, ck.info, ck.tokenizer_file, ck.tokenizer, model_cfg, ckpt, resume)
+    return StartPoint(ck.path, ck.info, ck.tokenizer_file, ck.tokenizer, ck.chat_format, model_cfg, ckpt, resume)
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.token_to_id(PAD)
+def pad_id(fmt) -> int:
+    """The id padding positions hold (they carry no loss and are masked): the run's ChatFormat's."""
+    return as_format(fmt).pad
 
 
 def right_of(margin: torch.Tensor) -> torch.Tensor:

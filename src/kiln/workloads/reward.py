@@ -64,7 +64,7 @@ def run_reward(cfg: Config) -> dict:
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
     seq_len, bs = cfg.train.seq_len, cfg.train.batch_size
-    train, val, train_stats, val_stats = load_pairs(cfg, sp.tokenizer, seq_len, WORKLOAD)
+    train, val, train_stats, val_stats = load_pairs(cfg, sp.chat_format, seq_len, WORKLOAD)
     mc = sp.model_cfg
     notes: list[str] = []
 
@@ -73,7 +73,7 @@ def run_reward(cfg: Config) -> dict:
             model.lm_head.requires_grad_(False)
 
     model = sp.build_policy(cfg, env, lambda: ScalarHeadModel(mc), WORKLOAD, notes, keep_lm_head_out)
-    pad = pad_id(sp.tokenizer)
+    pad = pad_id(sp.chat_format)
     loader = PairLoader(train, bs, seq_len, pad, cfg.train.seed, rank=env.dp_rank, world=env.dp_world)
     evals = eval_pair_batches(val[: bs * cfg.train.eval_batches * env.dp_world], bs, seq_len, pad,
                               env.dp_rank, env.dp_world)

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.chat import check_messages, prompt_ids, speaks_chat
+from kiln.data.chat import as_format, check_messages, speaks_chat
 from kiln.data.executor import Executor
 from kiln.data.inputs import check_prompts
-from kiln.data.tokenizer import BOS
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.infer.engine import SamplingParams, end_ids
@@ -87,18 +86,20 @@ def read_prompt_rows(path: str, skipped: Counter, limit: int = 0, key: str = "rl
 
 
 def render_prompts(tokenizer, rows: list[dict], fmt: str, budget: int, skipped: Counter) -> list[Prompt]:
-    """Prompts as token ids in `fmt` ("chat": the chat template, ready for the assistant's turn;
-    "text": BOS + the text). One longer than `budget` tokens is skipped and counted."""
+    """Prompts as token ids in `fmt` ("chat": the run's chat format, ready for the assistant's turn;
+    "text": BOS + the text), `tokenizer` being the run's ChatFormat (or a kiln tokenizer). One
+    longer than `budget` tokens is skipped and counted."""
+    chat_format = as_format(tokenizer)
     out = []
     for row in rows:
         prompt = row["prompt"]
         fields = {k: v for k, v in row.items() if k != "prompt"}
         if fmt == "chat":
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            ids, text = prompt_ids(tokenizer, messages), messages[-1]["content"]
+            ids, text = chat_format.prompt_ids(messages), messages[-1]["content"]
         else:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-            ids = [tokenizer.token_to_id(BOS), *tokenizer.encode(text, add_special_tokens=False).ids]
+            ids = chat_format.text_ids(text)
         if len(ids) > budget:
             skipped["prompt_too_long"] += 1
             continue
@@ -208,14 +209,15 @@ class RolloutLoader:
     def __init__(self, cfg: Config, policy: nn.Module, prompts: list[Prompt], scorer: Scorer, tokenizer,
                  fmt: str, env: parallel.ParallelEnv, autocast) -> None:
         self.cfg, self.rc, self.policy, self.prompts, self.scorer = cfg, cfg.rl, policy, prompts, scorer
-        self.tok, self.fmt, self.env, self.autocast = tokenizer, fmt, env, autocast
+        chat_format = as_format(tokenizer)  # the run's ChatFormat (or a kiln tokenizer)
+        self.tok, self.fmt, self.env, self.autocast = chat_format.tokenizer, fmt, env, autocast
         self.seed = cfg.train.seed
         if len(prompts) < self.rc.prompts_per_step * env.dp_world:
             raise KilnError(f"{len(prompts)} training prompts are fewer than one rollout "
                             f"(rl.prompts_per_step={self.rc.prompts_per_step} × {env.dp_world} ranks); "
                             "give more prompts or lower rl.prompts_per_step")
-        self.stop_ids = end_ids(tokenizer)
-        self.pad = pad_id(tokenizer)
+        self.stop_ids = end_ids(chat_format)
+        self.pad = pad_id(chat_format)
         self.epoch, self.pos, self.rollouts = 0, 0, 0
         self.cached: dict | None = None
         self.uses = 0
@@ -452,7 +454,9 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
         tune_cpu_allocator()
     sp = start_point(cfg, WORKLOAD)
     fmt = rc.format if rc.format != "auto" else ("chat" if speaks_chat(sp.info) else "text")
-    train, val, skipped = load_prompts(cfg, sp.tokenizer, fmt, cfg.train.seq_len - rc.max_new_tokens)
+    if fmt == "chat":
+        sp.chat_format.check_chat(f"rl: init_from={cfg.init_from}")
+    train, val, skipped = load_prompts(cfg, sp.chat_format, fmt, cfg.train.seq_len - rc.max_new_tokens)
     mc = sp.model_cfg
     notes: list[str] = []
     model = sp.build_policy(cfg, env, lambda: Transformer(mc), WORKLOAD, notes)
@@ -460,10 +464,10 @@ def _run(cfg: Config, executor: Executor | None) -> dict:
     reward_model = load_reward_model(rc.reward_model, sp.tokenizer_sha256, env, cfg) if rc.reward_model else None
     if reward_model is None:
         _resolve_reward(rc.reward)  # a wrong name fails now, not at the first rollout
-    scorer = Scorer(cfg, executor, reward_model, env.device, pad_id(sp.tokenizer))
+    scorer = Scorer(cfg, executor, reward_model, env.device, pad_id(sp.chat_format))
     eval_prompts = val[: rc.eval_prompts]
     objective = GRPO(rc, reference, scorer, eval_prompts)
-    loader = RolloutLoader(cfg, model, train, scorer, sp.tokenizer, fmt, env, autocast=contextlib.nullcontext())
+    loader = RolloutLoader(cfg, model, train, scorer, sp.chat_format, fmt, env, autocast=contextlib.nullcontext())
     objective.loader = loader
     prepare_run_dir(cfg, env, sp.tokenizer_path, WORKLOAD)  # inputs checked: now the run directory
     trainer = Trainer(

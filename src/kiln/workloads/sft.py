@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config
-from kiln.data.chat import prompt_ids
+from kiln.data.chat import as_format, read_format
 from kiln.data.chat_data import (
     ChatStats,
     Example,
@@ -32,7 +32,7 @@ from kiln.data.chat_data import (
     read_conversations,
     tokenize,
 )
-from kiln.data.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, load_tokenizer, token_count
+from kiln.data.tokenizer import load_tokenizer, token_count
 from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.infer.generate import generate, greedy
@@ -60,7 +60,8 @@ DEFAULT_DATA_DIR = "sft_data"  # under the run directory: the default task's tra
 # ---- tokenizer and data ----------------------------------------------------------------------
 def resolve_tokenizer(cfg: Config, source: Path | None) -> Path:
     """The tokenizer of this run: data.tokenizer.path if set, else the init_from run's, else the one
-    already in `out`. It must be the one init_from was trained with and the one `out` holds."""
+    already in `out`. It must be the one init_from was trained with and the one `out` holds, and
+    render conversations (kiln's chat tokens, or an imported model's chat template beside it)."""
     if cfg.data.tokenizer.path:
         path = Path(cfg.data.tokenizer.path)
         path = path / "tokenizer.json" if path.is_dir() else path
@@ -71,11 +72,7 @@ def resolve_tokenizer(cfg: Config, source: Path | None) -> Path:
     if not path.is_file():
         raise KilnError(f"sft: no tokenizer at '{path}'; start from a pretrained run (init_from=runs/NAME) or set "
                         "data.tokenizer.path")
-    tok = load_tokenizer(path)
-    missing = [t for t in (BOS, PAD, SYSTEM, USER, ASSISTANT, END) if tok.token_to_id(t) is None]
-    if missing:
-        raise KilnError(f"sft: tokenizer '{path}' lacks the chat tokens {', '.join(missing)}; use a tokenizer "
-                        "trained by `kiln prepare`")
+    read_format(path, load_tokenizer(path)).check_chat(f"sft: tokenizer '{path}'")
     digest = sha256_file(path)
     if source is not None:
         want = CheckpointManager.info(source).get("tokenizer_sha256")
@@ -121,7 +118,7 @@ class SFTData:
     stats: dict[str, ChatStats] = field(default_factory=dict)
 
 
-def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
+def load_sft_data(cfg: Config, env: parallel.ParallelEnv, fmt) -> SFTData:
     """sft.data (+ sft.val_data or a held-out share of it), or the default task built into the run."""
     sc, seq_len = cfg.sft, cfg.train.seq_len
     if not sc.data:
@@ -146,7 +143,7 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
         stats["train"].records -= len(val)
     out = {}
     for split, convs in (("train", train), ("val", val)):
-        out[split] = tokenize(tokenizer, convs, seq_len, stats[split], sc.too_long, sc.train_on)
+        out[split] = tokenize(fmt, convs, seq_len, stats[split], sc.too_long, sc.train_on)
         if not out[split]:
             raise KilnError(f"sft: {files[split]} has no conversation that fits train.seq_len={seq_len}: "
                             f"{stats[split].describe()}; fix the data, raise train.seq_len or set sft.too_long=truncate")
@@ -155,17 +152,20 @@ def load_sft_data(cfg: Config, env: parallel.ParallelEnv, tokenizer) -> SFTData:
 
 # ---- the task metric -------------------------------------------------------------------------
 @torch.no_grad()
-def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tokens: int,
+def task_prompts(fmt, conversations: list[list[dict]], n: int, max_new_tokens: int,
                  context: int) -> list[tuple[list[int], str]]:
     """(prompt ids, reference reply) of up to `n` held-out conversations, in order: everything before
-    the last assistant turn, and that turn. Only those whose reference fits `max_new_tokens` (a
-    perfect reply is possible) and whose prompt leaves room for it in the context."""
+    the last assistant turn, and that turn, in the run's chat format (`fmt`: a ChatFormat, or a
+    kiln tokenizer). Only those whose reference fits `max_new_tokens` (a perfect reply is possible)
+    and whose prompt leaves room for it in the context."""
+    fmt = as_format(fmt)
+    tokenizer = fmt.tokenizer
     out: list[tuple[list[int], str]] = []
     for messages in conversations:
         if len(out) >= n:
             break
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        ids = prompt_ids(tokenizer, messages[:last])
+        ids = fmt.prompt_ids(messages[:last])
         reference = messages[last]["content"]
         if len(tokenizer.encode(reference, add_special_tokens=False).ids) + 1 > max_new_tokens:
             continue
@@ -175,9 +175,12 @@ def task_prompts(tokenizer, conversations: list[list[dict]], n: int, max_new_tok
     return out
 
 
-def task_score(model: Transformer, tokenizer, prompts: list[tuple[list[int], str]], max_new_tokens: int) -> dict:
-    """Mean word-overlap F1 and exact-match rate of greedy replies against the references."""
-    replies = generate(model, [p for p, _ in prompts], greedy(max_new_tokens), stop_ids={tokenizer.token_to_id(END)},
+def task_score(model: Transformer, fmt, prompts: list[tuple[list[int], str]], max_new_tokens: int) -> dict:
+    """Mean word-overlap F1 and exact-match rate of greedy replies (ended by the format's end of turn)
+    against the references."""
+    fmt = as_format(fmt)
+    tokenizer = fmt.tokenizer
+    replies = generate(model, [p for p, _ in prompts], greedy(max_new_tokens), stop_ids=set(fmt.end),
                        vocab=tokenizer.get_vocab_size(), rows=16)
     texts = [tokenizer.decode(r.tokens).strip() for r in replies]
     f1 = [word_f1(t, ref) for t, (_, ref) in zip(texts, prompts)]
@@ -244,6 +247,7 @@ def run_sft(cfg: Config) -> dict:
     source = find_checkpoint(cfg.init_from) if cfg.init_from else None
     tpath = resolve_tokenizer(cfg, source)
     tok = load_tokenizer(tpath)
+    fmt = read_format(tpath, tok)  # kiln's chat format, or an imported model's own template
     base_cfg = ModelConfig.from_dict(CheckpointManager.info(source)["model"]) if source else None
     model_cfg = model_config_for(cfg, tok.get_vocab_size(), base_cfg)
     env = parallel.init_env(cfg)
@@ -253,7 +257,7 @@ def run_sft(cfg: Config) -> dict:
             else CheckpointManager(Path(cfg.out), cfg.train.keep_last))
     start = resolve_resume(cfg, ckpt, model_cfg, WORKLOAD)
     source = _base(cfg, source, start)
-    data = load_sft_data(cfg, env, tok)
+    data = load_sft_data(cfg, env, fmt)
 
     notes = []
 
@@ -263,7 +267,7 @@ def run_sft(cfg: Config) -> dict:
     # a LoRA run always reloads its frozen base (its checkpoints hold the adapters), then adds them
     model = build_trained(make, cfg, env, source, None if lora else start, WORKLOAD, notes,
                           (lambda m: init_lora(m, cfg.train.seed)) if lora else None)
-    pad = tok.token_to_id(PAD)
+    pad = fmt.pad
     tc = cfg.train
     loader = PackedChatLoader(data.train, tc.batch_size, tc.seq_len, pad, tc.seed, rank=env.dp_rank, world=env.dp_world)
     meta = {"model": model_cfg.to_dict(), "tokenizer_sha256": sha256_file(tpath), "data": data.files,
@@ -296,11 +300,11 @@ def run_sft(cfg: Config) -> dict:
     with parallel.peer_failures_as_errors(env, cfg.parallel.timeout_s):
         result = trainer.fit()
     # The others wait for the main rank's evaluation, so a next stage in this process group starts together.
-    _main_rank_first(env, lambda: result.update(finish(cfg, trainer, data, tok, model_cfg, source, env.device)))
+    _main_rank_first(env, lambda: result.update(finish(cfg, trainer, data, fmt, model_cfg, source, env.device)))
     return result
 
 
-def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelConfig, source: Path | None,
+def finish(cfg: Config, trainer: Trainer, data: SFTData, fmt, model_cfg: ModelConfig, source: Path | None,
            device: torch.device) -> dict:
     """After training (main rank): the task metric of base and fine-tuned model, read back from the
     checkpoints as `kiln generate` would, into metrics.jsonl and the report's SFT section."""
@@ -308,13 +312,13 @@ def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelCo
 
     sc, out = cfg.sft, Path(cfg.out)
     scores: dict = {}
-    prompts = task_prompts(tok, data.val_conversations, sc.eval_prompts, sc.eval_max_new_tokens, model_cfg.max_seq_len)
+    prompts = task_prompts(fmt, data.val_conversations, sc.eval_prompts, sc.eval_max_new_tokens, model_cfg.max_seq_len)
     if prompts:
         final = CheckpointManager(out).latest_intact()
         base = reply_model(source, model_cfg, cfg.train.seed, device)
-        before = task_score(base, tok, prompts, sc.eval_max_new_tokens)
+        before = task_score(base, fmt, prompts, sc.eval_max_new_tokens)
         del base
-        after = task_score(reply_model(final, model_cfg, cfg.train.seed, device), tok, prompts, sc.eval_max_new_tokens)
+        after = task_score(reply_model(final, model_cfg, cfg.train.seed, device), fmt, prompts, sc.eval_max_new_tokens)
         scores = {"task_f1": after["f1"], "task_exact": after["exact"], "base_task_f1": before["f1"],
                   "base_task_exact": before["exact"], "task_prompts": len(prompts)}
         log = MetricsLog(out, trainer.step, tensorboard=False)
@@ -344,7 +348,7 @@ def finish(cfg: Config, trainer: Trainer, data: SFTData, tok, model_cfg: ModelCo
                      "(base → fine-tuned)")
         lines += ["", "| held-out prompt (end) | reference | fine-tuned reply |", "|---|---|---|"]
         for (ids, ref), reply in list(zip(prompts, after["replies"]))[:3]:
-            lines.append(f"| {_cell(tok.decode(ids)[-80:])} | {_cell(ref)} | {_cell(reply)} |")
+            lines.append(f"| {_cell(as_format(fmt).tokenizer.decode(ids)[-80:])} | {_cell(ref)} | {_cell(reply)} |")
     write_section(out, "sft", lines)
     return scores
 

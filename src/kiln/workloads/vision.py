@@ -21,6 +21,7 @@ from kiln.errors import KilnError
 from kiln.hardware import tune_cpu_allocator
 from kiln.model.config import ModelConfig
 from kiln.model.vision import VisionSpec, build_vision_model
+from kiln.provenance import read_config
 from kiln.report import plot_over_steps, write_section
 from kiln.runs import atomic_write_text, read_manifest, write_json
 from kiln.train import parallel
@@ -28,7 +29,7 @@ from kiln.train.checkpoint import CheckpointManager
 from kiln.train.restore import find_checkpoint
 from kiln.train.trainer import Trainer
 from kiln.workloads.classification import Classification, confusion, latest_metrics, plot_confusion, predict
-from kiln.workloads.common import build_trained, ensure_data, resolve_resume
+from kiln.workloads.common import build_trained, ensure_data, record_run, resolve_resume
 
 WORKLOAD = "vision"
 EVAL_FILE = "vision_eval.json"
@@ -133,7 +134,9 @@ def run_vision(cfg: Config) -> dict:
     objective = Classification(("pixel_values",), vc.label_smoothing)
     if env.is_main:  # inputs checked: now the run directory
         out.mkdir(parents=True, exist_ok=True)
+        before = read_config(out)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        record_run(cfg, env, WORKLOAD, before)
     trainer = Trainer(
         cfg, model, env, loader, objective,
         eval_batches=split_batches(ddir, "val", cfg.train.batch_size, cfg.train.eval_batches, env.dp_rank, env.dp_world),

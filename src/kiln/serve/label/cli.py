@@ -76,15 +76,13 @@ def uses_chat(cfg: Config) -> bool:
     return ckpt is not None and speaks_chat(CheckpointManager.info(ckpt))
 
 
-def as_chat(prompt: str, index: int) -> str:
-    """The prompt as kiln's chat format renders a user turn awaiting the assistant (the engine adds
-    <|bos|>): the same context `kiln reward` and `kiln dpo` give the exported pairs."""
-    from kiln.data.tokenizer import ASSISTANT, END, SPECIAL_TOKENS, USER
-
-    found = [t for t in SPECIAL_TOKENS if t in prompt]
+def check_chat_prompt(fmt, prompt: str, index: int) -> None:
+    """A prompt sampled as a user turn (rendered in the run's chat format, `ChatFormat.prompt_ids`: the
+    same context `kiln reward` and `kiln dpo` give the exported pairs) must not hold the model's
+    special tokens, which would forge turns of their own."""
+    found = [t for t in fmt.special_token_texts() if t in prompt]
     if found:
         raise KilnError(f"prompt {index + 1} holds the special token {found[0]}; remove it from label.prompts")
-    return f"{USER}{prompt}{END}{ASSISTANT}"
 
 
 def print_invites(cfg: Config, db: LabelDB, names: list[str], port: int | None = None) -> None:
@@ -116,17 +114,20 @@ def run_generate(cfg: Config) -> int:
     names = [check_name(n) for n in lc.labellers]
     path = db_path(cfg)
     chat = uses_chat(cfg)
-    contexts = [as_chat(p, i) if chat else p for i, p in enumerate(prompts)]
     from kiln.infer.generate import Engine
 
     engine = Engine.from_run(cfg.out, cfg.device)
+    if chat:
+        engine.chat_format.check_chat(f"label.chat=on: out={cfg.out}")
+        for i, p in enumerate(prompts):
+            check_chat_prompt(engine.chat_format, p, i)
     db = LabelDB.create(path, lc.busy_timeout_s)
     added = same = empty = 0
-    for i, (prompt, context) in enumerate(zip(prompts, contexts)):
+    for i, prompt in enumerate(prompts):
         pairs = []
         for k in range(lc.pairs_per_prompt):
             seed = sc.seed + i * lc.pairs_per_prompt + k
-            a, b = engine.generate(context, replace(sc, num_samples=2, seed=seed))
+            a, b = engine.generate(prompt, replace(sc, num_samples=2, seed=seed, system=""), chat=chat)
             if a == b:
                 same += 1
             elif not a.strip() or not b.strip():  # nothing to compare, and no pair kiln dpo would take
