@@ -8,7 +8,6 @@ import ctypes.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.runs import write_json
+from kiln.runs import cpu_model, write_json
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -141,21 +140,10 @@ def peak_cache_path() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "kiln" / "matmul_peaks.json"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def _peak_key(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str:
     """What makes one timed peak differ from another: the CPU, threads, device, torch, dtype, shape."""
     m, k, n = shape
-    return (f"{_cpu_model()} | {torch.get_num_threads()} threads | {device} | torch {torch.__version__} | "
+    return (f"{cpu_model()} | {torch.get_num_threads()} threads | {device} | torch {torch.__version__} | "
             f"{str(dtype).removeprefix('torch.')} | {m}x{k}x{n}")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.errors import KilnError
-from kiln.runs import read_manifest, sha256_file, write_json
+from kiln.runs import cpu_model, read_manifest, sha256_file, write_json
 
 FILE = "provenance.json"
 FORMAT = 1
@@ -118,17 +118,6 @@ def package_versions() -> dict:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def _memory_gib() -> float | None:
     try:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -166,7 +155,7 @@ def hardware() -> dict:
     except (AttributeError, OSError):
         usable = os.cpu_count()
     hw: dict[str, Any] = {"host": platform.node(), "system": f"{platform.system()} {platform.release()}",
-                          "machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+                          "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                           "cpus_usable": usable, "memory_gib": _memory_gib()}
     torch = sys.modules.get("torch")  # never imported here: `kiln diff` stays torch-free
     if torch is not None:

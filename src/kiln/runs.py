@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -208,3 +209,15 @@ def check_hf_dir(spec: str | Path, key: str = "hf_import.path") -> Path:
         raise KilnError(f"{key}={spec} is not a directory; point at a Hugging Face model directory "
                         "(config.json, *.safetensors, tokenizer.json)")
     return path
+
+
+def cpu_model() -> str:
+    """This machine's CPU as runs record it (and the matmul peak cache keys it): its model name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
