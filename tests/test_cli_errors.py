@@ -162,8 +162,14 @@ BAD: dict[str, list[tuple[str, list[str], str]]] = {
         ("test share of 1", [OUT, "classify.test_fraction=1"], "'classify.test_fraction' = 1.0 is out of range"),
         ("negative cap", [OUT, "classify.max_per_class=-1"], "'classify.max_per_class' = -1 is out of range"),
     ],
+    "scale": [
+        ("misspelt key", [OUT, "scale.widht=[64]"], "did you mean 'scale.widths'?"),
+        ("negative bootstrap", [OUT, "scale.bootstrap=-1"], "'scale.bootstrap' = -1 is out of range"),
+        ("zero min steps", [OUT, "scale.min_steps=0"], "'scale.min_steps' = 0 is out of range"),
+    ],
     "plan": [
         ("misspelt key", ["tokenz=1e12"], "did you mean 'tokens'?"),
+        ("negative target", ["target_bpb=-1"], "'target_bpb' = -1.0 is out of range"),
         ("bad preset", ["model.preset=tiyn"], "did you mean 'tiny'?"),
         ("wrong type", ["tokens=lots"], "'tokens' = 'lots' is not float; write a number such as"),
         ("bad suffix", ["tokens=2X"], "'tokens' = '2X' is not float"),

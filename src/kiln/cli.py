@@ -196,6 +196,13 @@ VERBS: dict[str, Verb] = {
         "kiln.speedrun:run_speedrun",
         "every stage in one command: prepare, pretrain, sample, SFT, DPO, GRPO, eval, serving cost, report",
     ),
+    "scale": Verb(
+        "kiln.ladder:run_scale",
+        "train a ladder of small models (scale.widths × scale.tokens_per_param), fit loss = E + A/N^α + B/D^β, "
+        "check the forecast of the largest run held out; scale.json for `kiln plan fit=`",
+        sections=("out", "device", "data", "model", "train", "scale"),
+        inputs=(Input("data.path", PREPARED),),
+    ),
     "label": Verb(
         "kiln.serve.label.cli:run_{mode}",
         "human preference labelling: sample pairs, serve the labelling page, export preference JSONL",

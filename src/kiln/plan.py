@@ -37,6 +37,7 @@ from kiln.config import model_section, ranged
 from kiln.errors import KilnError
 from kiln.hardware import GPU_PRICES, GPUS, GPUSpec, gpu_spec
 from kiln.model.config import ModelConfig
+from kiln.scaling import Fit, read_fit
 
 GB = 1e9  # datasheets count memory and bandwidth in powers of ten
 
@@ -116,6 +117,9 @@ class PlanConfig:
     lora: LoraPlanConfig = field(default_factory=LoraPlanConfig)
     inference: InferencePlanConfig = field(default_factory=InferencePlanConfig)
     json: bool = False  # print one JSON object instead of tables
+    # A `kiln scale` directory (its scale.json): forecast the planned run's validation bits per byte.
+    fit: str = ""
+    target_bpb: float = ranged(0.0, ge=0)  # with fit=: the cheapest model size and tokens expected to reach it
 
 
 # ---- sizes -----------------------------------------------------------------------------------
@@ -837,6 +841,56 @@ def _cluster(cfg: PlanConfig, gpu: GPUSpec, price: float) -> Cluster:
 
 def plan(cfg: PlanConfig) -> dict:
     """The whole plan as a JSON-ready dict (what `json=true` prints)."""
+    if cfg.target_bpb and not cfg.fit:
+        raise KilnError("target_bpb= needs a scaling fit: fit=DIR, a `kiln scale` directory")
+    if cfg.fit and cfg.workload != "pretrain":
+        raise KilnError(f"fit= forecasts pretraining loss; workload={cfg.workload} has no forecast")
+    out = _plan(cfg)
+    if cfg.fit:
+        scaling, _ = read_fit(cfg.fit)
+        out["forecast"] = {**scaling.forecast(out["model"]["params"], out["tokens"]), "fit": cfg.fit,
+                           "params": out["model"]["params"], "tokens": out["tokens"], "confidence": 0.9}
+        if cfg.target_bpb:
+            out["target"] = target_plan(cfg, scaling)
+    return out
+
+
+def shape_with_params(cfg: PlanConfig, params: float) -> dict:
+    """model.* overrides of the planned model's family (its depth-to-width ratio, head size, grouping
+    and FFN ratio) whose parameter count is closest to `params`."""
+    base = cfg.model.build()
+    head = base.head_dim or base.d_model // base.n_heads
+    group = base.n_heads // (base.n_kv_heads or base.n_heads)
+    ffn_ratio = base.ffn_hidden / base.d_model
+    best, best_gap = None, math.inf
+    for layers in range(1, 513):
+        heads = max(group, group * round(base.d_model * layers / base.n_layers / (head * group)))
+        d_model = heads * head
+        ffn = base.multiple_of * math.ceil(ffn_ratio * d_model / base.multiple_of)
+        shape = {"d_model": d_model, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads // group,
+                 "ffn_hidden": ffn, **({"head_dim": head} if base.head_dim else {})}
+        gap = abs(math.log(ModelConfig(**{**base.to_dict(), **shape}).num_params() / params))
+        if gap < best_gap:
+            best, best_gap = shape, gap
+    return best
+
+
+def target_plan(cfg: PlanConfig, scaling: Fit) -> dict:
+    """The cheapest (N, D) the fit expects to reach `target_bpb` (on its compute-optimal frontier), as
+    a model of the planned family, with the planner's GPUs, days and dollars for it."""
+    want = scaling.cheapest(cfg.target_bpb)
+    shape = shape_with_params(cfg, want["params"])
+    model = dataclasses.replace(cfg.model, **shape)
+    params = model.build().num_params()
+    tokens = float(want["compute"] / (6 * params))  # the same compute at the shape's own size
+    sub = _plan(dataclasses.replace(cfg, model=model, tokens=tokens, fit="", target_bpb=0.0))
+    b = sub["best"]
+    return {**want, "model": {**shape, "params": params}, "tokens": tokens,
+            "forecast": scaling.forecast(params, tokens),
+            "best": {k: b[k] for k in ("gpus", "label", "days", "gpu_hours", "cost")}, "note": sub["note"]}
+
+
+def _plan(cfg: PlanConfig) -> dict:
     _check(cfg)
     calibration = read_calibration(cfg.calibrate) if cfg.calibrate else None
     assumed = cfg.mfu
@@ -1059,7 +1113,28 @@ def format_training(result: dict) -> str:
              _gb(r["memory"]["total"]), _days(r["days"]), _si(r["gpu_hours"]), f"${_si(r['cost'])}"]
             for r in result["by_gpu"]]
     lines.append(_table(["gpu", "gpus", "layout", "GB/GPU", "days", "GPU-hours", "cost"], rows))
-    return "\n".join(lines)
+    return "\n".join(lines + forecast_lines(result))
+
+
+def forecast_lines(result: dict) -> list[str]:
+    """With fit=: the forecast loss of the planned run, and the cheapest run reaching target_bpb."""
+    if "forecast" not in result:
+        return []
+    f = result["forecast"]
+    lo, hi = f["interval"]
+    lines = ["", f"forecast  {f['bpb']:.4f} validation bits/byte (90% interval {lo:.4f}–{hi:.4f}) for "
+             f"{_si(f['params'])} params × {_si(f['tokens'])} tokens, from the scaling fit in {f['fit']}"]
+    t = result.get("target")
+    if t:
+        m, b = t["model"], t["best"]
+        tlo, thi = t["forecast"]["interval"]
+        lines.append(f"target    {t['target_bpb']:g} bits/byte: cheapest {_si(m['params'])} params (d_model "
+                     f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} heads, ffn "
+                     f"{m['ffn_hidden']}) × {_si(t['tokens'])} tokens = {t['compute']:.3g} FLOPs (forecast "
+                     f"{t['forecast']['bpb']:.4f}, {tlo:.4f}–{thi:.4f}): {b['gpus']} × {result['gpu']['name']} "
+                     f"{b['label']}, {_days(b['days'])} days, {_si(b['gpu_hours'])} GPU-hours, ${_si(b['cost'])}"
+                     + (f" ({t['note']})" if t.get("note") else ""))
+    return lines
 
 
 def format_inference(result: dict) -> str:

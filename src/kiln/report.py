@@ -48,9 +48,11 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def plot_over_steps(path: Path, curves: list[tuple[str, list[tuple[float, float]], bool]], ylabel: str, title: str,
-                    size: tuple[float, float] = (7, 4), ylim: tuple[float, float] | None = None) -> bool:
-    """A PNG of figures against training step, one curve per (label, [(step, value)], evaluation?):
-    training curves as thin lines, evaluations as points joined by lines. False when nothing to plot."""
+                    size: tuple[float, float] = (7, 4), ylim: tuple[float, float] | None = None,
+                    xlabel: str = "step", logx: bool = False) -> bool:
+    """A PNG of figures against training step (or `xlabel`, on a log axis with `logx`), one curve per
+    (label, [(step, value)], evaluation?): training curves as thin lines, evaluations as points
+    joined by lines. False when nothing to plot."""
     curves = [c for c in curves if c[1]]
     if not curves:
         return False
@@ -62,7 +64,9 @@ def plot_over_steps(path: Path, curves: list[tuple[str, list[tuple[float, float]
     fig, ax = plt.subplots(figsize=size)
     for label, points, evaluation in curves:
         ax.plot(*zip(*points), label=label, **({"marker": "o"} if evaluation else {"lw": 1, "alpha": 0.8}))
-    ax.set(xlabel="step", ylabel=ylabel, title=title, **({"ylim": ylim} if ylim else {}))
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, **({"ylim": ylim} if ylim else {}))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -43,6 +43,7 @@ from kiln.config.tuning import (
     PreferenceConfig,
     RLConfig,
     SandboxConfig,
+    ScaleConfig,
     SFTConfig,
     SpeedrunConfig,
 )
@@ -57,7 +58,7 @@ __all__ = [
     "DataConfig", "ReaderConfig", "ExecutorConfig", "TokenizerConfig", "ImageDataConfig",  # data
     "MODEL_RANGES", "model_section", "ModelSection", "TrainConfig", "ParallelConfig",  # train
     "SFTConfig", "LORA_TARGETS", "LoRAConfig", "PreferenceConfig", "DPOConfig",  # tuning
-    "SandboxConfig", "RLConfig", "DistillConfig", "SpeedrunConfig",
+    "SandboxConfig", "RLConfig", "DistillConfig", "SpeedrunConfig", "ScaleConfig",
     "AugmentConfig", "VisionConfig", "EncoderConfig", "ClassifyConfig",  # encoders
     "SampleConfig", "ServeConfig", "LabelConfig",  # serve
     "EvalConfig", "ExportConfig", "HFImportConfig", "QuantizeConfig",  # post
@@ -127,6 +128,7 @@ class Config:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     speedrun: SpeedrunConfig = field(default_factory=SpeedrunConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
 
 # ---- building and checking -------------------------------------------------------------------
