@@ -1,5 +1,16 @@
-"""Serving throughput: `kiln serve` with continuous batching vs the same server one request at a time.
+"""Serving throughput: `kiln serve` with continuous batching vs the same server one request at a time,
+and one client on the server vs the bare engine.
 
+First, one client's decode tokens/s three ways, greedy, the same prompt, measured in turns
+(medians of `--rounds`), with ratios to the first: the bare engine in this process (one `Batch`
+row stepped on the main thread, as `kiln generate` decodes); the server's `Scheduler` in this
+process (its generation thread, sampling and detokenization, no HTTP); and one streaming client on
+the server (tokens after the first over the time from the first to the last, as the client
+receives them: the HTTP event loop and the client itself share the machine's cores with decoding).
+All three run under the same OpenMP wait regime: libgomp spins between parallel regions only while
+the process's OpenMP threads (one pool per OS thread that runs a region) are no more than its
+CPUs, and the server and this process both hold two pools (the loading thread's, the
+generation thread's), so the bare engine here is measured with the `Scheduler` alive beside it.
 Starts `kiln serve` twice on 127.0.0.1 (`max_batch=32`, then `max_batch=1`: each request waits for
 the one before to finish), and drives each with 1, 8 and 32 concurrent streaming clients, the same
 prompts and greedy settings (so both do the same work). Prints requests/s, p50/p99 latency and
@@ -93,6 +104,72 @@ def drive(url: str, model: str, clients: int, requests: int, max_tokens: int) ->
             "tokens_per_s": sum(r[2] for r in results) / wall}
 
 
+def served_decode(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> float:
+    """Decode tokens/s of one streamed completion, as the client receives it."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first, tokens = None, 0
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return (tokens - 1) / (time.perf_counter() - first)
+
+
+def bare_decode(engine, prompt: str, max_tokens: int) -> float:
+    """Decode tokens/s of the bare engine: one row, stepped on this (the main) thread."""
+    from kiln.infer.engine import SamplingParams, Sequence
+
+    ids = engine.encode_prompt(prompt)
+    batch = engine.new_batch(1)
+    seq = Sequence(ids, SamplingParams(max_new_tokens=max_tokens, temperature=0.0), engine.tokenizer)
+    seq.submitted = time.perf_counter()
+    batch.add([seq])
+    while batch.running:
+        batch.step()
+    return seq.decode_tokens_per_s
+
+
+def scheduled_decode(sched, engine, prompt: str, max_tokens: int) -> float:
+    """Decode tokens/s of one sequence through the server's scheduler in this process (its
+    generation thread, no HTTP)."""
+    from kiln.infer.engine import SamplingParams, Sequence
+
+    seq = Sequence(engine.encode_prompt(prompt), SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
+                   engine.tokenizer)
+    sched.submit([seq])
+    sched.wait([seq])
+    return seq.decode_tokens_per_s
+
+
+def one_client_vs_bare(run: Path, url: str, model: str, device: str, max_tokens: int, rounds: int) -> None:
+    from kiln.infer.generate import Engine
+    from kiln.serve.scheduler import Scheduler
+
+    engine = Engine.from_run(run, device)
+    prompt = PROMPTS[0]
+    max_tokens = min(max_tokens, engine.context - len(engine.encode_prompt(prompt)) - 1)
+    served, threaded, bare = [], [], []
+    with httpx.Client(timeout=600) as c, Scheduler(engine, max_batch=32, max_queue=4) as sched:
+        served_decode(c, url, model, prompt, max_tokens)  # warm up all three
+        scheduled_decode(sched, engine, prompt, max_tokens)
+        bare_decode(engine, prompt, max_tokens)
+        for _ in range(rounds):  # in turns, so the machine's drift falls on all three
+            bare.append(bare_decode(engine, prompt, max_tokens))
+            threaded.append(scheduled_decode(sched, engine, prompt, max_tokens))
+            served.append(served_decode(c, url, model, prompt, max_tokens))
+    s, t, b = statistics.median(served), statistics.median(threaded), statistics.median(bare)
+    print(f"one client, {max_tokens} tokens, median of {rounds}: bare engine {b:.0f} decode tokens/s; "
+          f"the scheduler's thread in process {t:.0f} ({t / b:.2f}x the bare engine); "
+          f"the server over HTTP {s:.0f} ({s / b:.2f}x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a kiln run with a checkpoint (default: make one of --preset)")
@@ -101,6 +178,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", type=int, default=64, help="requests per measurement (at least the clients)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--single-tokens", type=int, default=128, help="tokens per request, one client vs bare engine")
+    ap.add_argument("--rounds", type=int, default=7, help="turns of one client vs bare engine")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
@@ -115,6 +194,8 @@ def main() -> None:
         for mode, rows in (("continuous", 32), ("one-at-a-time", 1)):
             p, url = start_server(run, rows, args.device)
             try:
+                if mode == "continuous":
+                    one_client_vs_bare(run, url, model, args.device, args.single_tokens, args.rounds)
                 drive(url, model, 1, 2, args.max_tokens)  # warm up
                 for c in (int(x) for x in args.clients.split(",")):
                     table[mode, c] = m = drive(url, model, c, max(args.requests, c), args.max_tokens)

@@ -291,3 +291,26 @@ def test_the_adapter_answers_each_request_shape(run):
     (text,) = lm.generate_until([Instance("generate_until", {}, ("def ", {"until": ["("], "max_gen_toks": 8}), 0)])
     assert "(" not in text
     assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|bos|><|user|>hi<|end|><|assistant|>"
+
+
+def test_the_adapter_scores_as_the_harness_hf_model_on_the_export_and_hides_no_model(run, tmp_path):
+    """Contexts ending in whitespace (code's indentation) score as the harness's own `hf` model scores
+    kiln's Hugging Face export; importing kiln's adapter leaves the built-in models registered."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # the harness's `hf` model needs it
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from kiln.eval.harness import KilnLM
+    from kiln.post.export import export_hf
+
+    exported = export_hf(run, tmp_path / "hf")
+    hf = get_model("hf")(pretrained=str(exported), device="cpu", batch_size=1, dtype="float32")
+    kiln_lm = get_model("kiln")(pretrained=str(run), device="cpu", batch_size=2)
+    assert isinstance(kiln_lm, KilnLM)
+    pairs = [("def f(x):\n    ", "return x"), ("import os\nimport ", "sys"), ("x = 1 ", "+ 2"),
+             ("class A:\n\t", "pass"), ("def f(x):", " return x"), ("", "import os")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    ours, theirs = kiln_lm.loglikelihood(reqs), hf.loglikelihood(reqs)
+    for pair, (a, greedy_a), (b, greedy_b) in zip(pairs, ours, theirs):
+        assert abs(a - b) < 1e-4 and greedy_a == greedy_b, (pair, a, b)

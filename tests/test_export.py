@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import STDLIB, TINY_TRAIN, kiln
-from kiln.data.chat import render
+from kiln.data.chat import check_messages, render
 from kiln.data.tokenizer import BOS, EOS, SPECIAL_TOKENS, load_tokenizer
+from kiln.errors import KilnError
 from kiln.model.transformer import Transformer
 from kiln.model.weights import load_model_tensors
 from kiln.post.export import export_gguf, export_hf, import_hf, interleave_rope_rows, read_checkpoint
@@ -91,6 +92,24 @@ def test_the_export_carries_kilns_chat_format_and_stop_tokens(run, exported):
     gen = GenerationConfig.from_pretrained(exported, local_files_only=True)
     assert set(gen.eos_token_id) == {ktok.token_to_id(t) for t in (EOS, BOS, "<|end|>")}
     assert json.loads((exported / "manifest.json").read_text())["step"] == 4
+
+
+def test_the_exported_template_reads_roles_as_the_server_does(run, exported):
+    """`developer` is `system` in both (OpenAI's newer name); a role kiln has no token for is refused by both."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    ktok = load_tokenizer(run / "tokenizer")
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Sum 2 and 3?"}]
+    as_system = [{"role": "system", "content": "Be brief."}, messages[1]]
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == render(ktok, check_messages([dict(m) for m in messages]), add_generation_prompt=True).ids
+    assert ids == render(ktok, as_system, add_generation_prompt=True).ids
+    tool = [{"role": "tool", "content": "42"}]
+    with pytest.raises(Exception, match="unknown role tool"):
+        tok.apply_chat_template(tool, tokenize=False)
+    with pytest.raises(KilnError, match="unknown role 'tool'"):
+        check_messages(tool)
 
 
 def test_export_dtype_halves_the_weights(run, tmp_path):

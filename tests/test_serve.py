@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import TINY_TRAIN, kiln
 from kiln.config import Config, SampleConfig, ServeConfig
@@ -215,6 +216,21 @@ def test_completion_matches_the_engine_and_counts_usage(client, engine):
     assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens and 0 < r.usage.completion_tokens <= 12
 
 
+def test_token_id_prompts_are_taken_as_sent_and_text_prompts_get_bos(client, engine):
+    """One rule (docs/serving.md): a text prompt starts with BOS where the model's documents do; token
+    ids are the client's own tokenization (lm-eval sends them), used exactly as sent, BOS or not."""
+    bos = engine.chat_format.bos
+    with_bos = engine.encode_prompt(PROMPTS[0])
+    assert with_bos[0] == bos and bos not in with_bos[1:]
+    ask = dict(model="tiny", max_tokens=8, temperature=0)
+    text = client.completions.create(prompt=PROMPTS[0], **ask)
+    same = client.completions.create(prompt=with_bos, **ask)
+    bare = client.completions.create(prompt=with_bos[1:], **ask)
+    assert same.choices[0].text == text.choices[0].text and same.usage.prompt_tokens == text.usage.prompt_tokens
+    assert bare.usage.prompt_tokens == len(with_bos) - 1  # no BOS added to ids
+    assert bare.choices[0].text == run_alone(engine, with_bos[1:], SamplingParams(8, temperature=0.0)).text
+
+
 def test_streamed_completion_equals_the_whole_one(client):
     whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0,
@@ -266,6 +282,117 @@ def test_many_concurrent_clients_each_get_their_own_answer(client, engine, serve
     assert 'kiln_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics and "kiln_tokens_per_second" in metrics
 
 
+def test_harmless_openai_fields_are_accepted_and_change_nothing(client):
+    """Fields clients and agent frameworks send that mean nothing to a local model are accepted;
+    a field that would change the answer is still refused."""
+    messages = [{"role": "user", "content": "A stack class"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    harmless = dict(store=False, metadata={"run": "ci"}, service_tier="auto", user="u-1", prompt_cache_key="k",
+                    safety_identifier="s-1", stream_options={"include_usage": True, "include_obfuscation": False})
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 parallel_tool_calls=True, modalities=["text"], stream=True,
+                                                 **harmless))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    done = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                     extra_body={k: v for k, v in harmless.items() if k != "stream_options"})
+    assert done.choices[0].text == client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
+                                                              temperature=0).choices[0].text
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, reasoning_effort="high")
+    with pytest.raises(openai.BadRequestError, match="modalities"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, modalities=["audio"])
+
+
+def model_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """log P(ids[i] | ids[:i]) for i ≥ 1 and each position's full distribution, from one plain forward."""
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(torch.tensor([ids]))[0, :-1, : engine.tokenizer.get_vocab_size()], -1)
+    return logp
+
+
+def test_completion_logprobs_and_echo_have_openais_legacy_shape(client, engine):
+    """`echo` with `logprobs` and `max_tokens` 0 or 1 (how lm-eval's local-completions scores a
+    server): the prompt's tokens with their log-probabilities, the first without one."""
+    ids = engine.encode_prompt(PROMPTS[2])
+    logp = model_logprobs(engine, ids)
+    want = logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    for max_tokens in (0, 1):
+        r = client.completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0, echo=True,
+                                      logprobs=2)
+        (c,) = r.choices
+        lp = c.logprobs
+        n = len(ids) + max_tokens
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1 : len(ids)]), want, atol=1e-4)
+        tops = zip(lp.top_logprobs[1:], lp.token_logprobs[1:])
+        assert all(len(t) <= 2 and max(t.values()) >= v - 1e-6 for t, v in tops)
+        assert c.text.startswith(engine.tokenizer.decode(ids)) and r.usage.prompt_tokens == len(ids)
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    greedy_text = greedy(engine, PROMPTS[2], 1)
+    assert c.text == engine.tokenizer.decode(ids) + greedy_text
+    assert max(lp.top_logprobs[-1], key=lp.top_logprobs[-1].get) == lp.tokens[-1]  # greedy: the top token
+    text = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=4, temperature=0, logprobs=1)
+    (c,) = text.choices
+    assert "".join(c.logprobs.tokens) == c.text and c.logprobs.text_offset[0] == len(PROMPTS[2])
+    assert all(v is not None and v <= 0 for v in c.logprobs.token_logprobs)
+
+
+def test_chat_logprobs_have_openais_shape(client, engine):
+    messages = [{"role": "user", "content": "A stack class"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    (c,) = r.choices
+    content = c.logprobs.content
+    assert "".join(t.token for t in content) == c.message.content and len(content) == r.usage.completion_tokens
+    ids = prompt_ids(engine.tokenizer, messages)
+    assert abs(content[0].logprob - float(model_logprobs(engine, [*ids, 0])[-1].max())) < 1e-4
+    for t in content:  # greedy: each token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.bytes == list(t.token.encode())
+        assert abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 and t.logprob <= 0
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == c.message.content
+
+
+def test_lm_eval_scores_a_task_through_the_server_as_in_process(server, trained, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` model (echo + logprobs + max_tokens 1 on /v1/completions, token
+    ids with the model's BOS) gets the in-process adapter's accuracy on a local multiple-choice task."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API models need lm-eval[api]
+    yaml = pytest.importorskip("yaml")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from kiln.eval.harness import KilnLM
+    from kiln.post.export import export_hf
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"question": "def add(a, b):\n    ", "choices": ["return a + b", "def", "]]"], "answer": 0},
+            {"question": "import", "choices": [" os", "(((", " return"], "answer": 0},
+            {"question": "for i in range(10):\n    ", "choices": ["print(i)", "class", "import"], "answer": 0},
+            {"question": "x = ", "choices": ["1", "def", ")"], "answer": 0}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "kiln_served_mc.yaml").write_text(yaml.safe_dump({
+        "task": "kiln_served_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]}))
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    exported = export_hf(trained, tmp_path / "hf")
+    args = (f"model=tiny,base_url={server.url}/v1/completions,tokenizer={exported},tokenizer_backend=huggingface,"
+            "add_bos_token=True,max_retries=1,num_concurrent=1")
+    served = simple_evaluate(model="local-completions", model_args=args, tasks=["kiln_served_mc"], task_manager=tasks,
+                             log_samples=True)
+    local = simple_evaluate(model=KilnLM(str(trained), device="cpu"), tasks=["kiln_served_mc"], task_manager=tasks,
+                            log_samples=True)
+    assert served["results"]["kiln_served_mc"]["acc,none"] == local["results"]["kiln_served_mc"]["acc,none"]
+    for a, b in zip(served["samples"]["kiln_served_mc"], local["samples"]["kiln_served_mc"]):
+        assert len(a["filtered_resps"]) == len(b["filtered_resps"]) == 3
+        for x, y in zip(a["filtered_resps"], b["filtered_resps"]):  # each choice's (log-likelihood, is greedy)
+            assert abs(float(x[0]) - float(y[0])) < 1e-3, (a["filtered_resps"], b["filtered_resps"])
+
+
 # ---- bad input -------------------------------------------------------------------------------
 BAD = [
     # (case, endpoint, body, status, param, fragment of the message)
@@ -280,7 +407,12 @@ BAD = [
     ("wrong type", "completions", {"max_tokens": "5"}, 400, "max_tokens", "valid integer"),
     ("temperature out of range", "completions", {"temperature": 9}, 400, "temperature", "less than or equal to 2"),
     ("unknown field", "completions", {"frobnicate": True}, 400, "frobnicate", "unknown field 'frobnicate'"),
-    ("unsupported field", "completions", {"echo": True}, 400, "echo", "not supported"),
+    ("unsupported field", "completions", {"suffix": "x"}, 400, "suffix", "not supported"),
+    ("echo without logprobs", "completions", {"echo": True}, 400, "echo", "with 'logprobs'"),
+    ("max_tokens 0 without echo", "completions", {"max_tokens": 0, "logprobs": 1}, 400, "max_tokens", "at least 1"),
+    ("logprobs while streaming", "completions", {"logprobs": 1, "stream": True}, 400, "logprobs", "stream"),
+    ("top_logprobs alone", "chat", {"top_logprobs": 2}, 400, "top_logprobs", "needs 'logprobs'"),
+    ("too many top_logprobs", "chat", {"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "20"),
     ("token ids out of range", "completions", {"prompt": [1, 99999]}, 400, "prompt", "ids in 0.."),
     ("too many stop strings", "completions", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("empty messages", "chat", {"messages": []}, 400, "messages", "at least 1"),
@@ -605,3 +737,32 @@ def test_cuda_graphs_are_warmed_up_once_per_thread_other_compiled_steps_once():
 
     assert warm_ups(decode.StepCompile({"backend": "eager"}, cuda_graphs=True)) == 2
     assert warm_ups(decode.StepCompile({"backend": "eager"})) == 1
+
+
+def test_the_generation_thread_decodes_under_the_creating_threads_torch_state():
+    """torch's grad mode and thread count are per OS thread (a new thread starts with grad on): the
+    scheduler's thread takes the thread count of the thread that made the scheduler, and runs with
+    grad off (`ThreadState`)."""
+    import torch
+
+    engine = _tiny_engine()
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    seen: dict = {}
+
+    class Probe(Scheduler):
+        def _loop(self) -> None:  # runs on the generation thread, outside any `Batch` step
+            seen.update(thread=threading.current_thread().name, grad=torch.is_grad_enabled(),
+                        threads=torch.get_num_threads())
+            super()._loop()
+
+    torch.set_num_threads(wanted)
+    try:
+        with Probe(engine, max_batch=1, max_queue=1) as sched:
+            seq = Sequence([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0.0), engine.tokenizer)
+            sched.submit([seq])  # the loop has started once this one has ended (however: `_Ids` has no text)
+            assert sched.wait([seq], 30)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.is_grad_enabled()  # the test's own thread is untouched
+    assert seen == {"thread": "kiln-engine", "grad": False, "threads": wanted}

@@ -46,9 +46,14 @@ ROLE_ALIASES = {"developer": "system"}
 IGNORE = -100
 
 # The same format for `transformers` (tokenizer_config.json's chat_template).
+# Roles as check_messages reads them: `developer` is written as `system`, any other role refused.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{% if role not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + role + '; use one of system, user, assistant, developer') }}"
+    "{% endif %}"
+    "{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 

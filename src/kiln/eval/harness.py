@@ -8,7 +8,11 @@ so the standard benchmarks run on kiln checkpoints:
 
 or `kiln eval eval.harness_tasks=hellaswag` (lm-eval downloads the task's data set). Importing
 this module also registers the class under the name "kiln" (`--model kiln --model_args
-pretrained=runs/NAME` in a program that imported it). Every request is prefixed with <|bos|>, as
+pretrained=runs/NAME` in a program that imported it), beside the harness's own models (`hf`, ...),
+which stay available. `KilnLM` is a `TemplateLM`, as the harness's own models are: a context's
+trailing whitespace moves into the continuation and context and continuation are tokenized together
+(the continuation is what the whole adds to the context), so scores equal the harness's `hf` model
+on kiln's Hugging Face export whatever the context ends with. Every request is prefixed with <|bos|>, as
 kiln's training documents and prompts are (an imported model's own BOS, or for a tokenizer without
 one an empty context only, with the EOS that separates documents); chat requests render in the
 model's chat format; generation is greedy, the one mode the interface asks for.
@@ -16,7 +20,10 @@ model's chat format; generation is greedy, the one mode the interface asks for.
 
 from __future__ import annotations
 
-from lm_eval.api.model import LM
+# The harness's own models are registered first: "kiln" registered into an empty registry would stop
+# the harness from ever loading them ("Supported model names: kiln").
+import lm_eval.models  # noqa: F401
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from kiln.data.chat import ROLE_TOKENS
@@ -26,8 +33,9 @@ from kiln.infer.load import Loaded, load
 
 
 @register_model("kiln")
-class KilnLM(LM):
-    """A kiln model behind lm-evaluation-harness's `LM` interface."""
+class KilnLM(TemplateLM):
+    """A kiln model behind lm-evaluation-harness's `TemplateLM` interface (the harness tokenizes
+    loglikelihood requests through `tok_encode` and scores them with `_loglikelihood_tokens`)."""
 
     def __init__(self, pretrained: str | None = None, device: str = "auto", batch_size: int | str = 8,
                  max_gen_toks: int | str = 256, allow_pickle: bool = False, loaded: Loaded | None = None) -> None:
@@ -67,24 +75,38 @@ class KilnLM(LM):
             return ids or [self.lm.bos]
         return ids if ids[:1] == [fmt.bos] else [fmt.bos, *ids]
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(log P(continuation | context), whether greedy decoding gives the continuation) per request;
-        a context too long for the model keeps its last tokens."""
+    @property
+    def eot_token_id(self) -> int:
+        fmt = self.lm.chat_format
+        return fmt.eos[0] if fmt.eos else self.lm.bos
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is: BOS, or for a tokenizer without one the document separator."""
+        return self._context("")[0]
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """The text's ids, after BOS unless `add_special_tokens` is False (see `_context`)."""
+        return self.lm.encode(string) if add_special_tokens is False else self._context(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), whether greedy decoding gives the continuation) per
+        ((context, continuation), context ids, continuation ids); a context too long for the model
+        keeps its last tokens."""
         windows = []
-        for req in requests:
-            context, continuation = req.args
-            cont = self.lm.encode(continuation)[-self.max_length :]
-            full = self._context(context) + cont
+        for _, context_enc, continuation_enc in requests:
+            cont = list(continuation_enc)[-self.max_length :]
+            full = list(context_enc) + cont
             windows.append((full[:-1][-self.max_length :], cont))
         empty = [i for i, (_, cont) in enumerate(windows) if not cont]
         scored = score_windows(self.lm, [w for w in windows if w[1]], self.batch_size)
         out = iter(scored)
         results = [(0.0, True) if i in empty else next(out) for i in range(len(windows))]
-        for req, res in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood", req.args, res)
+        for (args, _, _), res in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", args, res)
         return results
 
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log P(text | <|bos|>) per request, in windows that predict every token once (see
         `kiln.eval.scoring.rolling_windows`)."""
         owners, windows = [], []
@@ -100,7 +122,7 @@ class KilnLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    def generate_until(self, requests) -> list[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, each cut before the first of its `until` strings (and ended by
         BOS / EOS) or at `max_gen_toks` tokens."""
         prompts, stops, budgets = [], [], []

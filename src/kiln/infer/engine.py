@@ -203,6 +203,32 @@ class Sequence:
             self.listener(self, rest)
 
 
+@dataclass(frozen=True)
+class ThreadState:
+    """The thread-local torch state a decode runs under, taken on one thread (`capture`) and put on
+    another (`apply`) before that one decodes: `kiln.serve.scheduler`'s generation thread, and any
+    other thread that steps a `Batch` off the thread that loaded the model.
+
+    torch keeps this per OS thread: grad mode is on in every new thread whatever the thread that
+    started it set (`Batch` turns it off around its own steps, but a forward outside them would
+    record a graph), and the intra-op thread count is OpenMP's and MKL's per-thread setting (torch
+    re-applies its own last `torch.set_num_threads` in a new thread, but not a count set through
+    OpenMP or MKL directly). `apply` sets the count and turns grad mode off for the rest of the
+    thread's life. (Measured on `make demo`'s model, a step on the scheduler's thread runs at the
+    main thread's speed: 0.98x, `bench/serve.py`.)"""
+
+    num_threads: int
+
+    @classmethod
+    def capture(cls) -> ThreadState:
+        return cls(torch.get_num_threads())
+
+    def apply(self) -> None:
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        torch.set_grad_enabled(False)
+
+
 class _RowView(KVCache):
     """Rows a..b-1 of a KV cache as a cache of their own: views of its tensors, no copies, so a
     forward over a few rows writes straight into the big cache (copy `lengths` back after)."""

@@ -43,6 +43,7 @@ from kiln.serve.scheduler import QueueFull, Scheduler
 from kiln.train.parallel import use_compile
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200
+MAX_LOGPROBS = 20  # top_logprobs per token (OpenAI's chat limit; its completions take 5)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # harmless: kiln's chunks carry no obfuscation padding
 
 
 class _Sampling(_Strict):
@@ -86,7 +88,13 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # OpenAI fields that change nothing for a local model: accepted and ignored
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # accepted at their neutral values only
     presence_penalty: float | None = Field(None, ge=0, le=0)
     frequency_penalty: float | None = Field(None, ge=0, le=0)
@@ -98,8 +106,8 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: None = None
-    echo: Literal[False] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -118,10 +126,12 @@ class ChatMessage(_Strict):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: None = None
     tool_choice: None = None
+    parallel_tool_calls: bool | None = None  # harmless: no tools are ever called
+    modalities: list[Literal["text"]] | None = None
     response_format: dict[str, Literal["text"]] | None = None
 
 
@@ -138,8 +148,8 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 _UNION_TAGS = {"str", "int", "list", "float", "bool", "dict"}
-_NEUTRAL_ONLY = {"logprobs", "echo", "best_of", "suffix", "top_logprobs", "tools", "tool_choice", "logit_bias",
-                 "response_format"}
+_NEUTRAL_ONLY = {"best_of", "suffix", "top_logprobs", "tools", "tool_choice", "logit_bias",
+                 "response_format", "modalities"}
 
 
 # ---- request body ----------------------------------------------------------------------------
@@ -475,8 +485,9 @@ def _params(state: ServeState, req, chat: bool, prompts: list[list[int]]) -> lis
     param = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
     if asked is None:  # OpenAI's defaults: 16 for completions, as many as fit for chat
         asked = min(sv.max_new_tokens, state.context - longest) if chat else min(16, sv.max_new_tokens)
-    if asked < 1:
-        raise ApiError(400, f"'{param}' = {asked} must be at least 1", param=param)
+    if asked < (0 if not chat and req.echo else 1):  # echo with max_tokens 0 scores the prompt alone
+        raise ApiError(400, f"'{param}' = {asked} must be at least 1" + ("" if chat else " (or 0 with 'echo')"),
+                       param=param)
     if asked > sv.max_new_tokens:
         raise ApiError(400, f"'{param}' = {asked} is more than this server's limit of {sv.max_new_tokens} "
                             "(serve.max_new_tokens)", param=param)
@@ -506,18 +517,26 @@ async def _serve(request: Request, state: ServeState, chat: bool):
             message, param = _validation_message(e)
             raise ApiError(400, message, param=param) from None
         _check_model(state, req.model)
+        top = _logprob_options(req, chat)
         prompts = await asyncio.to_thread(_prompts, state, req, chat)
-        gen = Generation(state, prompts, _params(state, req, chat, prompts))
+        params = _params(state, req, chat, prompts)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if params[0].max_new_tokens == 0:  # echo with max_tokens 0: the prompt's log-probabilities only
+            gen = Generation(state, prompts, params)
+            for s in gen.seqs:
+                s.finish_reason = "length"
+            return await _respond(state, gen, rid, chat, req, top, request_prompts(req, prompts))
+        gen = Generation(state, prompts, params)
         gen.submit()
         hold.callback(gen.cancel)  # whatever happens from here on, nothing keeps generating for nobody
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(_events(state, gen, rid, chat, include_usage), hold.pop_all().close)
-        return await _collect(request, state, gen, rid, chat)
+        return await _collect(request, state, gen, rid, chat, req, top, request_prompts(req, prompts))
 
 
-async def _collect(request: Request, state: ServeState, gen: Generation, rid: str, chat: bool) -> dict:
+async def _collect(request: Request, state: ServeState, gen: Generation, rid: str, chat: bool, req, top: int | None,
+                   texts: list[str | None]) -> dict:
     """The whole response, unless the client leaves first (then the generation stops)."""
     async def run() -> None:
         async for _ in gen.stream():
@@ -532,13 +551,22 @@ async def _collect(request: Request, state: ServeState, gen: Generation, rid: st
         work.cancel()
         return JSONResponse({}, status_code=499)  # nobody will read it
     work.result()
+    return await _respond(state, gen, rid, chat, req, top, texts)
+
+
+async def _respond(state: ServeState, gen: Generation, rid: str, chat: bool, req, top: int | None,
+                   texts: list[str | None]) -> dict:
     created = int(time.time())
+    logprobs: list[dict | None] = [None] * len(gen.seqs)
+    if top is not None:
+        logprobs = await asyncio.to_thread(_logprobs, state, gen, chat, top, bool(not chat and req.echo), texts)
     if chat:
         choices = [{"index": s.tag, "message": {"role": "assistant", "content": s.text},
-                    "logprobs": None, "finish_reason": s.finish_reason} for s in gen.seqs]
+                    "logprobs": lp, "finish_reason": s.finish_reason} for s, lp in zip(gen.seqs, logprobs)]
     else:
-        choices = [{"index": s.tag, "text": s.text, "logprobs": None, "finish_reason": s.finish_reason}
-                   for s in gen.seqs]
+        per_prompt = len(gen.seqs) // len(texts)
+        choices = [{"index": s.tag, "text": (_echo_text(state, s, texts[s.tag // per_prompt]) if req.echo else "")
+                    + s.text, "logprobs": lp, "finish_reason": s.finish_reason} for s, lp in zip(gen.seqs, logprobs)]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": state.model_name, "choices": choices, "usage": _usage(gen.prompt_tokens, gen.seqs)}
 
@@ -570,6 +598,98 @@ async def _events(state: ServeState, gen: Generation, rid: str, chat: bool, incl
     except ApiError as e:  # headers are gone: the error travels as an event, as OpenAI's does
         yield _sse(e.body())
     yield "data: [DONE]\n\n"
+
+
+# ---- log-probabilities ---------------------------------------------------------------------
+def _logprob_options(req, chat: bool) -> int | None:
+    """How many top alternatives to report per token, or None for no `logprobs` at all."""
+    if chat:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        top = req.logprobs
+        if req.echo and top is None:
+            raise ApiError(400, "'echo' is supported with 'logprobs' (the prompt's log-probabilities); "
+                                "send 'logprobs': 0 or more", param="echo")
+    if req.stream and top is not None:
+        raise ApiError(400, "'logprobs' / 'echo' are not supported with 'stream'; send stream: false",
+                       param="logprobs")
+    return top
+
+
+def request_prompts(req, prompts: list[list[int]]) -> list[str | None]:
+    """Each prompt as sent when it was text (what `echo` returns), None for token ids."""
+    if not isinstance(req, CompletionRequest):
+        return [None] * len(prompts)
+    sent = [req.prompt] if isinstance(req.prompt, str) or all(isinstance(p, int) for p in req.prompt) else req.prompt
+    return [p if isinstance(p, str) else None for p in sent]
+
+
+def _decode(tokenizer, ids: list[int], special: bool) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=not special)
+
+
+def _echo_text(state: ServeState, seq: Sequence, text: str | None) -> str:
+    return text if text is not None else _decode(state.engine.tokenizer, seq.prompt, False)
+
+
+_SCORING = threading.Lock()  # one scoring forward at a time beside the generation thread
+
+
+def _logprobs(state: ServeState, gen: Generation, chat: bool, top: int, echo: bool,
+              texts: list[str | None]) -> list[dict]:
+    """Each choice's log-probabilities under the model (before temperature, top_p, top_k and
+    penalties), from one forward pass over prompt + output: OpenAI's chat shape (`content`, the
+    output's tokens) or its legacy completions shape (`tokens`, `token_logprobs`, `top_logprobs`,
+    `text_offset`; with `echo` the prompt's tokens first, the very first one without a log-probability)."""
+    import torch
+
+    eng = state.engine
+    tok, vocab = eng.tokenizer, eng.tokenizer.get_vocab_size()
+    per_prompt = len(gen.seqs) // len(texts)
+    out = []
+    for seq in gen.seqs:
+        made = list(seq.tokens)
+        if seq.ended_by == "stop":  # a stop string: only the tokens that the returned text came from
+            while made and len(_decode(tok, made[:-1], False)) >= len(seq.text):
+                made.pop()
+        ids = seq.prompt + made
+        with _SCORING, torch.inference_mode():
+            logits = eng.model(torch.tensor([ids], device=eng.device))[0, :-1, :vocab].float()
+            logp = torch.log_softmax(logits, -1)
+            first = 1 if echo else len(seq.prompt)
+            rows = logp[first - 1:]
+            chosen = rows.gather(-1, torch.tensor(ids[first:], device=rows.device)[:, None])[:, 0].tolist()
+            best_p, best_i = [[]] * len(chosen), [[]] * len(chosen)
+            if top:
+                best = rows.topk(top, -1)
+                best_p, best_i = best.values.tolist(), best.indices.tolist()
+        scored = ids[first:]
+        if echo:
+            scored, chosen, best_p, best_i = ids, [None, *chosen], [[], *best_p], [[], *best_i]
+        pieces = [_decode(tok, [t], True) for t in scored]
+        if chat:
+            out.append({"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()),
+                                     "top_logprobs": [{"token": (q := _decode(tok, [i], True)), "logprob": v,
+                                                       "bytes": list(q.encode())} for i, v in zip(bi, bp)]}
+                                    for p, lp, bi, bp in zip(pieces, chosen, best_i, best_p)], "refusal": None})
+            continue
+        offset = 0 if echo else len(_echo_text(state, seq, texts[seq.tag // per_prompt]))
+        offsets = []
+        for t in scored:
+            offsets.append(offset)
+            offset += len(_decode(tok, [t], False))
+        tops: list[dict | None] = []
+        for bi, bp in zip(best_i, best_p):
+            alts: dict[str, float] = {}
+            for i, v in zip(bi, bp):
+                alts.setdefault(_decode(tok, [i], True), v)
+            tops.append(alts if bi else None)
+        if top == 0:
+            tops = [None] * len(tops)
+        out.append({"tokens": pieces, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets})
+    return out
 
 
 # ---- the HTTP server -------------------------------------------------------------------------

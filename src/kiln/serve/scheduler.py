@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 
-from kiln.infer.engine import Sequence
+from kiln.infer.engine import Sequence, ThreadState
 from kiln.infer.generate import Engine
 
 log = logging.getLogger("kiln.serve")
@@ -79,6 +79,7 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
         self._ready = threading.Event()
         self._failed: BaseException | None = None  # what the warm-up raised
+        self._thread_state = ThreadState.capture()  # this thread's torch settings, for the loop's thread
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -146,6 +147,7 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            self._thread_state.apply()  # the creating thread's thread count, grad mode off
             self.batch.warm_up()  # on this thread, which steps the batch from now on
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._failed = e
