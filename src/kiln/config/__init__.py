@@ -92,6 +92,10 @@ _RANGE_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda
 
 
 def check_range(key: str, value, bounds: dict) -> None:
+    if isinstance(value, (list, tuple)):  # a list key's bounds hold for each of its numbers
+        for item in value:
+            check_range(key, item, bounds)
+        return
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not bounds:
         return
     failed = [k for k, b in bounds.items() if not _RANGE_TEST[k](value, b)]

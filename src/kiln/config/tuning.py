@@ -149,8 +149,8 @@ class ScaleConfig:
     """`kiln scale`: a ladder of pretraining runs (every width × every token budget) on the recipe's
     data, model and schedule, fitted to L(N, D) = E + A/N^α + B/D^β (see docs/planning.md)."""
 
-    widths: list[int] = field(default_factory=lambda: [64, 96, 128])  # model.d_model of each size (depth: model.*)
+    widths: list[int] = ranged(ge=1, default_factory=lambda: [64, 96, 128])  # model.d_model of each size (depth: model.*)
     # each size's token budgets, as tokens per parameter (Chinchilla's compute-optimal is about 20)
-    tokens_per_param: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0])
+    tokens_per_param: list[float] = ranged(gt=0, default_factory=lambda: [5.0, 10.0, 20.0])
     bootstrap: int = ranged(100, ge=0)  # refits on runs resampled with replacement, for the intervals
     min_steps: int = ranged(10, ge=1)  # a rung trains at least this many steps
