@@ -105,21 +105,10 @@ def drive(url: str, model: str, clients: int, requests: int, max_tokens: int) ->
 
 
 def served_decode(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> float:
-    """Decode tokens/s of one streamed completion, as the client receives it."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    first, tokens = None, 0
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if first is None and event["choices"] and event["choices"][0]["text"]:
-                first = time.perf_counter()
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return (tokens - 1) / (time.perf_counter() - first)
+    """Decode tokens/s of one streamed completion, as the client receives it: the tokens after the
+    first over the time after the first (`one_request`'s figures)."""
+    ttft, latency, tokens = one_request(client, url, model, prompt, max_tokens)
+    return (tokens - 1) / (latency - ttft)
 
 
 def bare_decode(engine, prompt: str, max_tokens: int) -> float:
