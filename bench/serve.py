@@ -1,16 +1,13 @@
 """Serving throughput: `kiln serve` with continuous batching vs the same server one request at a time,
 and one client on the server vs the bare engine.
 
-First, one client's decode tokens/s three ways, greedy, the same prompt, measured in turns
-(medians of `--rounds`), with ratios to the first: the bare engine in this process (one `Batch`
-row stepped on the main thread, as `kiln generate` decodes); the server's `Scheduler` in this
-process (its generation thread, sampling and detokenization, no HTTP); and one streaming client on
-the server (tokens after the first over the time from the first to the last, as the client
-receives them: the HTTP event loop and the client itself share the machine's cores with decoding).
-All three run under the same OpenMP wait regime: libgomp spins between parallel regions only while
-the process's OpenMP threads (one pool per OS thread that runs a region) are no more than its
-CPUs, and the server and this process both hold two pools (the loading thread's, the
-generation thread's), so the bare engine here is measured with the `Scheduler` alive beside it.
+First, one client's decode tokens/s two ways, greedy, the same prompt, measured in turns
+(medians of `--rounds`), and their ratio: the bare engine in this process (one `Batch` row loaded
+and stepped on the main thread, as `kiln generate` decodes), and one streaming client on `kiln
+serve` (tokens after the first over the time from the first to the last, as the client receives
+them: the HTTP event loop and the client itself share the machine's cores with decoding). Both
+processes keep one OpenMP thread pool (the server loads, steps and scores on its engine thread),
+so both decode with libgomp's workers spinning between ops (`kiln.serve.scheduler`).
 Starts `kiln serve` twice on 127.0.0.1 (`max_batch=32`, then `max_batch=1`: each request waits for
 the one before to finish), and drives each with 1, 8 and 32 concurrent streaming clients, the same
 prompts and greedy settings (so both do the same work). Prints requests/s, p50/p99 latency and
@@ -125,38 +122,22 @@ def bare_decode(engine, prompt: str, max_tokens: int) -> float:
     return seq.decode_tokens_per_s
 
 
-def scheduled_decode(sched, engine, prompt: str, max_tokens: int) -> float:
-    """Decode tokens/s of one sequence through the server's scheduler in this process (its
-    generation thread, no HTTP)."""
-    from kiln.infer.engine import SamplingParams, Sequence
-
-    seq = Sequence(engine.encode_prompt(prompt), SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
-                   engine.tokenizer)
-    sched.submit([seq])
-    sched.wait([seq])
-    return seq.decode_tokens_per_s
-
-
 def one_client_vs_bare(run: Path, url: str, model: str, device: str, max_tokens: int, rounds: int) -> None:
     from kiln.infer.generate import Engine
-    from kiln.serve.scheduler import Scheduler
 
     engine = Engine.from_run(run, device)
     prompt = PROMPTS[0]
     max_tokens = min(max_tokens, engine.context - len(engine.encode_prompt(prompt)) - 1)
-    served, threaded, bare = [], [], []
-    with httpx.Client(timeout=600) as c, Scheduler(engine, max_batch=32, max_queue=4) as sched:
-        served_decode(c, url, model, prompt, max_tokens)  # warm up all three
-        scheduled_decode(sched, engine, prompt, max_tokens)
+    served, bare = [], []
+    with httpx.Client(timeout=600) as c:
+        served_decode(c, url, model, prompt, max_tokens)  # warm up both
         bare_decode(engine, prompt, max_tokens)
-        for _ in range(rounds):  # in turns, so the machine's drift falls on all three
+        for _ in range(rounds):  # in turns, so the machine's drift falls on both
             bare.append(bare_decode(engine, prompt, max_tokens))
-            threaded.append(scheduled_decode(sched, engine, prompt, max_tokens))
             served.append(served_decode(c, url, model, prompt, max_tokens))
-    s, t, b = statistics.median(served), statistics.median(threaded), statistics.median(bare)
+    s, b = statistics.median(served), statistics.median(bare)
     print(f"one client, {max_tokens} tokens, median of {rounds}: bare engine {b:.0f} decode tokens/s; "
-          f"the scheduler's thread in process {t:.0f} ({t / b:.2f}x the bare engine); "
-          f"the server over HTTP {s:.0f} ({s / b:.2f}x)", flush=True)
+          f"the server over HTTP {s:.0f} ({s / b:.2f}x the bare engine)", flush=True)
 
 
 def main() -> None:

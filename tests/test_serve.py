@@ -51,8 +51,8 @@ def engine(trained):
     return Engine.from_run(trained, "cpu")
 
 
-def greedy(engine: Engine, prompt: str, n: int) -> str:
-    (text,) = engine.generate(prompt, SampleConfig(prompt=prompt, max_new_tokens=n, temperature=0.0))
+def greedy(engine: Engine, prompt: str, n: int, heal: bool = True) -> str:
+    (text,) = engine.generate(prompt, SampleConfig(prompt=prompt, max_new_tokens=n, temperature=0.0, heal=heal))
     return text
 
 
@@ -132,7 +132,7 @@ def test_a_seeded_sample_is_the_same_alone_and_in_a_busy_batch(engine):
 
 
 def test_a_stop_string_ends_generation_and_never_streams(engine):
-    full = greedy(engine, PROMPTS[4], 40)
+    full = greedy(engine, PROMPTS[4], 40, heal=False)  # as the sequences below: token healing off
     stop = full[6:9]
     assert len(stop) == 3 and full.find(stop) >= 0
     pieces = []
@@ -766,3 +766,99 @@ def test_the_generation_thread_decodes_under_the_creating_threads_torch_state():
         torch.set_num_threads(before)
     assert torch.is_grad_enabled()  # the test's own thread is untouched
     assert seen == {"thread": "kiln-engine", "grad": False, "threads": wanted}
+
+
+def test_kiln_serve_loads_steps_and_scores_its_model_on_one_thread(trained, http):
+    """libgomp spins its idle workers between ops only while the process's OpenMP threads (one pool
+    per OS thread that ever ran a parallel op) fit the CPUs; a model loaded on one thread and
+    stepped on another, or a scoring forward on an HTTP worker, is a second pool that makes every
+    op of a small model's decode pay a wake-up. The server (as `kiln serve` starts it) loads the
+    model, decodes, and scores `logprobs` / `echo` on its engine thread, and nowhere else."""
+    threads: dict[str, set[int]] = {"load": set(), "forward": set()}
+
+    def load() -> Engine:
+        threads["load"].add(threading.get_ident())
+        eng = Engine.from_run(trained, "cpu")
+        eng.model.register_forward_pre_hook(lambda *_: threads["forward"].add(threading.get_ident()))
+        return eng
+
+    with serve(load) as srv:  # type: ignore[arg-type]
+        engine_thread = srv.state.scheduler._thread.ident
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        streamed = http.post(srv.url + "/v1/completions", json={**body, "stream": True})
+        scored = http.post(srv.url + "/v1/completions", json={**body, "max_tokens": 1, "echo": True, "logprobs": 2})
+        chat = http.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "logprobs": True,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert streamed.status_code == scored.status_code == chat.status_code == 200
+    assert scored.json()["choices"][0]["logprobs"]["token_logprobs"][1] < 0
+    assert threads["load"] == {engine_thread} and threads["forward"] == {engine_thread}
+    assert threading.get_ident() != engine_thread
+
+
+def test_a_model_that_fails_to_load_stops_the_server_from_starting_with_its_error():
+    def load() -> Engine:
+        raise KilnError("checkpoint.pt is not a kiln checkpoint (truncated?); retrain or point out= at another run")
+
+    srv = serve(load)  # type: ignore[arg-type]
+    with pytest.raises(KilnError, match="not a kiln checkpoint"):
+        srv.state.start()
+    srv.sock.close()
+
+
+def test_call_runs_on_the_engine_thread_between_steps_and_hands_back_errors():
+    """`Scheduler.call(fn)`: what a request needs from the model besides generation runs on the
+    engine's thread, never while a step is half done; its result or exception comes back."""
+    engine = _tiny_engine()
+    with Scheduler(engine, max_batch=2, max_queue=4) as sched:
+        seq = Sequence([1, 5, 9], SamplingParams(max_new_tokens=40, temperature=0.0), None)
+        sched.submit([seq])
+        sizes = [sched.call(lambda: (threading.get_ident(), len(seq.tokens))).result(30) for _ in range(5)]
+        assert {t for t, _ in sizes} == {sched._thread.ident}
+        with pytest.raises(ZeroDivisionError):
+            sched.call(lambda: 1 / 0).result(30)
+        assert sched.wait([seq], 60) and len(seq.tokens) == 40  # the calls did not disturb the decode
+    with pytest.raises(QueueFull):
+        sched.call(lambda: None)
+
+
+def test_serve_draft_decodes_speculatively_with_the_same_greedy_text(trained, engine, http):
+    """`serve.draft=RUN`: the draft (here the run itself, so every drafted token is kept) proposes
+    tokens the model checks in one forward; the answer is plain decoding's, /metrics counts drafts."""
+    def load() -> Engine:
+        eng = Engine.from_run(trained, "cpu")
+        eng.add_draft(trained, 3)
+        return eng
+
+    want = greedy(engine, PROMPTS[0], 24)
+    with serve(load) as srv:  # type: ignore[arg-type]
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}
+        got = http.post(srv.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        streamed = http.post(srv.url + "/v1/completions", json={**body, "stream": True}).text
+        metrics = http.get(srv.url + "/metrics").text
+    assert got == want
+    pieces = [json.loads(ln[6:])["choices"][0]["text"] for ln in streamed.splitlines() if ln.startswith("data: {")]
+    assert "".join(pieces) == want
+    counts = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith("kiln_draft")}
+    assert counts["kiln_draft_tokens_proposed_total"] > 0
+    assert counts["kiln_draft_tokens_accepted_total"] / counts["kiln_draft_tokens_proposed_total"] > 0.9
+
+
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(trained):
+    """A draft's token ids must mean what the model's mean: a tokenizer that differs in one entry is refused."""
+    eng = Engine.from_run(trained, "cpu")
+    real = eng.tokenizer
+
+    class Swapped:  # the same tokenizer with two ids swapped
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_vocab(self):
+            vocab = dict(real.get_vocab())
+            a, b = sorted(vocab)[300:302]
+            vocab[a], vocab[b] = vocab[b], vocab[a]
+            return vocab
+
+    eng.tokenizer = Swapped()
+    with pytest.raises(KilnError, match=r"serve.draft=.*tokenizer differs from the served model's"):
+        eng.add_draft(trained)
+    assert eng.draft is None

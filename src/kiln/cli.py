@@ -190,7 +190,7 @@ VERBS: dict[str, Verb] = {
         sections=("out", "device", "serve"),
         shorthand="serve",
         precheck="kiln.serve:check_exposure",  # before the run: a refused exposure costs nothing
-        inputs=(Input("out", MODEL),),
+        inputs=(Input("out", MODEL), Input("serve.draft", MODEL)),
     ),
     "speedrun": Verb(
         "kiln.speedrun:run_speedrun",

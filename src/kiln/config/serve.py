@@ -23,6 +23,9 @@ class SampleConfig:
     # auto = on for a run trained on conversations (sft, dpo, rl, or a quantized copy of one)
     chat: Literal["auto", "on", "off"] = "auto"
     system: str = ""  # chat: a system message before the prompt
+    # token healing of a text prompt: its last token backed off and the first new token made to extend
+    # its text (a prompt ending in "\n" may go on with "\n    "); chat prompts are never healed
+    heal: bool = True
     report_prompts: list[str] = field(
         default_factory=lambda: ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self"]
     )
@@ -44,6 +47,13 @@ class ServeConfig:
     max_new_tokens: int = ranged(1024, ge=1)  # the largest max_tokens a request may ask for
     max_total_tokens: int = ranged(8192, ge=1)  # the largest n × max_tokens of one request
     max_n: int = ranged(8, ge=1)  # choices per request (prompts × n)
+    # keys and values of recent prompt prefixes (32-token blocks, least recently used out first), so a
+    # request that begins like a recent one (a common system prompt) prefills only the rest; 0 = off
+    prefix_cache_mb: float = ranged(64.0, ge=0)
+    # speculative decoding: a small model of the same tokenizer (the student `kiln distill` made of this
+    # run) drafts `draft_tokens` tokens that the served model checks in one forward; "" = off
+    draft: str = ""
+    draft_tokens: int = ranged(4, ge=1, le=16)
     max_streams_per_key: int = ranged(64, ge=1)  # requests in flight per API key (or client address)
     max_body_bytes: int = ranged(1_000_000, ge=1)
     max_json_depth: int = ranged(32, ge=1)
@@ -51,6 +61,7 @@ class ServeConfig:
     max_connections: int = ranged(1000, ge=1)  # open connections; beyond that, 503
     shutdown_timeout_s: float = ranged(30.0, ge=0)  # graceful shutdown: time left to requests in flight
     usd_per_hour: float = ranged(0.0, ge=0)  # the machine's price, for cost per million tokens; 0 = assumed
+    heal: bool = True  # token healing of text prompts (as sample.heal); token-id and chat prompts are taken as sent
 
 
 @dataclass

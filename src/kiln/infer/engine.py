@@ -22,8 +22,40 @@ import torch
 from torch import nn
 
 from kiln.data.chat import as_format
-from kiln.infer import decode
+from kiln.infer import decode, healing
+from kiln.infer.prefix import PrefixCache, shared_groups
 from kiln.model.transformer import KVCache
+
+
+def _kept(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.Tensor, top_k, top_p
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's sampling distribution after temperature, top-k and top-p, in descending order of
+    the logits: (probabilities of the kept tokens, unnormalised, 0 for the rest; the vocabulary
+    order). The first token is always kept."""
+    b, v = logits.shape
+    dev = logits.device
+    top_k = torch.as_tensor(top_k, device=dev).expand(b)
+    top_p = torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(b)
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    rank = torch.arange(v, device=dev)
+    keep = rank[None, :] < torch.where(top_k > 0, top_k, v)[:, None]
+    keep &= probs.cumsum(-1) - probs < top_p[:, None]  # the smallest prefix reaching top_p (the first always)
+    return probs * keep, order
+
+
+def sampling_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """The distribution `sample_next` draws each row's token from, over the vocabulary (B, V): a
+    one-hot at the argmax where the temperature is 0. Speculative decoding's acceptance rule
+    compares the draft's and the model's (`kiln.infer.speculative`)."""
+    b, _ = logits.shape
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(b)
+    greedy = temperature <= 0
+    kept, order = _kept(logits, temperature, greedy, top_k, top_p)
+    probs = torch.zeros_like(kept).scatter_(-1, order, kept / kept.sum(-1, keepdim=True))
+    onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, probs)
 
 
 def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torch.Generator | None = None,
@@ -43,15 +75,8 @@ def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generator: torc
         sampling = bool((~greedy).any())
     if not sampling:
         return greedy_tokens
-    top_k = torch.as_tensor(top_k, device=dev).expand(b)
-    top_p = torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(b)
-    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    rank = torch.arange(v, device=dev)
-    keep = rank[None, :] < torch.where(top_k > 0, top_k, v)[:, None]
-    keep &= probs.cumsum(-1) - probs < top_p[:, None]  # the smallest prefix reaching top_p (the first always)
-    cdf = (probs * keep).cumsum(-1)
+    kept, order = _kept(logits, temperature, greedy, top_k, top_p)
+    cdf = kept.cumsum(-1)
     if uniform is None:
         uniform = torch.rand(b, generator=generator, device=generator.device if generator is not None else "cpu")
     # a copy from the host that the host need not wait for (a plain one waits for the GPU on CUDA)
@@ -105,6 +130,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (1 = off)
     seed: int | str | None = None  # None = fresh entropy
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    # token healing (`kiln.infer.healing`): a text prompt's last token is backed off and the first new
+    # token is one that extends its text; needs the sequence's tokenizer (token-id prompts: leave off)
+    heal: bool = False
 
 
 class Sequence:
@@ -115,7 +143,12 @@ class Sequence:
 
     `until(tokens)`, if given, is asked after each token whether the sequence is complete (e.g. a
     whole line or function body). With `tokenizer=None` the sequence keeps token ids only (no text,
-    no stop strings): what callers that score or train on ids need, without decoding each token."""
+    no stop strings): what callers that score or train on ids need, without decoding each token.
+
+    With `params.heal` (and a tokenizer) the prompt may be healed (`kiln.infer.healing`): `prompt`
+    stays as given, `fed` is what the batch prefills (the prompt less its last `heal_text`'s token),
+    the first of `tokens` extends `heal_text`, and `text` starts after it (what follows the prompt).
+    Decode `fed + tokens` (not `prompt + tokens`) for the whole text."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer,
                  listener: Callable[[Sequence, str], None] | None = None, tag=None,
@@ -130,6 +163,10 @@ class Sequence:
         self.context_ended = False  # stopped by the context's end before max_new_tokens
         self.cancelled = False
         self.rng = random.Random(params.seed)
+        self.healing = healing.plan(tokenizer, self.prompt) if params.heal and tokenizer is not None else None
+        self.heal_text = self.healing.text if self.healing is not None else ""
+        self.fed = self.prompt[: len(self.prompt) - self.healing.backoff] if self.healing is not None else self.prompt
+        self._unsent = len(self.heal_text)  # characters of the first token's text the prompt already has
         self._decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self._held = ""  # text that may be the start of a stop string
         self.submitted = time.perf_counter()
@@ -165,6 +202,9 @@ class Sequence:
             self.finish("stop")
 
     def _take_text(self, piece: str) -> None:
+        if self._unsent:  # a healed prompt's backed-off text: the prompt's, not sent again
+            n = min(len(piece), self._unsent)
+            piece, self._unsent = piece[n:], self._unsent - n
         stops = self.params.stop
         if not stops:
             self._emit(piece)
@@ -242,6 +282,13 @@ class _RowView(KVCache):
         self._known = None
 
 
+def _put(cache: KVCache, rows: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write each layer's (keys, values), (kv_heads, n, head_dim), into positions 0..n-1 of `rows`."""
+    for (k, v), ck, cv in zip(kv, cache.k, cache.v):
+        ck[rows, :, : k.shape[1]] = k
+        cv[rows, :, : v.shape[1]] = v
+
+
 def has_compiled_modules(model: nn.Module) -> bool:
     """Whether `model` holds `torch.compile`d modules (compiled training blocks, `train.compile`)."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
@@ -273,7 +320,9 @@ class Batch:
     handed to the cache before each forward, so planning one reads nothing back."""
 
     def __init__(self, model: nn.Module, vocab_size: int, stop_ids: set[int], rows: int, max_len: int,
-                 compile: bool = False, fused: bool = True, inference: bool = True, warm: bool = True) -> None:
+                 compile: bool = False, fused: bool = True, inference: bool = True, warm: bool = True,
+                 draft: nn.Module | None = None, draft_tokens: int = 4, share_prefix: bool = True,
+                 prefix_cache_mb: float = 0.0) -> None:
         core = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 is the model itself
         p = next(model.parameters())
         self.model, self.core, self.vocab, self.stop_ids, self.max_len = model, core, vocab_size, stop_ids, max_len
@@ -290,10 +339,28 @@ class Batch:
         self.penalty = torch.ones(rows, device=p.device)
         self.seen: torch.Tensor | None = None  # (rows, vocab) tokens in each row's prompt and output, for penalties
         self.length = [0] * rows  # each row's cache length, known on the host (no device reads per step)
+        # Shared prompt prefixes (kiln.infer.prefix): prompts of one `add` that begin alike prefill
+        # their prefix once (`share_prefix`); a plain inference model may also keep the keys and
+        # values of recent prefixes across calls (`prefix_cache_mb`, the server's), never a model
+        # in training, whose weights change between calls.
+        self.share_prefix = share_prefix
+        self.prefix_cache = (PrefixCache(int(prefix_cache_mb * 2**20))
+                             if prefix_cache_mb > 0 and self.inference else None)
+        self.prompt_tokens_prefilled = 0  # prompt tokens run through a forward
+        self.prompt_tokens_reused = 0  # prompt tokens whose keys and values were copied in instead
+        self.prefill_s = 0.0  # seconds in `add` (prefill and first tokens)
         # The decode step: the fused, sync-free one for a plain model (compiled whole when asked),
         # else the model's own forward (compiled when asked). Prefill (other shapes, once per
         # request) stays eager.
         self.fast = decode.decode_step(model, compile) if fused and decode.supports(model) else None
+        # Speculative decoding: a small model of the same tokenizer drafts `draft_tokens` tokens per
+        # row, this one checks them in one forward (kiln.infer.speculative); plain models only.
+        self.handed = 0  # tokens handed to sequences (end tokens included): a speculative step hands several a row
+        self.drafter = None
+        if draft is not None and self.inference and self.fast is not None:
+            from kiln.infer.speculative import Drafter
+
+            self.drafter = Drafter(draft, self, draft_tokens, compile)
         if warm:
             self.warm_up()
         self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model
@@ -308,6 +375,8 @@ class Batch:
         every row is free; a no-op without a compiled fused step or once this thread has done it."""
         if self.fast is not None and not any(self.seqs):
             self.fast.warm_up(self.cache)
+            if self.drafter is not None:
+                self.drafter.warm_up()
 
     @property
     def rows(self) -> int:
@@ -351,8 +420,10 @@ class Batch:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` into free rows (the caller checks `free_rows()`) and sample their first tokens."""
+        began = time.perf_counter()
         with self._no_grad():
             self._add(seqs)
+        self.prefill_s += time.perf_counter() - began
 
     def _add(self, seqs: list[Sequence]) -> None:
         free = [i for i, s in enumerate(self.seqs) if s is None]
@@ -362,8 +433,8 @@ class Batch:
             if not 0 < len(seq.prompt) < self.max_len:
                 raise ValueError(f"a prompt of {len(seq.prompt)} tokens does not fit a cache of {self.max_len}")
             self.seqs[row] = seq
-            self.length[row] = len(seq.prompt)
-            seq.budget = min(seq.params.max_new_tokens, self.max_len - len(seq.prompt))
+            self.length[row] = len(seq.fed)  # the prompt, less a healed prompt's backed-off token
+            seq.budget = min(seq.params.max_new_tokens, self.max_len - len(seq.fed))
             sp = seq.params
             self.temperature[row], self.top_k[row], self.top_p[row] = sp.temperature, sp.top_k, sp.top_p
             self.penalty[row] = sp.repetition_penalty
@@ -371,28 +442,136 @@ class Batch:
                 if self.seen is None:
                     self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
                 self.seen[row] = False
-                self.seen[row, torch.tensor(seq.prompt, device=self.device).clamp(max=self.vocab - 1)] = True
+                self.seen[row, torch.tensor(seq.fed, device=self.device).clamp(max=self.vocab - 1)] = True
         rows = free[: len(seqs)]
         self.cache.reset(rows)
         self.live[rows] = 1
-        # One right-padded forward per run of adjacent rows.
+        # One right-padded forward per run of adjacent rows, of what each row's shared prefix (its
+        # keys and values copied in by `_share`) leaves; a run is cut where its rows' starts and
+        # rests would not fit the cache in one forward.
         runs, start = [], rows[0]
         for prev, row in zip(rows, [*rows[1:], None]):
             if row != prev + 1:
                 runs.append((start, prev + 1))
                 start = row
-        for a, b in runs:
-            group = self.seqs[a:b]
-            t = max(len(s.prompt) for s in group)
+        done = self._share(rows, runs)  # each row's cache length before its forward
+        for a, b in (cut for run in runs for cut in self._fit(*run, done)):
+            group, known = self.seqs[a:b], done[a:b]
+            t = max(len(s.fed) - n for s, n in zip(group, known))
             ids = torch.zeros(b - a, t, dtype=torch.long)
             mask = torch.zeros(b - a, t, dtype=torch.long)
-            for i, s in enumerate(group):
-                ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
-                mask[i, : len(s.prompt)] = 1
-            ends = torch.tensor([len(s.prompt) - 1 for s in group], device=self.device)
+            for i, (s, n) in enumerate(zip(group, known)):
+                ids[i, : len(s.fed) - n] = torch.tensor(s.fed[n:])
+                mask[i, : len(s.fed) - n] = 1
+            ends = torch.tensor([len(s.fed) - n - 1 for s, n in zip(group, known)], device=self.device)
+            if any(known):  # the rows were just reset (to 0)
+                self.cache.lengths[a:b] = torch.tensor(known, device=self.device)
             logits = self._logits(self.model, ids.to(self.device), a, b, mask.to(self.device) if b - a > 1 else None,
-                                  [0] * (b - a), ends)  # the rows were just reset
-            self._take(self._sample(logits, a, b), a)
+                                  known, ends)
+            self.prompt_tokens_prefilled += sum(len(s.fed) - n for s, n in zip(group, known))
+            if self.prefix_cache is not None:
+                self._remember(a, b)
+            self._take(self._sample(logits, a, b, first=True), a)
+
+    # ---- shared prompt prefixes (kiln.infer.prefix) ---------------------------------------------
+    def _fits(self, a: int, b: int, done: list[int]) -> bool:
+        """Whether rows a..b-1, at cache lengths `done`, prefill the rest of their prompts in one forward."""
+        return max(done[a:b]) + max(len(s.fed) - n for s, n in zip(self.seqs[a:b], done[a:b])) <= self.max_len
+
+    def _fit(self, a: int, b: int, done: list[int]):
+        """Rows a..b-1 cut into runs that `_fits` (one run unless shared prefixes made starts differ)."""
+        lo = a
+        for r in range(a + 1, b + 1):
+            if r == b or not self._fits(lo, r + 1, done):
+                yield lo, r
+                lo = r
+
+    def _share(self, rows: list[int], runs: list[tuple[int, int]]) -> list[int]:
+        """Copy into the new `rows` the keys and values of the prompt prefixes they need not
+        prefill: blocks in the prefix cache, and prefixes several of them begin with (each
+        prefilled here once, in a scratch cache of one row per group). Returns every row's cache
+        length after the copies (0 where nothing was copied).
+
+        Through a wrapper (DDP, FSDP2: every rank must make the same forwards) exactly one forward
+        is made here whatever the prompts (a dropped one-token forward when nothing is shared), and
+        sharing is given up where it would cut a run in two."""
+        done = [0] * self.rows
+        if not self.share_prefix and self.prefix_cache is None:
+            return done
+        prompts = [self.seqs[r].fed for r in rows]
+        hits = [self.prefix_cache.lookup(p) for p in prompts] if self.prefix_cache is not None else [[]] * len(rows)
+        cached = [sum(h.shape[3] for h in hit) for hit in hits]
+        groups = []
+        if self.share_prefix:
+            for n, members in shared_groups(prompts):
+                members = [i for i in members if cached[i] < n]  # the rest have more in the prefix cache
+                if len(members) > 1:
+                    groups.append((n, members))
+        if self.wrapped and groups:
+            for n, members in groups:
+                for i in members:
+                    done[rows[i]] = n
+            if not all(self._fits(a, b, done) for a, b in runs):
+                groups, done = [], [0] * self.rows
+        grouped = {i for _, members in groups for i in members}
+        computed = self._prefill_groups(groups, rows, prompts, hits, cached, done) if groups else 0
+        if not groups and self.wrapped and self.share_prefix:
+            with self._eager():
+                self.model(self.last[:1], attention_mask=None)  # the forward the other ranks may make here
+        by_chain: dict[int, list[int]] = {}  # rows whose prefix-cache hits end in the same block: the same blocks
+        for i, hit in enumerate(hits):
+            if hit and i not in grouped:
+                by_chain.setdefault(id(hit[-1]), []).append(i)
+        for members in by_chain.values():
+            kv = torch.cat(hits[members[0]], dim=3)
+            _put(self.cache, [rows[i] for i in members], [(kv[layer, 0], kv[layer, 1]) for layer in range(len(kv))])
+            for i in members:
+                done[rows[i]] = cached[i]
+        self.prompt_tokens_prefilled += computed
+        self.prompt_tokens_reused += sum(done[r] for r in rows) - computed
+        return done
+
+    def _prefill_groups(self, groups: list[tuple[int, list[int]]], rows: list[int], prompts: list[list[int]],
+                        hits: list[list[torch.Tensor]], cached: list[int], done: list[int]) -> int:
+        """Prefill each group's shared prefix once (one right-padded forward over a scratch cache of
+        one row per group, after what the prefix cache holds of it) and copy its keys and values
+        into the members' rows. Returns the tokens the forward prefilled."""
+        starts = [min(cached[i] for i in members) for _, members in groups]
+        scratch = KVCache(self.core.cfg, len(groups), max(n for n, _ in groups), device=self.device,
+                          dtype=self.cache.k[0].dtype)
+        t = max(n - c for (n, _), c in zip(groups, starts))
+        ids = torch.zeros(len(groups), t, dtype=torch.long)
+        mask = torch.zeros(len(groups), t, dtype=torch.long)
+        for j, ((n, members), c) in enumerate(zip(groups, starts)):
+            first = min(members, key=lambda i: cached[i])
+            if c:
+                kv = torch.cat(hits[first], dim=3)
+                _put(scratch, [j], [(kv[layer, 0], kv[layer, 1]) for layer in range(len(kv))])
+            ids[j, : n - c] = torch.tensor(prompts[first][c:n])
+            mask[j, : n - c] = 1
+        scratch.lengths = torch.tensor(starts, device=self.device)
+        ids, mask = ids.to(self.device), (mask.to(self.device) if len(groups) > 1 else None)
+        with self._eager():
+            if self.wrapped:
+                self.model(ids, cache=scratch.known(starts), attention_mask=mask)
+            else:
+                self.model(ids, cache=scratch.known(starts), attention_mask=mask, return_hidden=True)
+        for j, (n, members) in enumerate(groups):
+            _put(self.cache, [rows[i] for i in members], [(k[j, :, :n], v[j, :, :n]) for k, v in zip(scratch.k, scratch.v)])
+            for i in members:
+                done[rows[i]] = n
+        return sum(n - c for (n, _), c in zip(groups, starts))
+
+    def _remember(self, a: int, b: int) -> None:
+        """Keep the whole blocks of rows a..b-1's prompts, just prefilled, in the prefix cache."""
+        for r in range(a, b):
+            self.prefix_cache.store(self.seqs[r].fed, lambda s, e, r=r: torch.stack(
+                [torch.stack((k[r, :, s:e], v[r, :, s:e])) for k, v in zip(self.cache.k, self.cache.v)]))
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every kept prefix (for a model whose weights changed)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def step(self, read: torch.Tensor | None = None) -> list | None:
         """Decode one token for every running row. `read`: a tensor whose values come back (as a
@@ -404,6 +583,8 @@ class Batch:
         hi = self._hi()
         if hi == 0:
             return None if read is None else read.tolist()
+        if self.drafter is not None and read is None and self.drafter.step(hi):
+            return None
         live = self.live[:hi]
         if self.fast is not None:
             logits = self.fast(self.last[:, 0], self.cache, hi, max(self.length[:hi]) + 1)
@@ -428,9 +609,11 @@ class Batch:
                 self.decode, self.cache.lengths, self.cache._step = self.model, lengths, None
         return self._logits(self.model, self.last[:hi], 0, hi, mask, known)
 
-    def _sample(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, a: int, b: int, first: bool = False) -> torch.Tensor:
         logits = logits[:, : self.vocab].float()
         seqs = self.seqs[a:b]
+        if first and any(s is not None and s.healing is not None for s in seqs):
+            logits = self._healed(logits, seqs)
         if self.seen is not None and any(s is not None and s.params.repetition_penalty != 1.0 for s in seqs):
             p = self.penalty[a:b, None]
             logits = torch.where(self.seen[a:b], torch.where(logits > 0, logits / p, logits * p), logits)
@@ -441,6 +624,19 @@ class Batch:
             draws = draws.pin_memory()
         return sample_next(logits, self.temperature[a:b], self.top_k[a:b], self.top_p[a:b], uniform=draws,
                            sampling=True)
+
+    def _healed(self, logits: torch.Tensor, seqs: list[Sequence | None]) -> torch.Tensor:
+        """First-token logits with a healed row's tokens that do not extend its backed-off text
+        masked out (before penalties, temperature, top-k and top-p)."""
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            if s is not None and s.healing is not None:
+                allowed = torch.tensor([t for t in s.healing.allowed if t < self.vocab], dtype=torch.long)
+                if not len(allowed):
+                    continue
+                keep[i] = False
+                keep[i, allowed.to(self.device)] = True
+        return logits.masked_fill(~keep, float("-inf"))
 
     def _take(self, tokens: torch.Tensor, a: int, read: torch.Tensor | None = None) -> list | None:
         """Hand each row its sampled token; free the rows whose sequences end. The tokens are the
@@ -453,28 +649,38 @@ class Batch:
         tokens, extra = values[: b - a], (values[b - a :] if read is not None else None)
         now = time.perf_counter()
         for row, token in enumerate(tokens, start=a):
-            seq = self.seqs[row]
-            if seq is None:
-                continue
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            if token in self.stop_ids:
-                seq.stop_token, seq.ended_by = token, "end"
-                seq.finish("stop")
-            else:
-                seq.push(token)
-                if seq.finish_reason is None and len(seq.tokens) >= seq.budget:
-                    seq.context_ended = seq.budget < seq.params.max_new_tokens
-                    seq.finish("length")
-            if seq.finish_reason is not None:
-                self._free(row)
+            self._give(row, token, now)
         return extra
+
+    def _give(self, row: int, token: int, now: float) -> bool:
+        """Hand row `row`'s sequence (if any) its next token; free the row if that ends it.
+        Whether the sequence goes on."""
+        seq = self.seqs[row]
+        if seq is None:
+            return False
+        self.handed += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if token in self.stop_ids:
+            seq.stop_token, seq.ended_by = token, "end"
+            seq.finish("stop")
+        else:
+            seq.push(token)
+            if seq.finish_reason is None and len(seq.tokens) >= seq.budget:
+                seq.context_ended = seq.budget < seq.params.max_new_tokens
+                seq.finish("length")
+        if seq.finish_reason is not None:
+            self._free(row)
+            return False
+        return True
 
     def _free(self, row: int) -> None:
         self.seqs[row] = None
         self.length[row] = 0
         self.live[row] = 0
         self.cache.reset([row])
+        if self.drafter is not None:
+            self.drafter.length[row] = 0
 
     def idle_step(self) -> None:
         """A forward whose output is dropped: with sharded weights (or DDP's buffer broadcast) a rank

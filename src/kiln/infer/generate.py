@@ -41,7 +41,8 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
 
     `params`: one `SamplingParams` for all or one per prompt. `stop_ids`: tokens that end a row
     (recorded as `seq.stop_token`, not part of `seq.tokens`). `tokenizer`: needed for text
-    (`seq.text`, stop strings, `listener`); without it rows keep ids only. `vocab`: ids that may
+    (`seq.text`, stop strings, `listener`, token healing where `params.heal`: `seq.fed` is then the
+    prompt as prefilled); without it rows keep ids only. `vocab`: ids that may
     be sampled (the tokenizer's size by default; the model's padded rows past it never are).
     `until(i, tokens)`: row i is complete. `rows`: rows decoding at once (all by default).
     `inference=False` for a model in training (no `inference_mode` tensors); `ranks_in_step`: under
@@ -131,6 +132,8 @@ class Engine:
     chat: bool = False  # trained to answer in its chat format (`kiln.data.chat.speaks_chat`)
     workload: str = ""
     chat_format: ChatFormat | None = None  # its ids and chat template; None: kiln's format over `tokenizer`
+    draft: nn.Module | None = None  # a small model of the same tokenizer for speculative decoding (`add_draft`)
+    draft_tokens: int = 4  # tokens the draft proposes per round
 
     def __post_init__(self) -> None:
         if self.chat_format is None:
@@ -141,6 +144,21 @@ class Engine:
         """A run, checkpoint, quantized run or Hugging Face directory (`kiln.infer.load.load`)."""
         lm = load(spec, device, dtype, key=key)
         return cls(lm.model, lm.tokenizer, lm.device, chat=lm.chat, workload=lm.workload, chat_format=lm.chat_format)
+
+    def add_draft(self, spec: str | Path, tokens: int = 4, key: str = "serve.draft") -> None:
+        """Decode speculatively with the model at `spec` (e.g. the student `kiln distill` made of this
+        one) proposing `tokens` tokens a round (`kiln.infer.speculative`). The draft must share the
+        model's tokenizer (the same vocabulary, token for token) and be a plain model."""
+        from kiln.infer import decode
+
+        lm = load(spec, self.device, next(self.model.parameters()).dtype, key=key)
+        if lm.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise KilnError(f"{key}={spec}: its tokenizer differs from the served model's; a draft model must "
+                            "share the tokenizer (a student `kiln distill` made of this model does)")
+        if not decode.supports(lm.model) or not decode.supports(self.model):
+            raise KilnError(f"{key}={spec}: speculative decoding needs plain models on both sides (not quantized, "
+                            "not LoRA); serve a plain run or drop the draft")
+        self.draft, self.draft_tokens = lm.model, tokens
 
     @property
     def context(self) -> int:
@@ -154,11 +172,14 @@ class Engine:
         """A plain-text prompt: BOS (where the model's documents start with one) and the text's ids."""
         return self.chat_format.text_ids(prompt)
 
-    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False, warm: bool = True) -> Batch:
+    def new_batch(self, rows: int, max_len: int | None = None, compile: bool = False, warm: bool = True,
+                  prefix_cache_mb: float = 0.0) -> Batch:
         """A batch over this model; `warm=False` leaves the decode step's warm-up to `Batch.warm_up()`,
-        called by the thread that will step the batch."""
+        called by the thread that will step the batch; `prefix_cache_mb`: the budget of its cache of
+        recent prompt prefixes (`serve.prefix_cache_mb`; 0 = none)."""
         return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
-                     min(max_len or self.context, self.context), compile, warm=warm)
+                     min(max_len or self.context, self.context), compile, warm=warm, draft=self.draft,
+                     draft_tokens=self.draft_tokens, prefix_cache_mb=prefix_cache_mb)
 
     def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None,
                  chat: bool = False) -> list[str]:
@@ -168,7 +189,8 @@ class Engine:
 
         The whole prompt is always kept: one that leaves no room in the model's context is
         refused. Generation stops at `max_new_tokens`, an end token, or the context's end, which
-        is then noted in `self.notes` (and said by `kiln generate`), never silently.
+        is then noted in `self.notes` (and said by `kiln generate`), never silently. A text prompt
+        is healed (`sc.heal`, `kiln.infer.healing`); a chat prompt is taken as rendered.
         """
         ids = self.chat_format.prompt_ids(chat_messages(prompt, sc.system)) if chat else self.encode_prompt(prompt)
         self.notes = []
@@ -178,7 +200,8 @@ class Engine:
         budget = min(sc.max_new_tokens, self.context - len(ids))
         listener = (lambda seq, text: text and on_token(seq.tag, text)) if on_token else None
         params = [SamplingParams(sc.max_new_tokens, sc.temperature, sc.top_k, sc.top_p, sc.repetition_penalty,
-                                 f"{sc.seed}/{i}", tuple(sc.stop)) for i in range(sc.num_samples)]
+                                 f"{sc.seed}/{i}", tuple(sc.stop), heal=sc.heal and not chat)
+                  for i in range(sc.num_samples)]
         seqs = generate(self.model, [ids] * sc.num_samples, params, tokenizer=self.tokenizer, stop_ids=self.stop_ids,
                         listener=listener)
         if any(s.context_ended for s in seqs):

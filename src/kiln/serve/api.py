@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,19 +206,23 @@ async def read_json(request: Request, sv: ServeConfig) -> dict:
 class ServeState:
     """What the handlers share: the engine, its scheduler, the limits, and the HTTP counters."""
 
-    def __init__(self, engine: Engine, sv: ServeConfig, model_name: str, api_key: str) -> None:
-        self.engine, self.sv, self.model_name, self.api_key = engine, sv, model_name, api_key
+    def __init__(self, engine: Engine | Callable[[], Engine], sv: ServeConfig, model_name: str, api_key: str) -> None:
+        self.sv, self.model_name, self.api_key = sv, model_name, api_key
+        self._engine = engine  # or the function that loads it, on the scheduler's thread (`start`)
         self.created = int(time.time())
-        self.context = engine.context
-        self.max_prompt = min(sv.max_prompt_tokens or self.context - 1, self.context - 1)
         self.scheduler: Scheduler | None = None
         self.in_flight: dict[str, int] = {}  # requests in flight per API key (or client address)
         self.requests: dict[int, int] = {}  # responses by status code
         self.active_requests = 0
 
     def start(self) -> None:
-        self.scheduler = Scheduler(self.engine, self.sv.max_batch, self.sv.max_queue,
-                                   compile=use_compile(self.sv.compile, self.engine.device))
+        """Start the scheduler; given a loader, the model is loaded on the scheduler's thread."""
+        self.scheduler = Scheduler(self._engine, self.sv.max_batch, self.sv.max_queue,
+                                   compile=lambda engine: use_compile(self.sv.compile, engine.device),
+                                   prefix_cache_mb=self.sv.prefix_cache_mb)
+        self.engine = self.scheduler.engine
+        self.context = self.engine.context
+        self.max_prompt = min(self.sv.max_prompt_tokens or self.context - 1, self.context - 1)
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -266,20 +270,29 @@ def _usage(prompt_tokens: int, seqs: list[Sequence]) -> dict:
 
 
 class Generation:
-    """One request's sequences, their text arriving from the engine's thread through an asyncio queue."""
+    """One request's sequences, their text arriving from the engine's thread. Events wait in a
+    list and the event loop is woken once for however many arrived since it last looked (not once
+    per token): it shares the cores with decoding, and a wake-up per token costs a small model's
+    decode a measurable share of its speed."""
 
     def __init__(self, state: ServeState, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         self.state = state
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._pending: list[tuple[int, str, str | None, str | None]] = []
+        self._lock = threading.Lock()
         self.prompt_tokens = sum(len(p) for p in prompts)
         per_prompt = len(params) // len(prompts)
         self.seqs = [Sequence(prompts[i // per_prompt], p, state.engine.tokenizer, self._listen, tag=i)
                      for i, p in enumerate(params)]
 
     def _listen(self, seq: Sequence, text: str) -> None:  # on the engine's thread
+        with self._lock:
+            self._pending.append((seq.tag, text, seq.finish_reason, seq.error))
+            if len(self._pending) > 1:  # the loop has been woken for the first and has not looked yet
+                return
         with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (seq.tag, text, seq.finish_reason, seq.error))
+            self.loop.call_soon_threadsafe(self._arrived.set)
 
     def submit(self) -> None:
         try:
@@ -290,15 +303,20 @@ class Generation:
     def cancel(self) -> None:
         self.state.scheduler.cancel([s for s in self.seqs if s.finish_reason is None])
 
-    async def stream(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, text, finish reason or None) as they come, until every choice ends."""
+    async def stream(self) -> AsyncIterator[list[tuple[int, str, str | None]]]:
+        """Lists of (choice index, text, finish reason or None), as many as came since the last
+        list, until every choice ends."""
         left = len(self.seqs)
         while left:
-            index, text, reason, error = await self.events.get()
-            if reason == "error":
-                raise ApiError(500, error or "generation failed", code="server_error")
-            left -= reason is not None
-            yield index, text, reason
+            await self._arrived.wait()
+            self._arrived.clear()
+            with self._lock:
+                events, self._pending = self._pending, []
+            for _, _, reason, error in events:
+                if reason == "error":
+                    raise ApiError(500, error or "generation failed", code="server_error")
+                left -= reason is not None
+            yield [(index, text, reason) for index, text, reason, _ in events]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -361,13 +379,15 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def build_app(engine: Engine, sv: ServeConfig, model_name: str, api_key: str = "") -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the engine's scheduler."""
+def build_app(engine: Engine | Callable[[], Engine], sv: ServeConfig, model_name: str, api_key: str = "") -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine's scheduler (unless `app.state.kiln.start()`
+    already has) and stops it. `engine` may be a function that loads it (`ServeState`)."""
     state = ServeState(engine, sv, model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.start()
+        if state.scheduler is None:
+            state.start()
         try:
             yield
         finally:
@@ -499,10 +519,14 @@ def _params(state: ServeState, req, chat: bool, prompts: list[list[int]]) -> lis
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings of at most "
                             f"{MAX_STOP_CHARS} characters", param="stop")
     temperature = 1.0 if req.temperature is None else req.temperature
+    # token healing (serve.heal): text prompts of completions only; token ids, chat and scored
+    # (logprobs / echo) prompts are taken as sent
+    healed = [sv.heal and not chat and req.logprobs is None and t is not None for t in request_prompts(req, prompts)]
     return [SamplingParams(max_new_tokens=asked, temperature=temperature, top_k=req.top_k or 0,
                            top_p=1.0 if req.top_p is None else req.top_p,
                            repetition_penalty=req.repetition_penalty or 1.0,
-                           seed=None if req.seed is None else f"{req.seed}/{i}", stop=tuple(stop))
+                           seed=None if req.seed is None else f"{req.seed}/{i}", stop=tuple(stop),
+                           heal=healed[i // n])
             for i in range(n * len(prompts))]
 
 
@@ -590,9 +614,10 @@ async def _events(state: ServeState, gen: Generation, rid: str, chat: bool, incl
     try:
         if chat:
             yield chunk([choice(s.tag, None, None, role=True) for s in gen.seqs])
-        async for index, text, reason in gen.stream():
-            if text or reason:
-                yield chunk([choice(index, text, reason)])
+        async for events in gen.stream():  # what arrived together is written together
+            if pieces := "".join(chunk([choice(index, text, reason)]) for index, text, reason in events
+                                 if text or reason):
+                yield pieces
         if include_usage:
             yield chunk([], _usage(gen.prompt_tokens, gen.seqs))
     except ApiError as e:  # headers are gone: the error travels as an event, as OpenAI's does
@@ -634,9 +659,6 @@ def _echo_text(state: ServeState, seq: Sequence, text: str | None) -> str:
     return text if text is not None else _decode(state.engine.tokenizer, seq.prompt, False)
 
 
-_SCORING = threading.Lock()  # one scoring forward at a time beside the generation thread
-
-
 def _logprobs(state: ServeState, gen: Generation, chat: bool, top: int, echo: bool,
               texts: list[str | None]) -> list[dict]:
     """Each choice's log-probabilities under the model (before temperature, top_p, top_k and
@@ -655,16 +677,20 @@ def _logprobs(state: ServeState, gen: Generation, chat: bool, top: int, echo: bo
             while made and len(_decode(tok, made[:-1], False)) >= len(seq.text):
                 made.pop()
         ids = seq.prompt + made
-        with _SCORING, torch.inference_mode():
-            logits = eng.model(torch.tensor([ids], device=eng.device))[0, :-1, :vocab].float()
-            logp = torch.log_softmax(logits, -1)
-            first = 1 if echo else len(seq.prompt)
-            rows = logp[first - 1:]
-            chosen = rows.gather(-1, torch.tensor(ids[first:], device=rows.device)[:, None])[:, 0].tolist()
-            best_p, best_i = [[]] * len(chosen), [[]] * len(chosen)
-            if top:
+        first = 1 if echo else len(seq.prompt)
+
+        def score(ids=ids, first=first) -> tuple[list[float], list[list[float]], list[list[int]]]:
+            with torch.inference_mode():
+                logits = eng.model(torch.tensor([ids], device=eng.device))[0, :-1, :vocab].float()
+                rows = torch.log_softmax(logits, -1)[first - 1:]
+                chosen = rows.gather(-1, torch.tensor(ids[first:], device=rows.device)[:, None])[:, 0].tolist()
+                if not top:
+                    return chosen, [[]] * len(chosen), [[]] * len(chosen)
                 best = rows.topk(top, -1)
-                best_p, best_i = best.values.tolist(), best.indices.tolist()
+                return chosen, best.values.tolist(), best.indices.tolist()
+
+        # on the engine's thread, between steps: one thread pool in the process (kiln.serve.scheduler)
+        chosen, best_p, best_i = state.scheduler.call(score).result()
         scored = ids[first:]
         if echo:
             scored, chosen, best_p, best_i = ids, [None, *chosen], [[], *best_p], [[], *best_i]
@@ -762,7 +788,8 @@ class Server:
     """A running API server: `Server(engine, sv, name).start()` serves from a thread (tests,
     benchmarks); `run()` serves in this thread until SIGINT/SIGTERM (`kiln serve`)."""
 
-    def __init__(self, engine: Engine, sv: ServeConfig, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, engine: Engine | Callable[[], Engine], sv: ServeConfig, model_name: str,
+                 api_key: str | None = None) -> None:
         self.sv = sv
         self.api_key = resolve_api_key(sv) if api_key is None else api_key
         self.app = build_app(engine, sv, model_name, self.api_key)
@@ -812,10 +839,20 @@ class Server:
 def run_serve(cfg: Config) -> None:
     sv = cfg.serve
     key = resolve_api_key(sv)  # before loading anything: a refused exposure costs nothing
-    engine = Engine.from_run(cfg.out, cfg.device, sv.dtype)
     name = sv.model_name or Path(cfg.out).resolve().name
-    server = Server(engine, sv, name, key)
-    print(f"kiln serve: model '{name}' on {server.url}/v1 ({engine.device}, batch of {sv.max_batch}, "
+    # The model is loaded on the engine's own thread, the one that steps it (kiln.serve.scheduler:
+    # one OpenMP pool in the process); started here, so a load that fails is one line, not a traceback.
+    def load() -> Engine:
+        engine = Engine.from_run(cfg.out, cfg.device, sv.dtype)
+        if sv.draft:
+            engine.add_draft(sv.draft, sv.draft_tokens)
+        return engine
+
+    server = Server(load, sv, name, key)
+    server.state.start()
+    engine = server.state.engine
+    draft = f", drafts by {sv.draft} ({sv.draft_tokens} a round)" if engine.draft is not None else ""
+    print(f"kiln serve: model '{name}' on {server.url}/v1 ({engine.device}, batch of {sv.max_batch}{draft}, "
           f"{'API key required' if key else 'no API key'}); Ctrl-C stops", flush=True)
     server.run()
     print("kiln serve: stopped", flush=True)

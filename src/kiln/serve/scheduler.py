@@ -2,9 +2,15 @@
 it, while request handlers submit, stream and cancel from other threads (continuous batching);
 and the counters `/metrics` reports.
 
-Everything that touches the model runs on the loop's thread, the decode step's warm-up
-(compiling it, and on CUDA recording its graphs, which torch keeps per thread) included; other
-threads only queue work under a lock. A failure inside a step ends the sequences it touched with
+Everything that touches the model runs on the loop's thread: loading it (when the scheduler is
+given a loader), the decode step's warm-up (compiling it, and on CUDA recording its graphs, which
+torch keeps per thread), every step, and other forwards a request needs (`call`, e.g. scoring
+log-probabilities), run between steps. Other threads only queue work under a lock. That keeps the
+process at one OpenMP thread pool: libgomp lets its idle workers spin between parallel regions
+(ready for the next op) only while the process's OpenMP threads, summed over every OS thread that
+ever ran a parallel region, fit the CPUs; a second pool (a model loaded on the main thread and
+stepped on this one, a forward on an HTTP worker thread) puts every worker to sleep between ops,
+and a small model's decode, thousands of short ops per second, pays a wake-up for each. A failure inside a step ends the sequences it touched with
 an error and the loop goes on: no request can stop the server.
 """
 
@@ -15,6 +21,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
 from kiln.infer.engine import Sequence, ThreadState
 from kiln.infer.generate import Engine
@@ -55,19 +63,28 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Scheduler:
     """Owns the running batch and its thread. `submit(seqs)` queues sequences (all or none;
     `QueueFull` past `max_queue` waiting), `cancel(seqs)` takes them out at the next step (their
-    rows free at once), `wait(seqs)` blocks until they finish, `stop()` ends the loop.
+    rows free at once), `wait(seqs)` blocks until they finish, `call(fn)` runs `fn()` on the
+    loop's thread between steps, `stop()` ends the loop.
 
-    The constructor returns once the thread has warmed the decode step up (a warm-up that fails
-    is raised here, and the thread ends), so the first request does not pay for compiling."""
+    `engine` is an `Engine`, or a function that loads one: then it is loaded on the loop's thread
+    (what `kiln serve` does; see the module's note on thread pools). `compile` is a bool or a
+    function of the loaded engine. The constructor returns once the thread has loaded the engine
+    and warmed the decode step up (a load or warm-up that fails is raised here, and the thread
+    ends), so the first request does not pay for compiling. `prefix_cache_mb`: the batch keeps the
+    keys and values of recent prompt prefixes in this many MiB (`serve.prefix_cache_mb`; 0 = none)."""
 
-    def __init__(self, engine: Engine, max_batch: int, max_queue: int, max_len: int | None = None,
-                 compile: bool = False, window_s: float = 10.0) -> None:
-        self.engine = engine
-        self.batch = engine.new_batch(max_batch, max_len, compile, warm=False)  # warmed on the loop's thread
+    def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int, max_queue: int,
+                 max_len: int | None = None, compile: bool | Callable[[Engine], bool] = False,
+                 window_s: float = 10.0, prefix_cache_mb: float = 0.0) -> None:
+        self.engine: Engine | None = engine if isinstance(engine, Engine) else None
+        self._load = None if self.engine is not None else engine
+        self._batch_args = (max_batch, max_len, compile)
+        self._prefix_cache_mb = prefix_cache_mb
         self.max_queue = max_queue
         self.waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._cancelled: list[Sequence] = []
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._stopping = False
         # counters for /metrics
         self.prompt_tokens = 0
@@ -127,6 +144,19 @@ class Scheduler:
         with self._cond:
             return self._cond.wait_for(lambda: all(s.finish_reason is not None for s in seqs), timeout)
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the loop's thread before its next step; the future holds what it returns
+        or raises (`asyncio.wrap_future` awaits it). A forward that is not generation (scoring a
+        prompt's log-probabilities) runs here rather than on the caller's thread, so the process
+        keeps one thread pool and the batch is never stepped meanwhile."""
+        done: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            self._calls.append((fn, done))
+            self._cond.notify_all()
+        return done
+
     def tokens_per_s(self) -> float:
         """Generated tokens per second over the last `window_s` seconds."""
         now = time.perf_counter()
@@ -143,11 +173,17 @@ class Scheduler:
 
     # ---- the loop's thread -------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._stopping or self.waiting or self._cancelled or self.batch.running)
+        return bool(self._stopping or self.waiting or self._cancelled or self._calls or self.batch.running)
 
     def _run(self) -> None:
         try:
             self._thread_state.apply()  # the creating thread's thread count, grad mode off
+            if self.engine is None:
+                self.engine = self._load()
+            rows, max_len, compile = self._batch_args
+            if callable(compile):
+                compile = compile(self.engine)
+            self.batch = self.engine.new_batch(rows, max_len, compile, warm=False, prefix_cache_mb=self._prefix_cache_mb)
             self.batch.warm_up()  # on this thread, which steps the batch from now on
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._failed = e
@@ -164,15 +200,26 @@ class Scheduler:
                     for s in [*self.waiting, *self.batch.running]:
                         self.batch.remove(s, "cancelled")
                     self.waiting.clear()
+                    for _, done in self._calls:
+                        done.set_exception(QueueFull("the server is shutting down"))
+                    self._calls.clear()
                     self._cond.notify_all()
                     return
+                calls, self._calls = self._calls, deque()
                 cancelled, self._cancelled = self._cancelled, []
                 for s in cancelled:
                     if s in self.waiting:
                         self.waiting.remove(s)
                     self.batch.remove(s, "cancelled")
                 admit = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batch.free_rows()))]
+            for fn, done in calls:
+                if done.set_running_or_notify_cancel():
+                    try:
+                        done.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - the caller's to raise
+                        done.set_exception(e)
             before = self.batch.running
+            handed = self.batch.handed
             try:
                 if admit:
                     self.batch.add(admit)
@@ -182,7 +229,7 @@ class Scheduler:
                 stepped = len(self.batch.running)
                 if stepped:
                     self.batch.step()
-                produced = len(admit) + stepped
+                produced = self.batch.handed - handed  # a speculative step hands a row several
             except Exception as e:  # noqa: BLE001 - a failed step ends its sequences, never the server
                 log.exception("generation step failed")
                 for s in {*admit, *before, *self.batch.running}:
@@ -205,6 +252,15 @@ class Scheduler:
             if ended:
                 self._cond.notify_all()
 
+    def _draft_lines(self) -> list[str]:
+        drafter = self.batch.drafter
+        if drafter is None:
+            return []
+        return ["# HELP kiln_draft_tokens_proposed_total Tokens the draft model proposed (speculative decoding).",
+                "# TYPE kiln_draft_tokens_proposed_total counter", f"kiln_draft_tokens_proposed_total {drafter.proposed}",
+                "# HELP kiln_draft_tokens_accepted_total Proposed tokens the served model kept.",
+                "# TYPE kiln_draft_tokens_accepted_total counter", f"kiln_draft_tokens_accepted_total {drafter.accepted}"]
+
     def metrics(self) -> list[str]:
         """Prometheus text lines for the engine's state and counters."""
         lines = [
@@ -218,6 +274,11 @@ class Scheduler:
             "# TYPE kiln_tokens_per_second gauge", f"kiln_tokens_per_second {self.tokens_per_s():.3f}",
             "# HELP kiln_prompt_tokens_total Prompt tokens prefilled.",
             "# TYPE kiln_prompt_tokens_total counter", f"kiln_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP kiln_prompt_tokens_cached_total Prompt tokens whose keys and values were copied from a shared "
+            "prefix (the prefix cache, or a prompt of the same admission) instead of prefilled.",
+            "# TYPE kiln_prompt_tokens_cached_total counter",
+            f"kiln_prompt_tokens_cached_total {self.batch.prompt_tokens_reused}",
+            *self._draft_lines(),
             "# HELP kiln_generated_tokens_total Tokens generated.",
             "# TYPE kiln_generated_tokens_total counter", f"kiln_generated_tokens_total {self.generated_tokens}",
             "# HELP kiln_sequences_finished_total Sequences finished, by reason.",

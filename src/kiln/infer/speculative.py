@@ -1,0 +1,206 @@
+"""Speculative decoding: a small draft model of the same tokenizer (the student `kiln distill`
+makes) proposes `k` tokens for each running row, one cheap step at a time, and the served model
+checks all of them in one forward over `k + 1` positions; every row keeps the drafted tokens up
+to the first its model disagrees with, plus one token of the model's own, so each round yields
+1 to k + 1 tokens for one forward of the big model.
+
+The rule that decides (Leviathan et al. 2023; Chen et al. 2023) keeps the output distributed
+exactly as the model's own sampling: drafted token d, drawn from the draft's distribution q (after
+the row's temperature, top-k and top-p), is kept with probability min(1, p(d) / q(d)) under the
+model's p; at the first refusal the row's token is drawn from max(0, p - q), renormalised; when
+all k are kept, one more comes from p at the last position. At temperature 0 both distributions
+are one-hot, so a drafted token is kept exactly when it is the model's argmax, and the output is
+the model's greedy output token for token.
+
+Each row's cache (the model's and the draft's) then keeps the positions of the tokens that were
+accepted; the slots past them hold refused drafts, which the next forward overwrites (a row sees
+its own slots only up to its length). Rows whose sequences end mid-round (an end token, a stop
+string, the budget) free their rows as in a plain step. A round is only taken while every
+running row has room for k + 1 more positions, no row uses a repetition penalty (its counts
+would change with every kept token), and at most `MAX_ROWS` rows run (verifying k + 1 tokens for
+a full batch costs more compute than it saves); otherwise the batch takes a plain step. The
+draft's cache catches up lazily: at the start of a round, each row's tokens the draft has not
+read yet (a new prompt, the tokens of plain steps) are read in one forward per run of rows, so
+plain steps and prefills cost the draft nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from kiln.infer import decode
+from kiln.infer.engine import Batch, _RowView, sample_next, sampling_probs
+from kiln.model.transformer import KVCache
+
+MAX_ROWS = 4  # speculate while at most this many rows run; a fuller batch is compute-bound
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, draws: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The acceptance rule, for R rows of k drafted tokens: `p` (R, k + 1, V) the model's sampling
+    distributions at each drafted position and one past them, `q` (R, k, V) the draft's, `drafted`
+    (R, k) the drafted tokens (drawn from q), `draws` (R, k + 1) uniform in [0, 1). Returns (kept,
+    token): how many drafted tokens each row keeps (drafted token i is kept with probability
+    min(1, p_i(d) / q_i(d)), the first refusal ends the row's run) and the row's next token (drawn
+    from max(0, p - q) renormalised at the refusal, from p past the last draft when all are kept)."""
+    r, k = drafted.shape
+    rows = torch.arange(r, device=p.device)
+    p_d = p[:, :k].gather(-1, drafted[..., None])[..., 0]
+    q_d = q.gather(-1, drafted[..., None])[..., 0]
+    keep = draws[:, :k] * q_d < p_d  # never where p = 0
+    kept = keep.long().cumprod(1).sum(1)
+    at = kept.clamp(max=k - 1)
+    residual = (p[rows, at] - q[rows, at]).clamp(min=0)
+    final = torch.where((kept < k)[:, None], residual, p[:, k])
+    final = torch.where(final.sum(-1, keepdim=True) > 0, final, p[rows, kept])  # p = q exactly: nothing left over
+    cdf = final.cumsum(-1)
+    pick = torch.searchsorted(cdf, draws[:, k:] * cdf[:, -1:], right=True)
+    return kept, pick[:, 0].clamp(max=final.shape[-1] - 1)
+
+
+class Drafter:
+    """The draft model of a `Batch`: its own KV cache over the batch's rows and `step(hi)`, one
+    speculative round for rows 0..hi-1. `length[row]`: the tokens of the row the draft has read
+    (behind the batch's after a prefill or plain steps, caught up at the next round). Counts
+    `proposed` and `accepted` drafted tokens and `rounds`."""
+
+    def __init__(self, draft: nn.Module, batch: Batch, k: int, compile: bool) -> None:
+        cfg = getattr(draft, "cfg", None)
+        if not decode.supports(draft):
+            raise ValueError("the draft model must be a plain (not quantized, not LoRA) kiln decoder")
+        if cfg.vocab_size < batch.vocab:
+            raise ValueError(f"the draft model's vocabulary ({cfg.vocab_size}) is smaller than the model's "
+                             f"tokenizer ({batch.vocab}); the draft must share the model's tokenizer")
+        if k < 1:
+            raise ValueError(f"draft_tokens must be at least 1, not {k}")
+        p = next(draft.parameters())
+        if p.device != batch.device:
+            raise ValueError(f"the draft model is on {p.device}, the model on {batch.device}")
+        self.model, self.batch, self.k = draft, batch, k
+        self.cache = KVCache(cfg, batch.rows, batch.max_len, device=p.device, dtype=p.dtype)
+        self.length = [0] * batch.rows
+        self.max_len = min(batch.max_len, cfg.max_seq_len)  # the draft's positions end at its own context
+        self.fast = decode.decode_step(draft, compile)
+        self.proposed = self.accepted = self.rounds = 0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the model kept."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def warm_up(self) -> None:
+        self.fast.warm_up(self.cache)
+
+    def _catch_up(self, hi: int) -> None:
+        """Read into the draft's cache each row's tokens it has not read: the ids the batch's cache
+        holds for the row (the prompt it was fed, then its output but the newest token, which is `last`)."""
+        b = self.batch
+        behind = [r for r in range(hi) if b.seqs[r] is not None and self.length[r] < b.length[r]]
+        runs: list[list[int]] = []
+        for r in behind:
+            if runs and runs[-1][-1] == r - 1:
+                runs[-1].append(r)
+            else:
+                runs.append([r])
+        for run in runs:
+            a, z = run[0], run[-1] + 1
+            gaps = [(b.seqs[r].fed + b.seqs[r].tokens)[self.length[r] : b.length[r]] for r in run]
+            t = max(len(g) for g in gaps)
+            ids = torch.zeros(len(run), t, dtype=torch.long)
+            mask = torch.zeros(len(run), t, dtype=torch.long)
+            for i, g in enumerate(gaps):
+                ids[i, : len(g)] = torch.tensor(g)
+                mask[i, : len(g)] = 1
+            view = _RowView(self.cache, a, z).known(self.length[a:z])
+            self.model(ids.to(b.device), cache=view, return_hidden=True,
+                       attention_mask=mask.to(b.device) if len(run) > 1 else None)
+            for r in run:
+                self.length[r] = b.length[r]
+        self.cache.lengths[:hi] = torch.tensor(self.length[:hi], device=b.device)
+
+    def _draft_logits(self, tokens: torch.Tensor, hi: int, used: int) -> torch.Tensor:
+        """The draft's logits (hi, V) for one token per row at each row's length; advances live rows."""
+        full = torch.zeros(self.cache.batch, dtype=torch.long, device=tokens.device)
+        full[:hi] = tokens
+        logits = self.fast(full, self.cache, hi, used)
+        self.cache.lengths[:hi] += self.batch.live[:hi]
+        return logits[:, : self.batch.vocab].float()
+
+    def step(self, hi: int) -> bool:
+        """One speculative round for rows 0..hi-1, or False (nothing done) where a plain step is due."""
+        b, k = self.batch, self.k
+        seqs = b.seqs[:hi]
+        running = [s for s in seqs if s is not None]
+        if len(running) > MAX_ROWS or any(s.params.repetition_penalty != 1.0 for s in running):
+            return False
+        if max(b.length[:hi]) + k + 1 > self.max_len:
+            return False
+        temperature, top_k, top_p = b.temperature[:hi], b.top_k[:hi], b.top_p[:hi]
+        sampling = any(s.params.temperature > 0 for s in running)
+        # draws in [0, 1) from each row's own generator: k for drafting, k for accepting, 1 for the last token
+        draws = torch.tensor([[s.rng.random() if s is not None and s.params.temperature > 0 else 0.0
+                               for _ in range(2 * k + 1)] for s in seqs], device=b.device) if sampling else None
+
+        # 1. draft k tokens per row, one step each, then one more step so the cache holds the k-th
+        self._catch_up(hi)
+        start = max(b.length[:hi])
+        token = b.last[:hi, 0]
+        drafted, q = [], []
+        for i in range(k + 1):
+            logits = self._draft_logits(token, hi, start + i + 1)
+            if i == k:
+                break
+            if sampling:
+                q.append(sampling_probs(logits, temperature, top_k, top_p))
+                token = sample_next(logits, temperature, top_k, top_p, uniform=draws[:, i], sampling=True)
+            else:
+                token = logits.argmax(-1)
+            drafted.append(token)
+        drafted_ids = torch.stack(drafted, 1)  # (hi, k)
+
+        # 2. the model's logits at all k + 1 positions, in one forward
+        ids = torch.cat([b.last[:hi], drafted_ids], 1)
+        view = b._view(0, hi).known(b.length[:hi])
+        with b._eager():
+            logits = b.core.logits(b.model(ids, cache=view, attention_mask=None, return_hidden=True))
+        if view is not b.cache:
+            b.cache.lengths[:hi] = view.lengths
+        logits = logits[:, :, : b.vocab].float()  # (hi, k + 1, V)
+
+        # 3. how many drafted tokens each row keeps, and its own next token
+        if sampling:
+            p = sampling_probs(logits.reshape(hi * (k + 1), -1), temperature.repeat_interleave(k + 1),
+                               top_k.repeat_interleave(k + 1), top_p.repeat_interleave(k + 1)).view(hi, k + 1, -1)
+            n, token = accept(p, torch.stack(q, 1), drafted_ids, draws[:, k:])
+        else:
+            best = logits.argmax(-1)  # (hi, k + 1)
+            n = (best[:, :k] == drafted_ids).long().cumprod(1).sum(1)
+            token = best[torch.arange(hi), n]
+        values = torch.cat([n, token, drafted_ids.reshape(-1)]).tolist()  # the round's one device read
+        kept, tokens, drafts = values[:hi], values[hi : 2 * hi], values[2 * hi :]
+
+        # 4. hand each row its tokens; rows that go on keep the cache positions of what they kept
+        now = time.perf_counter()
+        self.rounds += 1
+        lengths = []
+        for row in range(hi):
+            seq = seqs[row]
+            if seq is None:
+                lengths.append(0)
+                continue
+            self.proposed += k
+            self.accepted += kept[row]
+            out = [*drafts[row * k : row * k + kept[row]], tokens[row]]
+            going = all(b._give(row, t, now) for t in out)  # stops at the first token that ends it
+            if going:
+                b.length[row] += 1 + kept[row]
+                b.last[row, 0] = tokens[row]
+            lengths.append(b.length[row])
+        new = torch.tensor(lengths, device=b.device)
+        b.cache.lengths[:hi] = new
+        self.cache.lengths[:hi] = new
+        self.length[:hi] = lengths
+        return True
