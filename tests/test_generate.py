@@ -160,6 +160,13 @@ def test_speedrun_post_training_chain_reports_each_stage(tmp_path, corpus_dir, c
     assert models["student (distilled)"]["params"] < models["pretrained"]["params"]
     assert all(m["bpb"] > 0 and m["decode_tokens_per_s"] > 0 for m in models.values())
     assert "## Compression" in report and "| student (distilled) |" in report
+    plans = post[post.index("### Plan vs measured, every stage"):].split("\n\n")[2].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in plans] == ["[pretrain](./report.md)", "[SFT](sft/report.md)",
+                                                            "[DPO](dpo/report.md)", "[GRPO](rl/report.md)",
+                                                            "[distill](student/report.md)"]
+    for row in plans:  # predicted / measured and the error of memory, step time and tokens/s, for every stage
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert all(" / " in c and "–" not in c for c in cells[0:6:2]) and all(c.endswith("%") for c in cells[1:6:2]), row
     capsys.readouterr()
     assert kiln(*args, "speedrun.stages=sft,dpo") == 0  # a rerun keeps the finished stages
     assert capsys.readouterr().out.count("already holds its final checkpoint") == 2

@@ -335,6 +335,11 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
         grpo = [r for r in trained if r["stage"] == "rl" and (Path(r["out"]) / "rl_reward.png").is_file()]
         if grpo:
             lines += [f"![GRPO: rollout and held-out reward]({_rel(out, grpo[0]['out'])}/rl_reward.png)", ""]
+    from kiln.train.report import plan_vs_measured_table
+
+    runs = [("pretrain", out, ".")] + [(STAGE_TITLES.get(r["stage"], r["stage"]), Path(r["out"]), str(_rel(out, r["out"])))
+                                       for r in rows if r["stage"] in ("sft", "dpo", "rl", "distill")]
+    lines += plan_vs_measured_table(runs)
     if models:
         from kiln.eval.compare import format_rows
 

@@ -80,6 +80,41 @@ def _usd(x: float) -> str:
     return f"${x:,.2f}" if x >= 0.01 else f"${x:.2g}"
 
 
+def plan_vs_measured_table(runs: list[tuple[str, Path, str]]) -> list[str]:
+    """One "Plan vs measured" table over several runs (the speedrun's stages): for each, what the
+    planner predicted before its first step and what it measured, peak memory, step time and
+    tokens/s, with the error (predicted / measured − 1); a run without a plan_vs_run.json is left out.
+    `runs`: (name, run directory, its path relative to the report, for the link to its own report)."""
+    rows = []
+    for name, run, link in runs:
+        try:
+            data = json.loads((run / PLAN_VS_RUN).read_text())
+        except (OSError, ValueError):
+            continue
+        p, m, err = data.get("predicted"), data.get("measured") or {}, data.get("error") or {}
+        if not p:
+            rows.append(f"| [{name}]({link}/report.md) | no prediction: {data.get('no_prediction') or 'not modelled'} "
+                        "| | | | | | |")
+            continue
+
+        def cell(key: str, fmt, p=p, m=m, err=err) -> str:
+            got, e = m.get(key), err.get(key)
+            return f"{fmt(p[key])} / {fmt(got) if got else '–'} | {f'{e:+.0%}' if e is not None else '–'}"
+
+        mfu = f"{m['mfu']:.1%}" if m.get("mfu") and not m.get("mfu_unreliable") else "–"
+        rows.append(f"| [{name}]({link}/report.md) | {cell('peak_memory_bytes', _bytes)} | "
+                    f"{cell('step_seconds', _seconds)} | {cell('tokens_per_s', lambda x: f'{x:,.0f}')} | {mfu} |")
+    if not rows:
+        return []
+    return ["### Plan vs measured, every stage", "",
+            "Each training run asked the planner (`kiln plan`) about itself before its first step; predicted / "
+            "measured, and the error (predicted / measured − 1). Step time and tokens/s are predicted at the "
+            "assumed MFU (`kiln plan … calibrate=RUN` uses a run's measured one); the memory model is the "
+            "planner's own, checked here on every workload.", "",
+            "| run | peak memory | error | step time | error | tokens/s | error | measured MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def plan_vs_measured(run: Path) -> list[str]:
     """The "Plan vs measured" lines of a run's report, from its plan_vs_run.json (nothing without one)."""
     path = run / PLAN_VS_RUN
