@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also kiln plain and drafted with compiled decode steps "
+                                                           "(serve.compile=on; ~30 s cold per model on CPU)")
     args = ap.parse_args()
     run = Path(args.run)
     draft_run = Path(args.draft) if args.draft else run / "student"
@@ -76,6 +78,11 @@ def main() -> None:
     contenders = {"kiln plain": lambda ids: kiln_generate(engine, ids, 1, new)}
     for k in ks:
         contenders[f"kiln draft k={k}"] = lambda ids, k=k: kiln_generate(engine, ids, 1, new, draft=draft, k=k)
+    if args.compile:
+        contenders["kiln plain compiled"] = lambda ids: kiln_generate(engine, ids, 1, new, compile=True)
+        for k in ks:
+            contenders[f"kiln draft k={k} compiled"] = lambda ids, k=k: kiln_generate(engine, ids, 1, new, True,
+                                                                                    draft=draft, k=k)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_transformers:
             from transformers import LlamaForCausalLM

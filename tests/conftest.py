@@ -84,3 +84,15 @@ def check_plan_vs_run(run: Path, partial: bool = False, predicted: bool = True) 
     assert bool(data["partial"]) == partial, data["partial"]
     assert ("**partial prediction**" in report) == partial
     return data
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group: what code that runs under torch.distributed needs, in a test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -161,17 +161,6 @@ def test_decoding_reads_the_device_once_per_step(how):
     assert long - short == 8, (short, long)
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ranks_stepping_together_read_the_device_once_per_step(one_rank_group):
     """GRPO's and on-policy distillation's rollouts (`ranks_in_step`): whether any rank still has
     rows to decode is all-reduced every step and read with the step's tokens, not on its own."""

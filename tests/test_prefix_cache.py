@@ -231,17 +231,6 @@ def test_a_batch_for_a_model_in_training_keeps_no_prefix_cache():
     assert [s.tokens for s in trained] == [s.tokens for s in plain]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_wrapped_policy_makes_as_many_forwards_whatever_its_prompts_share(one_rank_group):
     """Ranks of a DDP or FSDP2 policy join each other's forwards: how many `add` makes may not
     depend on what a rank's prompts share. The tokens are those of the plain model."""

@@ -356,9 +356,9 @@ def post_training_lines(out: Path, rows: list[dict], serving: dict | None, model
     if serving:
         lines += ["## Serving", "",
                   f"The pretrained model through kiln's engine (`kiln serve` uses the same), greedy, "
-                  f"{serving['queries']} report prompts × up to the recipe's `sample.max_new_tokens`, on the "
-                  "scheduler's generation thread, sampling and text streaming included (so slower per token than "
-                  "the model's bare decode):", "",
+                  f"{serving['queries']} report prompts × up to the recipe's `sample.max_new_tokens`, in a fresh "
+                  "process as `kiln serve` runs it (its engine thread loads and decodes the model), sampling and "
+                  "text streaming included:", "",
                   f"- alone (one query at a time): median time to first token **{1000 * serving['ttft_s']:.0f} ms**, "
                   f"latency **{1000 * serving['latency_s']:.0f} ms** per query, "
                   f"{serving['decode_tokens_per_s']:.0f} decode tokens/s",

@@ -254,8 +254,8 @@ class ThreadState:
     record a graph), and the intra-op thread count is OpenMP's and MKL's per-thread setting (torch
     re-applies its own last `torch.set_num_threads` in a new thread, but not a count set through
     OpenMP or MKL directly). `apply` sets the count and turns grad mode off for the rest of the
-    thread's life. (Measured on `make demo`'s model, a step on the scheduler's thread runs at the
-    main thread's speed: 0.98x, `bench/serve.py`.)"""
+    thread's life. A thread that only steps a model another thread loaded still runs slower on a
+    small model: see `kiln.serve.scheduler` on OpenMP's thread pools (load it on the stepping thread)."""
 
     num_threads: int
 

@@ -144,15 +144,13 @@ class Drafter:
         draws = torch.tensor([[s.rng.random() if s is not None and s.params.temperature > 0 else 0.0
                                for _ in range(2 * k + 1)] for s in seqs], device=b.device) if sampling else None
 
-        # 1. draft k tokens per row, one step each, then one more step so the cache holds the k-th
+        # 1. draft k tokens per row, one step each (the k-th is read by the draft after step 3, if kept)
         self._catch_up(hi)
         start = max(b.length[:hi])
         token = b.last[:hi, 0]
         drafted, q = [], []
-        for i in range(k + 1):
+        for i in range(k):
             logits = self._draft_logits(token, hi, start + i + 1)
-            if i == k:
-                break
             if sampling:
                 q.append(sampling_probs(logits, temperature, top_k, top_p))
                 token = sample_next(logits, temperature, top_k, top_p, uniform=draws[:, i], sampling=True)
@@ -181,6 +179,8 @@ class Drafter:
             token = best[torch.arange(hi), n]
         values = torch.cat([n, token, drafted_ids.reshape(-1)]).tolist()  # the round's one device read
         kept, tokens, drafts = values[:hi], values[hi : 2 * hi], values[2 * hi :]
+        if any(kept[r] == k for r in range(hi) if seqs[r] is not None):  # the draft has not read its k-th yet
+            self._draft_logits(drafted_ids[:, -1], hi, start + k + 1)
 
         # 4. hand each row its tokens; rows that go on keep the cache positions of what they kept
         now = time.perf_counter()

@@ -3,8 +3,10 @@ alone, throughput of all together through the continuous batcher, and the cost p
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 from kiln.config import Config
@@ -18,16 +20,28 @@ def measure_serving(run_dir: str | Path, cfg: Config, prompts: list[str] | None 
     """Serving figures for a run (for `kiln speedrun`'s report): each prompt alone (time to first
     token, latency and decode tokens/s per query), then all together through the continuous
     batcher (tokens/s), and the cost per query and per million generated tokens at
-    `serve.usd_per_hour`."""
+    `serve.usd_per_hour`.
+
+    Measured in a fresh process that loads, steps and samples the model on its engine thread, as
+    `kiln serve` does: a process that has trained (the speedrun's) keeps an OpenMP thread pool on
+    its main thread, beside which a small model decodes on another thread at about half its speed
+    (`kiln.serve.scheduler`), a figure no server would show."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (str(run_dir), cfg, prompts))
+
+
+def _measure(run_dir: str, cfg: Config, prompts: list[str] | None) -> dict:
     sv = cfg.serve
-    engine = Engine.from_run(run_dir, cfg.device, sv.dtype)
     prompts = prompts or list(cfg.sample.report_prompts)
     params = SamplingParams(max_new_tokens=cfg.sample.max_new_tokens, temperature=0.0)
+    load = partial(Engine.from_run, run_dir, cfg.device, sv.dtype)
+    with Scheduler(load, max_batch=max(len(prompts), 1), max_queue=len(prompts)) as sched:
+        engine = sched.engine
 
-    def one(prompt: str) -> Sequence:
-        return Sequence(engine.encode_prompt(prompt)[: engine.context - 1], params, engine.tokenizer)
+        def one(prompt: str) -> Sequence:
+            return Sequence(engine.encode_prompt(prompt)[: engine.context - 1], params, engine.tokenizer)
 
-    with Scheduler(engine, max_batch=max(len(prompts), 1), max_queue=len(prompts)) as sched:
         alone = []
         for prompt in prompts:
             seq = one(prompt)
