@@ -99,10 +99,11 @@ def plan_vs_measured_table(runs: list[tuple[str, Path, str]]) -> list[str]:
 
         def cell(key: str, fmt, p=p, m=m, err=err) -> str:
             got, e = m.get(key), err.get(key)
-            return f"{fmt(p[key])} / {fmt(got) if got else '–'} | {f'{e:+.0%}' if e is not None else '–'}"
+            return f"{fmt(p[key])} / {fmt(got) if got else '–'} | {f'{e:+.1%}' if e is not None else '–'}"
 
         mfu = f"{m['mfu']:.1%}" if m.get("mfu") and not m.get("mfu_unreliable") else "–"
-        rows.append(f"| [{name}]({link}/report.md) | {cell('peak_memory_bytes', _bytes)} | "
+        partial = " (partial¹)" if data.get("partial") else ""
+        rows.append(f"| [{name}]({link}/report.md){partial} | {cell('peak_memory_bytes', _bytes)} | "
                     f"{cell('step_seconds', _seconds)} | {cell('tokens_per_s', lambda x: f'{x:,.0f}')} | {mfu} |")
     if not rows:
         return []
@@ -112,7 +113,9 @@ def plan_vs_measured_table(runs: list[tuple[str, Path, str]]) -> list[str]:
             "assumed MFU (`kiln plan … calibrate=RUN` uses a run's measured one); the memory model is the "
             "planner's own, checked here on every workload.", "",
             "| run | peak memory | error | step time | error | tokens/s | error | measured MFU |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] + (
+        ["¹ the run does work the planner does not model (a teacher's forward, rollouts): its own report says "
+         "what; its figures are for the modelled part.", ""] if any("(partial¹)" in r for r in rows) else [])
 
 
 def plan_vs_measured(run: Path) -> list[str]:
