@@ -176,15 +176,24 @@ def plot(path: Path, result: dict) -> bool:
     law = Law.from_dict(result["fit"]["law"])
     widths = sorted({p["width"] for p in result["points"]})
     curves = []
-    for w in widths:
+    for i, w in enumerate(widths):  # a width's runs and its fitted curve in one colour
         mine = sorted((p for p in result["points"] if p["width"] == w and not p["held_out"]), key=lambda p: p["compute"])
-        curves.append((f"d_model {w}", [(p["compute"], p["bpb"]) for p in mine], True))
+        curves.append((f"d_model {w}", [(p["compute"], p["bpb"]) for p in mine], True, {"color": f"C{i}", "ls": ""}))
         ref = next(p for p in result["points"] if p["width"] == w)
         ds = [min(p["tokens"] for p in result["points"]) * 2 ** (k / 2) for k in range(-2, 16)]
         curves.append((f"fit, d_model {w}", [(6 * ref["params"] * d, float(law.loss(ref["params"], d))) for d in ds
-                                             if 6 * ref["params"] * d <= result["frontier"][-1]["compute"]], False))
-    curves.append(("compute-optimal frontier", [(f["compute"], f["bpb"]) for f in result["frontier"]], False))
+                                             if 6 * ref["params"] * d <= result["frontier"][-1]["compute"]], False,
+                       {"color": f"C{i}", "ls": "--"}))
+    curves.append(("compute-optimal frontier", [(f["compute"], f["bpb"]) for f in result["frontier"]], False,
+                   {"color": "black", "ls": ":"}))
     h = next(p for p in result["points"] if p["held_out"])
-    curves.append((f"held out ({h['name']})", [(h["compute"], h["bpb"])], True))
+    held = result.get("held_out") or {}
+    if held.get("forecast") is not None and held.get("interval"):
+        lo, hi = held["interval"]
+        curves.append((f"forecast of {h['name']}, 90% interval", [(h["compute"], lo), (h["compute"], held["forecast"]),
+                                                                  (h["compute"], hi)], True,
+                       {"color": "gray", "marker": "_", "markersize": 14}))
+    curves.append((f"held out ({h['name']}), measured", [(h["compute"], h["bpb"])], True,
+                   {"color": "red", "marker": "*", "markersize": 12, "ls": ""}))
     return plot_over_steps(path, curves, "validation bits/byte", "scaling ladder", xlabel="training FLOPs (6·N·D)",
                            logx=True, size=(8, 5))

@@ -51,8 +51,9 @@ def plot_over_steps(path: Path, curves: list[tuple[str, list[tuple[float, float]
                     size: tuple[float, float] = (7, 4), ylim: tuple[float, float] | None = None,
                     xlabel: str = "step", logx: bool = False) -> bool:
     """A PNG of figures against training step (or `xlabel`, on a log axis with `logx`), one curve per
-    (label, [(step, value)], evaluation?): training curves as thin lines, evaluations as points
-    joined by lines. False when nothing to plot."""
+    (label, [(step, value)], evaluation?[, matplotlib style]): training curves as thin lines,
+    evaluations as points joined by lines; a style dict (color, linestyle, marker) overrides. False
+    when nothing to plot."""
     curves = [c for c in curves if c[1]]
     if not curves:
         return False
@@ -62,8 +63,9 @@ def plot_over_steps(path: Path, curves: list[tuple[str, list[tuple[float, float]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=size)
-    for label, points, evaluation in curves:
-        ax.plot(*zip(*points), label=label, **({"marker": "o"} if evaluation else {"lw": 1, "alpha": 0.8}))
+    for label, points, evaluation, *style in curves:
+        kw = {"marker": "o"} if evaluation else {"lw": 1, "alpha": 0.8}
+        ax.plot(*zip(*points), label=label, **{**kw, **(style[0] if style else {})})
     if logx:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, **({"ylim": ylim} if ylim else {}))
