@@ -862,3 +862,25 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(trained):
     with pytest.raises(KilnError, match=r"serve.draft=.*tokenizer differs from the served model's"):
         eng.add_draft(trained)
     assert eng.draft is None
+
+
+@pytest.mark.parametrize("interval", [0.0, 1000.0])
+def test_stream_interval_batches_writes_not_events(engine, interval):
+    """`serve.stream_interval_ms`: the tokens made within an interval go out in one write, each
+    still its own event; the first token goes out at once and the end is never held back."""
+    with serve(engine, stream_interval_ms=interval) as srv, httpx.Client(timeout=60) as c:
+        body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0, "stream": True}
+        whole = c.post(srv.url + "/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+        writes, text = [], ""
+        started = time.perf_counter()
+        with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+            for raw in r.iter_raw():
+                writes.append((time.perf_counter() - started, raw))
+        events = [json.loads(ln[6:]) for ln in b"".join(w for _, w in writes).decode().splitlines()
+                  if ln.startswith("data: {")]
+        text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == whole["text"] and events[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert len(events) >= 10  # a token (or a few characters) an event, whatever the interval
+    if interval:
+        assert len(writes) <= 4  # the first token; everything up to the end in one; [DONE]
+        assert b'"text":' in writes[0][1] and writes[0][0] < 0.9  # the first token was not held back

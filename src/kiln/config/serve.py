@@ -54,6 +54,9 @@ class ServeConfig:
     # run) drafts `draft_tokens` tokens that the served model checks in one forward; "" = off
     draft: str = ""
     draft_tokens: int = ranged(4, ge=1, le=16)
+    # streaming: the text of the tokens made within this long goes out in one write (the first token and
+    # a choice's end at once); 0 = a write per token
+    stream_interval_ms: float = ranged(10.0, ge=0, le=1000)
     max_streams_per_key: int = ranged(64, ge=1)  # requests in flight per API key (or client address)
     max_body_bytes: int = ranged(1_000_000, ge=1)
     max_json_depth: int = ranged(32, ge=1)

@@ -271,9 +271,10 @@ def _usage(prompt_tokens: int, seqs: list[Sequence]) -> dict:
 
 class Generation:
     """One request's sequences, their text arriving from the engine's thread. Events wait in a
-    list and the event loop is woken once for however many arrived since it last looked (not once
-    per token): it shares the cores with decoding, and a wake-up per token costs a small model's
-    decode a measurable share of its speed."""
+    list, and the event loop is woken for them at most once per `serve.stream_interval_ms` (the
+    first token and a sequence's end at once): whatever arrived meanwhile goes out in one write.
+    The loop shares the cores with decoding, and a wake-up and a socket write per token cost a
+    small model's decode a measurable share of its speed (`bench/serve.py`)."""
 
     def __init__(self, state: ServeState, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         self.state = state
@@ -281,16 +282,21 @@ class Generation:
         self._arrived = asyncio.Event()
         self._pending: list[tuple[int, str, str | None, str | None]] = []
         self._lock = threading.Lock()
+        self._woken = False  # a wake-up is on its way and the loop has not taken the events yet
+        self._last_wake = float("-inf")
+        self._interval = state.sv.stream_interval_ms / 1000
         self.prompt_tokens = sum(len(p) for p in prompts)
         per_prompt = len(params) // len(prompts)
         self.seqs = [Sequence(prompts[i // per_prompt], p, state.engine.tokenizer, self._listen, tag=i)
                      for i, p in enumerate(params)]
 
     def _listen(self, seq: Sequence, text: str) -> None:  # on the engine's thread
+        now = time.monotonic()
         with self._lock:
             self._pending.append((seq.tag, text, seq.finish_reason, seq.error))
-            if len(self._pending) > 1:  # the loop has been woken for the first and has not looked yet
-                return
+            if self._woken or (seq.finish_reason is None and now - self._last_wake < self._interval):
+                return  # on its way, or goes with a later token's wake-up (or the sequence's end)
+            self._woken, self._last_wake = True, now
         with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
             self.loop.call_soon_threadsafe(self._arrived.set)
 
@@ -311,7 +317,7 @@ class Generation:
             await self._arrived.wait()
             self._arrived.clear()
             with self._lock:
-                events, self._pending = self._pending, []
+                events, self._pending, self._woken = self._pending, [], False
             for _, _, reason, error in events:
                 if reason == "error":
                     raise ApiError(500, error or "generation failed", code="server_error")
