@@ -57,8 +57,11 @@ def kiln_generate(engine: Engine, ids: list[int], batch: int, new: int, compile:
                   draft=None, k: int = 4) -> tuple[list[list[int]], float, float]:
     """Tokens per row, prefill seconds, decode seconds (end tokens do not stop, as for the peer);
     with `draft`, decoded speculatively, `k` drafted tokens a round (`bench/speculative.py`)."""
-    b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), batch, len(ids) + new, compile,
-              draft=draft, draft_tokens=k)
+    b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), batch, len(ids) + new, compile)
+    if draft is not None:
+        from kiln.infer.speculative import attach
+
+        attach(b, draft, k, compile)
     seqs = [Sequence(ids, SamplingParams(max_new_tokens=new, temperature=0.0), engine.tokenizer) for _ in range(batch)]
     sync(engine.device)
     t0 = time.perf_counter()

@@ -111,8 +111,10 @@ def main() -> None:
         print(line)
     for k in ks:  # acceptance, from one more pass with a fresh drafter
         from kiln.infer.engine import Batch, SamplingParams, Sequence
+        from kiln.infer.speculative import attach
 
-        b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), 1, engine.context, draft=draft, draft_tokens=k)
+        b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), 1, engine.context)
+        attach(b, draft, k)
         for ids in prompts:
             b.add([Sequence(ids, SamplingParams(max_new_tokens=new, temperature=0.0), None)])
             while b.running:

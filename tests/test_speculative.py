@@ -27,7 +27,9 @@ def _model(seed: int, vocab: int = 96, sharpen: float = 0.0, **overrides) -> Tra
 
 def _run(model, prompts, params, draft=None, k=3, rows=3, vocab=96) -> tuple[list[Sequence], Batch]:
     """`prompts` to completion on one batch of `rows` rows, new prompts joining as rows free."""
-    batch = Batch(model, vocab, set(), rows, model.cfg.max_seq_len, draft=draft, draft_tokens=k)
+    batch = Batch(model, vocab, set(), rows, model.cfg.max_seq_len)
+    if draft is not None:
+        speculative.attach(batch, draft, k)
     seqs = [Sequence(p, sp, None) for p, sp in zip(prompts, params)]
     waiting = list(seqs)
     while waiting or batch.running:

@@ -321,8 +321,7 @@ class Batch:
 
     def __init__(self, model: nn.Module, vocab_size: int, stop_ids: set[int], rows: int, max_len: int,
                  compile: bool = False, fused: bool = True, inference: bool = True, warm: bool = True,
-                 draft: nn.Module | None = None, draft_tokens: int = 4, share_prefix: bool = True,
-                 prefix_cache_mb: float = 0.0) -> None:
+                 share_prefix: bool = True, prefix_cache_mb: float = 0.0) -> None:
         core = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 is the model itself
         p = next(model.parameters())
         self.model, self.core, self.vocab, self.stop_ids, self.max_len = model, core, vocab_size, stop_ids, max_len
@@ -353,14 +352,10 @@ class Batch:
         # else the model's own forward (compiled when asked). Prefill (other shapes, once per
         # request) stays eager.
         self.fast = decode.decode_step(model, compile) if fused and decode.supports(model) else None
-        # Speculative decoding: a small model of the same tokenizer drafts `draft_tokens` tokens per
-        # row, this one checks them in one forward (kiln.infer.speculative); plain models only.
         self.handed = 0  # tokens handed to sequences (end tokens included): a speculative step hands several a row
+        # Speculative decoding: a small model of the same tokenizer drafts tokens this one checks in one
+        # forward; `kiln.infer.speculative.attach` sets it (plain inference batches only).
         self.drafter = None
-        if draft is not None and self.inference and self.fast is not None:
-            from kiln.infer.speculative import Drafter
-
-            self.drafter = Drafter(draft, self, draft_tokens, compile)
         if warm:
             self.warm_up()
         self.decode = torch.compile(model, dynamic=True) if compile and self.fast is None else model

@@ -177,9 +177,13 @@ class Engine:
         """A batch over this model; `warm=False` leaves the decode step's warm-up to `Batch.warm_up()`,
         called by the thread that will step the batch; `prefix_cache_mb`: the budget of its cache of
         recent prompt prefixes (`serve.prefix_cache_mb`; 0 = none)."""
-        return Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
-                     min(max_len or self.context, self.context), compile, warm=warm, draft=self.draft,
-                     draft_tokens=self.draft_tokens, prefix_cache_mb=prefix_cache_mb)
+        batch = Batch(self.model, self.tokenizer.get_vocab_size(), self.stop_ids, rows,
+                      min(max_len or self.context, self.context), compile, warm=warm, prefix_cache_mb=prefix_cache_mb)
+        if self.draft is not None:
+            from kiln.infer.speculative import attach
+
+            attach(batch, self.draft, self.draft_tokens, compile, warm)
+        return batch
 
     def generate(self, prompt: str, sc: SampleConfig, on_token: Callable[[int, str], None] | None = None,
                  chat: bool = False) -> list[str]:

@@ -61,6 +61,18 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, draws: torch
     return kept, pick[:, 0].clamp(max=final.shape[-1] - 1)
 
 
+def attach(batch: Batch, draft: nn.Module, k: int = 4, compile: bool = False, warm: bool = True) -> Drafter | None:
+    """Decode `batch` speculatively with `draft` proposing `k` tokens a round; returns its `Drafter`,
+    or None where the batch cannot (a model in training or wrapped, or without the fused step). With
+    `warm`, the draft's decode step is warmed up now, on this thread (else by `batch.warm_up()`)."""
+    if not batch.inference or batch.fast is None:
+        return None
+    batch.drafter = Drafter(draft, batch, k, compile)
+    if warm:
+        batch.drafter.warm_up()
+    return batch.drafter
+
+
 class Drafter:
     """The draft model of a `Batch`: its own KV cache over the batch's rows and `step(hi)`, one
     speculative round for rows 0..hi-1. `length[row]`: the tokens of the row the draft has read
