@@ -54,6 +54,36 @@ def test_the_step_gives_each_row_the_logits_of_its_whole_sequence(compile):
         assert cache.lengths.tolist() == [len(seqs[0]) - 1, 0, len(seqs[2]) - 1]
 
 
+def test_verify_gives_each_row_the_logits_of_several_new_tokens():
+    """`DecodeStep.verify` (speculative decoding's check): T new tokens per row, each row from its
+    own cache length (a free row at 0 among them); every position's logits equal a full forward over
+    the row's sequence to there, and a later step reads the keys and values it wrote."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    step = decode.DecodeStep(model)
+    seqs = {0: torch.randint(0, 96, (9,)).tolist(), 2: torch.randint(0, 96, (4,)).tolist()}
+    new = {row: torch.randint(0, 96, (3,)).tolist() for row in seqs}
+    cache = KVCache(model.cfg, 3, 40)
+    with torch.inference_mode():
+        for row, ids in seqs.items():
+            view = decode_rows(cache, row)
+            model(torch.tensor([ids]), cache=view)
+            cache.lengths[row] = view.lengths[0]
+        tokens = torch.zeros(3, 3, dtype=torch.long)
+        for row, ids in new.items():
+            tokens[row] = torch.tensor(ids)
+        logits = step.verify(tokens, cache, 3, max(len(s) for s in seqs.values()) + 3)
+        for row in seqs:
+            want = model(torch.tensor([seqs[row] + new[row]]))[0, -3:]
+            torch.testing.assert_close(logits[row], want, atol=1e-4, rtol=1e-4)
+        cache.lengths += torch.tensor([3, 0, 3])
+        nxt = torch.tensor([5, 0, 7])
+        after = step(nxt, cache, 3, max(len(s) for s in seqs.values()) + 4)
+        for row in seqs:
+            want = model(torch.tensor([seqs[row] + new[row] + [int(nxt[row])]]))[0, -1]
+            torch.testing.assert_close(after[row], want, atol=1e-4, rtol=1e-4)
+
+
 def decode_rows(cache: KVCache, row: int) -> KVCache:
     from kiln.infer.engine import _RowView
 

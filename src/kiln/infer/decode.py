@@ -231,7 +231,7 @@ class DecodeStep:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b = q.shape[0]
-        if not self.compiled:
+        if not self.compiled or q.shape[2] > 1:
             return sdpa(q, k, v, mask, False)  # the model's own layout choice (a fused kernel on CUDA)
         # (B, kv, g, 1, hd) queries against (B, kv, 1, used, hd) keys: plain products and sums,
         # which the compiler fuses with the mask and softmax into a few loops (a batched matmul
@@ -243,26 +243,37 @@ class DecodeStep:
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
               vs: list[torch.Tensor], used: int) -> torch.Tensor:
+        """Logits (B, vocab) for one token per row at `positions` (each row's cache length); with
+        (B, T) `tokens` (`verify`), logits (B, T, vocab) for T tokens per row from there."""
         m, nq, nkv, hd = self.model, self.nq, self.nkv, self.hd
-        b = tokens.shape[0]
-        x = m.tok_emb(tokens)[:, None]  # (B, 1, d)
-        cos, sin = m.rope_cos[positions][:, None, None], m.rope_sin[positions][:, None, None]
-        rows = torch.arange(b, device=tokens.device)
-        slots = torch.arange(used, device=tokens.device)[None, :]
-        mask = (slots <= positions[:, None])[:, None, None]  # (B,1,1,used)
-        windowed = {w: mask & (slots > positions[:, None] - w)[:, None, None] for w in self.windows if w}
+        multi = tokens.dim() == 2
+        tokens = tokens if multi else tokens[:, None]
+        b, t = tokens.shape
+        at = positions[:, None] + torch.arange(t, device=tokens.device) if multi else positions[:, None]  # (B, T)
+        x = m.tok_emb(tokens)  # (B, T, d)
+        cos, sin = m.rope_cos[at][:, None], m.rope_sin[at][:, None]  # (B, 1, T, hd)
+        rows = torch.arange(b, device=tokens.device)[:, None]
+        slots = torch.arange(used, device=tokens.device)[None, None, :]
+        mask = (slots <= at[:, :, None])[:, None]  # (B, 1, T, used): each token sees its row up to itself
+        windowed = {w: mask & (slots > at[:, :, None] - w)[:, None] for w in self.windows if w}
         for (qkv_w, gate_up_w, qkv_b), blk, k_cache, v_cache in zip(self.fused, m.layers.values(), ks, vs):
             h = blk.attn_norm(x)
             q, k, v = F.linear(h, qkv_w, qkv_b).split([nq * hd, nkv * hd, nkv * hd], -1)
-            q, k = q.view(b, 1, nq, hd), k.view(b, 1, nkv, hd)
+            q, k = q.view(b, t, nq, hd), k.view(b, t, nkv, hd)
             if blk.attn.q_norm is not None:
                 q, k = blk.attn.q_norm(q), blk.attn.k_norm(k)
             q = apply_rope(q.transpose(1, 2), cos, sin)
             k = apply_rope(k.transpose(1, 2), cos, sin)
-            k_cache[rows, :, positions] = k[:, :, 0].to(k_cache.dtype)
-            v_cache[rows, :, positions] = v.view(b, nkv, hd).to(v_cache.dtype)
+            k_cache[rows, :, at] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, at] = v.view(b, t, nkv, hd).to(v_cache.dtype)
             y = self._attend(q, k_cache[:b, :, :used], v_cache[:b, :, :used], windowed.get(blk.attn.window, mask))
-            x = x + blk.attn.wo(y.transpose(1, 2).reshape(b, 1, nq * hd))
+            x = x + blk.attn.wo(y.transpose(1, 2).reshape(b, t, nq * hd))
             gate, up = F.linear(blk.mlp_norm(x), gate_up_w).split([self.ffn, self.ffn], -1)
             x = x + blk.mlp.w2(F.silu(gate) * up)
-        return m.lm_head(m.norm(x[:, 0]))
+        return m.lm_head(m.norm(x if multi else x[:, 0]))
+
+    def verify(self, tokens: torch.Tensor, cache: KVCache, rows: int, used: int) -> torch.Tensor:
+        """Logits (rows, T, vocab) for (rows, T) `tokens`, each row's from its cache length on (a
+        speculative round's check of drafted tokens, `kiln.infer.speculative`); writes their keys and
+        values, leaves `cache.lengths` to the caller. Eager: one call per round, of few tokens."""
+        return self._step(tokens[:rows], cache.lengths[:rows], cache.k, cache.v, used)

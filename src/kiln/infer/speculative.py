@@ -171,14 +171,9 @@ class Drafter:
             drafted.append(token)
         drafted_ids = torch.stack(drafted, 1)  # (hi, k)
 
-        # 2. the model's logits at all k + 1 positions, in one forward
+        # 2. the model's logits at all k + 1 positions, in one forward (the fused step over k + 1 tokens)
         ids = torch.cat([b.last[:hi], drafted_ids], 1)
-        view = b._view(0, hi).known(b.length[:hi])
-        with b._eager():
-            logits = b.core.logits(b.model(ids, cache=view, attention_mask=None, return_hidden=True))
-        if view is not b.cache:
-            b.cache.lengths[:hi] = view.lengths
-        logits = logits[:, :, : b.vocab].float()  # (hi, k + 1, V)
+        logits = b.fast.verify(ids, b.cache, hi, start + k + 1)[:, :, : b.vocab].float()  # (hi, k + 1, V)
 
         # 3. how many drafted tokens each row keeps, and its own next token
         if sampling:
