@@ -21,6 +21,18 @@ from kiln.runs import cpu_model, write_json
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def in_fresh_process(fn, *args):
+    """`fn(*args)` in a new (spawned) Python process, its result or exception returned here: for a
+    decode speed a server would see. A long-lived process that has run torch ops on several threads
+    (training, evaluation, a server's engine thread) holds an OpenMP thread pool for each, and then
+    libgomp puts every worker to sleep between ops, which costs a small model's decode up to half
+    its speed (`kiln.serve.scheduler`). `fn` must be importable (a module-level function)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def tune_cpu_allocator(threshold: int = 1 << 30) -> bool:
     """Keep large freed blocks in glibc's heap instead of returning them to the kernel.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.eval.scoring import describe_heldout, heldout_bits_per_byte, run_windows
+from kiln.hardware import in_fresh_process
 from kiln.hardware import usd_per_hour as price_for
 from kiln.infer.generate import decode_tokens_per_s
 from kiln.infer.load import load
@@ -14,7 +15,12 @@ from kiln.infer.load import load
 
 def compare_decode(runs: dict[str, str | Path], rounds: int = 8, device: str = "auto", **kw) -> dict[str, float]:
     """Decode tokens/s of several runs measured in turns (one run each per round, the best round
-    kept), so that a busy machine's slow spells do not fall on one model only."""
+    kept), so that a busy machine's slow spells do not fall on one model only; in a fresh process,
+    as `kiln generate` or a server would decode (`kiln.hardware.in_fresh_process`)."""
+    return in_fresh_process(_compare_decode, {k: str(v) for k, v in runs.items()}, rounds, device, kw)
+
+
+def _compare_decode(runs: dict[str, str], rounds: int, device: str, kw: dict) -> dict[str, float]:
     models = {name: load(run, device, "auto", key="run").model for name, run in runs.items()}
     best = dict.fromkeys(models, 0.0)
     for _ in range(rounds):

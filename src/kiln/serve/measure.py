@@ -3,14 +3,13 @@ alone, throughput of all together through the continuous batcher, and the cost p
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
 from functools import partial
 from pathlib import Path
 
 from kiln.config import Config
-from kiln.hardware import usd_per_hour
+from kiln.hardware import in_fresh_process, usd_per_hour
 from kiln.infer.engine import SamplingParams, Sequence
 from kiln.infer.generate import Engine
 from kiln.serve.scheduler import Scheduler
@@ -26,9 +25,7 @@ def measure_serving(run_dir: str | Path, cfg: Config, prompts: list[str] | None 
     `kiln serve` does: a process that has trained (the speedrun's) keeps an OpenMP thread pool on
     its main thread, beside which a small model decodes on another thread at about half its speed
     (`kiln.serve.scheduler`), a figure no server would show."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_measure, (str(run_dir), cfg, prompts))
+    return in_fresh_process(_measure, str(run_dir), cfg, prompts)
 
 
 def _measure(run_dir: str, cfg: Config, prompts: list[str] | None) -> dict:
