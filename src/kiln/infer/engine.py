@@ -282,6 +282,29 @@ class _RowView(KVCache):
         self._known = None
 
 
+def adjacent_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Ascending row indices as runs of consecutive rows, (first, last + 1) each: a forward over a
+    run's cache rows is a view of the cache, no copy."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def right_padded(pieces: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists as one (rows, longest) id tensor on `device`, right-padded, and its attention
+    mask (1 on real tokens), or None for a single list (nothing to mask)."""
+    ids = torch.zeros(len(pieces), max(len(x) for x in pieces), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(pieces):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids.to(device), (mask.to(device) if len(pieces) > 1 else None)
+
+
 def _put(cache: KVCache, rows: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Write each layer's (keys, values), (kv_heads, n, head_dim), into positions 0..n-1 of `rows`."""
     for (k, v), ck, cv in zip(kv, cache.k, cache.v):
@@ -444,25 +467,15 @@ class Batch:
         # One right-padded forward per run of adjacent rows, of what each row's shared prefix (its
         # keys and values copied in by `_share`) leaves; a run is cut where its rows' starts and
         # rests would not fit the cache in one forward.
-        runs, start = [], rows[0]
-        for prev, row in zip(rows, [*rows[1:], None]):
-            if row != prev + 1:
-                runs.append((start, prev + 1))
-                start = row
+        runs = adjacent_runs(rows)
         done = self._share(rows, runs)  # each row's cache length before its forward
         for a, b in (cut for run in runs for cut in self._fit(*run, done)):
             group, known = self.seqs[a:b], done[a:b]
-            t = max(len(s.fed) - n for s, n in zip(group, known))
-            ids = torch.zeros(b - a, t, dtype=torch.long)
-            mask = torch.zeros(b - a, t, dtype=torch.long)
-            for i, (s, n) in enumerate(zip(group, known)):
-                ids[i, : len(s.fed) - n] = torch.tensor(s.fed[n:])
-                mask[i, : len(s.fed) - n] = 1
+            ids, mask = right_padded([s.fed[n:] for s, n in zip(group, known)], self.device)
             ends = torch.tensor([len(s.fed) - n - 1 for s, n in zip(group, known)], device=self.device)
             if any(known):  # the rows were just reset (to 0)
                 self.cache.lengths[a:b] = torch.tensor(known, device=self.device)
-            logits = self._logits(self.model, ids.to(self.device), a, b, mask.to(self.device) if b - a > 1 else None,
-                                  known, ends)
+            logits = self._logits(self.model, ids, a, b, mask, known, ends)
             self.prompt_tokens_prefilled += sum(len(s.fed) - n for s, n in zip(group, known))
             if self.prefix_cache is not None:
                 self._remember(a, b)
@@ -534,18 +547,15 @@ class Batch:
         starts = [min(cached[i] for i in members) for _, members in groups]
         scratch = KVCache(self.core.cfg, len(groups), max(n for n, _ in groups), device=self.device,
                           dtype=self.cache.k[0].dtype)
-        t = max(n - c for (n, _), c in zip(groups, starts))
-        ids = torch.zeros(len(groups), t, dtype=torch.long)
-        mask = torch.zeros(len(groups), t, dtype=torch.long)
+        pieces = []
         for j, ((n, members), c) in enumerate(zip(groups, starts)):
             first = min(members, key=lambda i: cached[i])
             if c:
                 kv = torch.cat(hits[first], dim=3)
                 _put(scratch, [j], [(kv[layer, 0], kv[layer, 1]) for layer in range(len(kv))])
-            ids[j, : n - c] = torch.tensor(prompts[first][c:n])
-            mask[j, : n - c] = 1
+            pieces.append(prompts[first][c:n])
         scratch.lengths = torch.tensor(starts, device=self.device)
-        ids, mask = ids.to(self.device), (mask.to(self.device) if len(groups) > 1 else None)
+        ids, mask = right_padded(pieces, self.device)
         with self._eager():
             if self.wrapped:
                 self.model(ids, cache=scratch.known(starts), attention_mask=mask)
@@ -562,11 +572,6 @@ class Batch:
         for r in range(a, b):
             self.prefix_cache.store(self.seqs[r].fed, lambda s, e, r=r: torch.stack(
                 [torch.stack((k[r, :, s:e], v[r, :, s:e])) for k, v in zip(self.cache.k, self.cache.v)]))
-
-    def clear_prefix_cache(self) -> None:
-        """Forget every kept prefix (for a model whose weights changed)."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.clear()
 
     def step(self, read: torch.Tensor | None = None) -> list | None:
         """Decode one token for every running row. `read`: a tensor whose values come back (as a

@@ -88,10 +88,6 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.bytes = 0
-
     def _touch(self, keys: list[tuple[int, ...]]) -> None:
         for key in reversed(keys):
             self.blocks.move_to_end(key)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kiln.infer import decode
-from kiln.infer.engine import Batch, _RowView, sample_next, sampling_probs
+from kiln.infer.engine import Batch, _RowView, adjacent_runs, right_padded, sample_next, sampling_probs
 from kiln.model.transformer import KVCache
 
 MAX_ROWS = 4  # speculate while at most this many rows run; a fuller batch is compute-bound
@@ -111,26 +111,12 @@ class Drafter:
         holds for the row (the prompt it was fed, then its output but the newest token, which is `last`)."""
         b = self.batch
         behind = [r for r in range(hi) if b.seqs[r] is not None and self.length[r] < b.length[r]]
-        runs: list[list[int]] = []
-        for r in behind:
-            if runs and runs[-1][-1] == r - 1:
-                runs[-1].append(r)
-            else:
-                runs.append([r])
-        for run in runs:
-            a, z = run[0], run[-1] + 1
-            gaps = [(b.seqs[r].fed + b.seqs[r].tokens)[self.length[r] : b.length[r]] for r in run]
-            t = max(len(g) for g in gaps)
-            ids = torch.zeros(len(run), t, dtype=torch.long)
-            mask = torch.zeros(len(run), t, dtype=torch.long)
-            for i, g in enumerate(gaps):
-                ids[i, : len(g)] = torch.tensor(g)
-                mask[i, : len(g)] = 1
-            view = _RowView(self.cache, a, z).known(self.length[a:z])
-            self.model(ids.to(b.device), cache=view, return_hidden=True,
-                       attention_mask=mask.to(b.device) if len(run) > 1 else None)
-            for r in run:
-                self.length[r] = b.length[r]
+        for lo, z in adjacent_runs(behind):
+            gaps = [(b.seqs[r].fed + b.seqs[r].tokens)[self.length[r] : b.length[r]] for r in range(lo, z)]
+            ids, mask = right_padded(gaps, b.device)
+            self.model(ids, cache=_RowView(self.cache, lo, z).known(self.length[lo:z]), return_hidden=True,
+                       attention_mask=mask)
+            self.length[lo:z] = b.length[lo:z]
         self.cache.lengths[:hi] = torch.tensor(self.length[:hi], device=b.device)
 
     def _draft_logits(self, tokens: torch.Tensor, hi: int, used: int) -> torch.Tensor:

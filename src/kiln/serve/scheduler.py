@@ -10,8 +10,10 @@ process at one OpenMP thread pool: libgomp lets its idle workers spin between pa
 (ready for the next op) only while the process's OpenMP threads, summed over every OS thread that
 ever ran a parallel region, fit the CPUs; a second pool (a model loaded on the main thread and
 stepped on this one, a forward on an HTTP worker thread) puts every worker to sleep between ops,
-and a small model's decode, thousands of short ops per second, pays a wake-up for each. A failure inside a step ends the sequences it touched with
-an error and the loop goes on: no request can stop the server.
+and a small model's decode, thousands of short ops per second, pays a wake-up for each.
+
+A failure inside a step ends the sequences it touched with an error and the loop goes on: no
+request can stop the server.
 """
 
 from __future__ import annotations
@@ -78,8 +80,7 @@ class Scheduler:
                  window_s: float = 10.0, prefix_cache_mb: float = 0.0) -> None:
         self.engine: Engine | None = engine if isinstance(engine, Engine) else None
         self._load = None if self.engine is not None else engine
-        self._batch_args = (max_batch, max_len, compile)
-        self._prefix_cache_mb = prefix_cache_mb
+        self._batch_args = (max_batch, max_len, compile, prefix_cache_mb)
         self.max_queue = max_queue
         self.waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -180,10 +181,10 @@ class Scheduler:
             self._thread_state.apply()  # the creating thread's thread count, grad mode off
             if self.engine is None:
                 self.engine = self._load()
-            rows, max_len, compile = self._batch_args
+            rows, max_len, compile, prefix_cache_mb = self._batch_args
             if callable(compile):
                 compile = compile(self.engine)
-            self.batch = self.engine.new_batch(rows, max_len, compile, warm=False, prefix_cache_mb=self._prefix_cache_mb)
+            self.batch = self.engine.new_batch(rows, max_len, compile, warm=False, prefix_cache_mb=prefix_cache_mb)
             self.batch.warm_up()  # on this thread, which steps the batch from now on
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._failed = e
