@@ -53,6 +53,16 @@ def prepared(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, prepared) -> Path:
+    """A `tiny` model pretrained for 20 steps on the prepared slice, for tests that only read it
+    (generation, serving, token healing)."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    shutil.copytree(prepared, out)
+    assert kiln("pretrain", f"out={out}", *TINY_TRAIN, "train.max_steps=20", "train.lr=1e-2") == 0
+    return out
+
+
 @pytest.fixture
 def run_dir(tmp_path, prepared) -> Path:
     """A fresh run directory holding a copy of the prepared data and tokenizer."""

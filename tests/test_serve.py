@@ -21,7 +21,6 @@ import openai
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, kiln
 from kiln.config import Config, SampleConfig, ServeConfig
 from kiln.data.chat import prompt_ids
 from kiln.errors import KilnError
@@ -37,18 +36,8 @@ PROMPTS = ["def f(x):", "import os\nimport sys\n", "class Stack:\n    def __init
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prepared):
-    import shutil
-
-    out = tmp_path_factory.mktemp("serve") / "run"
-    shutil.copytree(prepared, out)
-    assert kiln("pretrain", f"out={out}", *TINY_TRAIN, "train.max_steps=20", "train.lr=1e-2") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(trained):
-    return Engine.from_run(trained, "cpu")
+def engine(tiny_run):
+    return Engine.from_run(tiny_run, "cpu")
 
 
 def greedy(engine: Engine, prompt: str, n: int, heal: bool = True) -> str:
@@ -171,16 +160,16 @@ def test_the_queue_refuses_what_it_cannot_hold_and_cancel_frees_rows(engine):
     assert a.finish_reason == b.finish_reason == "cancelled" and len(a.tokens) < 64
 
 
-def test_measure_serving_reports_latency_and_cost(trained):
+def test_measure_serving_reports_latency_and_cost(tiny_run):
     cfg = Config(device="cpu", sample=SampleConfig(max_new_tokens=8), serve=ServeConfig(usd_per_hour=3.6))
-    m = measure_serving(trained, cfg)
+    m = measure_serving(tiny_run, cfg)
     assert m["queries"] == 3 and 0 < m["ttft_s"] <= m["latency_s"]
     assert m["batched_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
     assert m["usd_per_query"] == pytest.approx(m["latency_s"] / 1000)  # $3.6/hour = $0.001/second
     assert m["usd_per_million_tokens"] == pytest.approx(1e9 / m["batched_tokens_per_s"] / 1e6)
 
 
-def test_the_server_starts_and_answers_when_the_decode_step_cannot_compile(trained, http, monkeypatch, capfd):
+def test_the_server_starts_and_answers_when_the_decode_step_cannot_compile(tiny_run, http, monkeypatch, capfd):
     """`serve.compile=on` where compiling fails (on CUDA: a host with pip wheels only, no toolkit
     for a C++ wrapper's build): the server starts, decodes eagerly and says so once."""
     import torch
@@ -191,7 +180,7 @@ def test_the_server_starts_and_answers_when_the_decode_step_cannot_compile(train
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    fresh = Engine.from_run(trained, "cpu")  # its own decode step, not the module's engine's
+    fresh = Engine.from_run(tiny_run, "cpu")  # its own decode step, not the module's engine's
     want = greedy(fresh, "def f(x):", 8)
     with serve(fresh, compile="on") as srv:
         r = http.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": "def f(x):", "max_tokens": 8,
@@ -354,7 +343,7 @@ def test_chat_logprobs_have_openais_shape(client, engine):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == c.message.content
 
 
-def test_lm_eval_scores_a_task_through_the_server_as_in_process(server, trained, tmp_path, monkeypatch):
+def test_lm_eval_scores_a_task_through_the_server_as_in_process(server, tiny_run, tmp_path, monkeypatch):
     """lm-eval's `local-completions` model (echo + logprobs + max_tokens 1 on /v1/completions, token
     ids with the model's BOS) gets the in-process adapter's accuracy on a local multiple-choice task."""
     pytest.importorskip("lm_eval")
@@ -379,12 +368,12 @@ def test_lm_eval_scores_a_task_through_the_server_as_in_process(server, trained,
         "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
         "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]}))
     tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    exported = export_hf(trained, tmp_path / "hf")
+    exported = export_hf(tiny_run, tmp_path / "hf")
     args = (f"model=tiny,base_url={server.url}/v1/completions,tokenizer={exported},tokenizer_backend=huggingface,"
             "add_bos_token=True,max_retries=1,num_concurrent=1")
     served = simple_evaluate(model="local-completions", model_args=args, tasks=["kiln_served_mc"], task_manager=tasks,
                              log_samples=True)
-    local = simple_evaluate(model=KilnLM(str(trained), device="cpu"), tasks=["kiln_served_mc"], task_manager=tasks,
+    local = simple_evaluate(model=KilnLM(str(tiny_run), device="cpu"), tasks=["kiln_served_mc"], task_manager=tasks,
                             log_samples=True)
     assert served["results"]["kiln_served_mc"]["acc,none"] == local["results"]["kiln_served_mc"]["acc,none"]
     for a, b in zip(served["samples"]["kiln_served_mc"], local["samples"]["kiln_served_mc"]):
@@ -631,10 +620,10 @@ def test_an_attack_loop_neither_crashes_the_server_nor_starves_a_normal_client(e
 
 
 # ---- the CLI ---------------------------------------------------------------------------------
-def test_kiln_serve_stops_gracefully_finishing_the_stream_in_flight(trained):
+def test_kiln_serve_stops_gracefully_finishing_the_stream_in_flight(tiny_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("KILN_API_KEY", None)
-    p = subprocess.Popen([sys.executable, "-m", "kiln", "serve", f"out={trained}", "port=0", "max_batch=2",
+    p = subprocess.Popen([sys.executable, "-m", "kiln", "serve", f"out={tiny_run}", "port=0", "max_batch=2",
                           "device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         line = p.stdout.readline()
@@ -768,7 +757,7 @@ def test_the_generation_thread_decodes_under_the_creating_threads_torch_state():
     assert seen == {"thread": "kiln-engine", "grad": False, "threads": wanted}
 
 
-def test_kiln_serve_loads_steps_and_scores_its_model_on_one_thread(trained, http):
+def test_kiln_serve_loads_steps_and_scores_its_model_on_one_thread(tiny_run, http):
     """libgomp spins its idle workers between ops only while the process's OpenMP threads (one pool
     per OS thread that ever ran a parallel op) fit the CPUs; a model loaded on one thread and
     stepped on another, or a scoring forward on an HTTP worker, is a second pool that makes every
@@ -778,7 +767,7 @@ def test_kiln_serve_loads_steps_and_scores_its_model_on_one_thread(trained, http
 
     def load() -> Engine:
         threads["load"].add(threading.get_ident())
-        eng = Engine.from_run(trained, "cpu")
+        eng = Engine.from_run(tiny_run, "cpu")
         eng.model.register_forward_pre_hook(lambda *_: threads["forward"].add(threading.get_ident()))
         return eng
 
@@ -821,12 +810,12 @@ def test_call_runs_on_the_engine_thread_between_steps_and_hands_back_errors():
         sched.call(lambda: None)
 
 
-def test_serve_draft_decodes_speculatively_with_the_same_greedy_text(trained, engine, http):
+def test_serve_draft_decodes_speculatively_with_the_same_greedy_text(tiny_run, engine, http):
     """`serve.draft=RUN`: the draft (here the run itself, so every drafted token is kept) proposes
     tokens the model checks in one forward; the answer is plain decoding's, /metrics counts drafts."""
     def load() -> Engine:
-        eng = Engine.from_run(trained, "cpu")
-        eng.add_draft(trained, 3)
+        eng = Engine.from_run(tiny_run, "cpu")
+        eng.add_draft(tiny_run, 3)
         return eng
 
     want = greedy(engine, PROMPTS[0], 24)
@@ -843,9 +832,9 @@ def test_serve_draft_decodes_speculatively_with_the_same_greedy_text(trained, en
     assert counts["kiln_draft_tokens_accepted_total"] / counts["kiln_draft_tokens_proposed_total"] > 0.9
 
 
-def test_a_draft_with_another_tokenizer_is_refused_in_one_line(trained):
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_run):
     """A draft's token ids must mean what the model's mean: a tokenizer that differs in one entry is refused."""
-    eng = Engine.from_run(trained, "cpu")
+    eng = Engine.from_run(tiny_run, "cpu")
     real = eng.tokenizer
 
     class Swapped:  # the same tokenizer with two ids swapped
@@ -860,7 +849,7 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(trained):
 
     eng.tokenizer = Swapped()
     with pytest.raises(KilnError, match=r"serve.draft=.*tokenizer differs from the served model's"):
-        eng.add_draft(trained)
+        eng.add_draft(tiny_run)
     assert eng.draft is None
 
 

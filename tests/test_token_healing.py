@@ -6,13 +6,12 @@ gives the old output exactly."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, kiln
+from conftest import kiln
 from kiln.config import SampleConfig, ServeConfig
 from kiln.infer import healing
 from kiln.infer.engine import SamplingParams
@@ -22,16 +21,8 @@ PROMPT = 'def f(x):\n    """Return x."""\n'  # ends in a lone "\n": the BPE wrot
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prepared):
-    out = tmp_path_factory.mktemp("heal") / "run"
-    shutil.copytree(prepared, out)
-    assert kiln("pretrain", f"out={out}", *TINY_TRAIN, "train.max_steps=20", "train.lr=1e-2") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(trained) -> Engine:
-    return Engine.from_run(trained, "cpu")
+def engine(tiny_run) -> Engine:
+    return Engine.from_run(tiny_run, "cpu")
 
 
 def tid(engine: Engine, text: str) -> int:
@@ -149,7 +140,7 @@ def test_token_id_prompts_are_not_healed(engine):
     assert [p.heal for p in _params(state, req, False, [ids])] == [False]
 
 
-def test_heal_off_gives_the_unhealed_output_exactly(trained, engine, monkeypatch, capsys):
+def test_heal_off_gives_the_unhealed_output_exactly(tiny_run, engine, monkeypatch, capsys):
     """sample.heal=false: the prompt as encoded, prefilled whole, the first token unconstrained."""
     ids = engine.encode_prompt(PROMPT)
     want = []
@@ -166,10 +157,10 @@ def test_heal_off_gives_the_unhealed_output_exactly(trained, engine, monkeypatch
     (on,) = engine.generate(PROMPT, dataclasses.replace(sc, heal=True))
     assert off == engine.tokenizer.decode(want)
     # the switch on the command line: `kiln generate heal=false` prints the unhealed completion
-    assert kiln("generate", f"out={trained}", f"prompt={PROMPT}", "max_new_tokens=8", "temperature=0",
+    assert kiln("generate", f"out={tiny_run}", f"prompt={PROMPT}", "max_new_tokens=8", "temperature=0",
                 "heal=false") == 0
     assert capsys.readouterr().out == PROMPT + off + "\n"
-    assert kiln("generate", f"out={trained}", f"prompt={PROMPT}", "max_new_tokens=8", "temperature=0") == 0
+    assert kiln("generate", f"out={tiny_run}", f"prompt={PROMPT}", "max_new_tokens=8", "temperature=0") == 0
     assert capsys.readouterr().out == PROMPT + on + "\n"  # on by default
     ret = tid(engine, "def")
     biased(engine, monkeypatch, {ret: 100.0})  # unconstrained, "def" comes first; healed, never
