@@ -54,14 +54,15 @@ def sync(device: torch.device) -> None:
 
 
 def kiln_generate(engine: Engine, ids: list[int], batch: int, new: int, compile: bool = False,
-                  draft=None, k: int = 4) -> tuple[list[list[int]], float, float]:
+                  draft=None, k: int = 4, adapt: bool = True) -> tuple[list[list[int]], float, float]:
     """Tokens per row, prefill seconds, decode seconds (end tokens do not stop, as for the peer);
-    with `draft`, decoded speculatively, `k` drafted tokens a round (`bench/speculative.py`)."""
+    with `draft`, decoded speculatively, `k` drafted tokens a round (`bench/speculative.py`), only
+    while rounds pay (`adapt`) or whenever allowed."""
     b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), batch, len(ids) + new, compile)
     if draft is not None:
         from kiln.infer.speculative import attach
 
-        attach(b, draft, k, compile)
+        attach(b, draft, k, compile, adapt=adapt)
     seqs = [Sequence(ids, SamplingParams(max_new_tokens=new, temperature=0.0), engine.tokenizer) for _ in range(batch)]
     sync(engine.device)
     t0 = time.perf_counter()

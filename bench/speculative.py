@@ -7,7 +7,8 @@ student `kiln distill` made of it, `<run>/student`) are exported with `kiln.post
 loaded as `LlamaForCausalLM` for `transformers`. Each prompt of `PROMPTS` is decoded for
 `--new-tokens` tokens (end tokens stop none, as for the peer) by every contender in turn, in
 `--rounds` rounds, so host noise hits all alike; each figure is the median over rounds of the
-decode tokens/s summed over the prompts (tokens after the first over the time after the first).
+decode tokens/s summed over the prompts (tokens after the first over the time after the first),
+each ratio the median over rounds of the ratio within the round.
 Prints tokens/s, ratios to kiln's plain decode and to `transformers`, the draft's acceptance
 rate, and whether every contender's greedy tokens equal kiln's plain ones.
 
@@ -78,6 +79,8 @@ def main() -> None:
     contenders = {"kiln plain": lambda ids: kiln_generate(engine, ids, 1, new)}
     for k in ks:
         contenders[f"kiln draft k={k}"] = lambda ids, k=k: kiln_generate(engine, ids, 1, new, draft=draft, k=k)
+        contenders[f"kiln draft k={k} always"] = lambda ids, k=k: kiln_generate(engine, ids, 1, new, draft=draft, k=k,
+                                                                               adapt=False)
     if args.compile:
         contenders["kiln plain compiled"] = lambda ids: kiln_generate(engine, ids, 1, new, compile=True)
         for k in ks:
@@ -103,10 +106,13 @@ def main() -> None:
                     continue
                 speeds[name].append(sum(new - 1 for _ in outs) / sum(o[2] for o in outs))
     med = {name: statistics.median(v) for name, v in speeds.items()}
-    base, peer = med["kiln plain"], med.get("transformers")
+
+    def ratio(name: str, to: str) -> float:  # the median of the rounds' ratios: the host's drift cancels
+        return statistics.median(a / b for a, b in zip(speeds[name], speeds[to]))
+
     for name, v in med.items():
-        line = f"{name:>22}: {v:7,.0f} decode tokens/s ({v / base:.2f}x kiln plain"
-        line += f", {v / peer:.2f}x transformers)" if peer else ")"
+        line = f"{name:>22}: {v:7,.0f} decode tokens/s ({ratio(name, 'kiln plain'):.2f}x kiln plain"
+        line += f", {ratio(name, 'transformers'):.2f}x transformers)" if "transformers" in med else ")"
         line += "" if tokens[name] == tokens["kiln plain"] else "  [greedy tokens differ from kiln plain]"
         print(line)
     for k in ks:  # acceptance, from one more pass with a fresh drafter
@@ -114,13 +120,13 @@ def main() -> None:
         from kiln.infer.speculative import attach
 
         b = Batch(engine.model, engine.tokenizer.get_vocab_size(), set(), 1, engine.context)
-        attach(b, draft, k)
+        attach(b, draft, k, adapt=False)
         for ids in prompts:
             b.add([Sequence(ids, SamplingParams(max_new_tokens=new, temperature=0.0), None)])
             while b.running:
                 b.step()
         print(f"k={k}: the draft's tokens kept {b.drafter.acceptance:.0%}, "
-              f"{(len(prompts) * (new - 1)) / b.drafter.rounds:.2f} tokens per round of the model")
+              f"{1 + b.drafter.accepted / b.drafter.rounds:.2f} tokens per round of the model")
 
 
 if __name__ == "__main__":

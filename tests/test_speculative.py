@@ -29,7 +29,7 @@ def _run(model, prompts, params, draft=None, k=3, rows=3, vocab=96) -> tuple[lis
     """`prompts` to completion on one batch of `rows` rows, new prompts joining as rows free."""
     batch = Batch(model, vocab, set(), rows, model.cfg.max_seq_len)
     if draft is not None:
-        speculative.attach(batch, draft, k)
+        speculative.attach(batch, draft, k, adapt=False)  # every allowed round: exactness does not depend on pace
     seqs = [Sequence(p, sp, None) for p, sp in zip(prompts, params)]
     waiting = list(seqs)
     while waiting or batch.running:
@@ -143,3 +143,47 @@ def test_sampled_output_follows_the_models_distribution(monkeypatch, k, settings
     assert tv(drafts, target) > 0.3  # a rule that kept the draft's tokens would fail below
     for dims in ((), (0, 2), (0, 1)):  # the 3-token sequences; the second token; the third
         assert tv(spec, target, dims) < tv(plain, target, dims) + 0.015, dims
+
+
+def _pace_run(pace: speculative.Pace, steps: int, round_tokens: int, round_s: float, plain_s: float) -> str:
+    """`steps` decisions for one row, rounds handing out `round_tokens` in `round_s`, plain steps
+    taking `plain_s`: 'R' for a round, 'P' for a plain step."""
+    out = []
+    for _ in range(steps):
+        if pace.speculate(1):
+            pace.round(1, round_tokens, round_s)
+            out.append("R")
+        else:
+            pace.plain(1, plain_s)
+            out.append("P")
+    return "".join(out)
+
+
+def test_pace_keeps_rounds_that_pay_and_backs_off_from_rounds_that_lose():
+    """Rounds yielding 3 tokens in 2 ms beat plain steps of 1 ms: taken, but for 2 plain steps every
+    64 rounds that keep the plain figure current. Rounds yielding 1.5 tokens in 2 ms lose: after a
+    trial of 4 rounds the batch steps plainly for 8 steps, then 16, 32, ... (each time after a trial
+    round that loses again), up to 256."""
+    wins = _pace_run(speculative.Pace(), 200, 3, 0.002, 0.001)
+    assert wins == ("PP" + "R" * 64) * 3 + "PP"
+    loses = _pace_run(speculative.Pace(), 400, 3, 0.004, 0.001)
+    assert loses.startswith("PP" + "RRRR" + "P" * 8 + "RRRR" + "P" * 16 + "RRRR" + "P" * 32 + "RRRR" + "P" * 64)
+    assert loses.count("R") < 30
+
+
+def test_pace_turns_rounds_off_for_a_draft_that_never_agrees():
+    """End to end on a batch with `adapt` on: a draft of other weights (its tokens almost never kept)
+    makes rounds slower than plain steps, so after each trial the batch steps plainly, longer each
+    time; greedy output stays the model's either way."""
+    model = _model(0, sharpen=1.0)
+    params = [SamplingParams(max_new_tokens=100, temperature=0.0)]
+    plain, _ = _run(model, [[1, 5, 9, 2]], params)
+    batch = Batch(model, 96, set(), 1, model.cfg.max_seq_len)
+    speculative.attach(batch, _model(1, sharpen=1.0), 3)
+    seq = Sequence([1, 5, 9, 2], params[0], None)
+    batch.add([seq])
+    while batch.running:
+        batch.step()
+    assert seq.tokens == plain[0].tokens
+    # every round hands out 1 token: 100 rounds if each were taken; quiet, 16 (4 trials of 4 rounds)
+    assert batch.drafter.acceptance < 0.2 and 0 < batch.drafter.rounds <= 50

@@ -53,7 +53,7 @@ class ServeConfig:
     # speculative decoding: a small model of the same tokenizer (the student `kiln distill` made of this
     # run) drafts `draft_tokens` tokens that the served model checks in one forward; "" = off
     draft: str = ""
-    draft_tokens: int = ranged(4, ge=1, le=16)
+    draft_tokens: int = ranged(3, ge=1, le=16)
     # streaming: the text of the tokens made within this long goes out in one write (the first token and
     # a choice's end at once); 0 = a write per token
     stream_interval_ms: float = ranged(10.0, ge=0, le=1000)

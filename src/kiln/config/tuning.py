@@ -139,7 +139,7 @@ class SpeedrunConfig:
     dpo_steps: int = ranged(40, ge=1)
     dpo_pairs: int = ranged(1000, ge=20)  # default preference pairs drawn (a tenth held out)
     rl_steps: int = ranged(16, ge=1)
-    distill_steps: int = ranged(200, ge=1)
+    distill_steps: int = ranged(400, ge=1)
     student: list[str] = field(  # the student's model.* overrides
         default_factory=lambda: ["preset=tiny", "d_model=128", "n_heads=4", "n_kv_heads=2"])
 

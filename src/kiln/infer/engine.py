@@ -583,8 +583,11 @@ class Batch:
         hi = self._hi()
         if hi == 0:
             return None if read is None else read.tolist()
-        if self.drafter is not None and read is None and self.drafter.step(hi):
-            return None
+        timed = None
+        if self.drafter is not None and read is None:
+            if self.drafter.step(hi):
+                return None
+            timed = time.perf_counter(), sum(s is not None for s in self.seqs[:hi])
         live = self.live[:hi]
         if self.fast is not None:
             logits = self.fast(self.last[:, 0], self.cache, hi, max(self.length[:hi]) + 1)
@@ -594,7 +597,10 @@ class Batch:
             logits = self._unfused(hi, mask)
         for row in range(hi):
             self.length[row] += self.seqs[row] is not None
-        return self._take(self._sample(logits, 0, hi), 0, read)
+        out = self._take(self._sample(logits, 0, hi), 0, read)
+        if timed is not None:
+            self.drafter.took_plain(timed[1], time.perf_counter() - timed[0])
+        return out
 
     def _unfused(self, hi: int, mask: torch.Tensor | None) -> torch.Tensor:
         """One step of the model's own forward, compiled if asked; if that fails to compile, the

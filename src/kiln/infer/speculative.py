@@ -61,25 +61,90 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, draws: torch
     return kept, pick[:, 0].clamp(max=final.shape[-1] - 1)
 
 
-def attach(batch: Batch, draft: nn.Module, k: int = 4, compile: bool = False, warm: bool = True) -> Drafter | None:
+def attach(batch: Batch, draft: nn.Module, k: int = 4, compile: bool = False, warm: bool = True,
+           adapt: bool = True) -> Drafter | None:
     """Decode `batch` speculatively with `draft` proposing `k` tokens a round; returns its `Drafter`,
     or None where the batch cannot (a model in training or wrapped, or without the fused step). With
-    `warm`, the draft's decode step is warmed up now, on this thread (else by `batch.warm_up()`)."""
+    `warm`, the draft's decode step is warmed up now, on this thread (else by `batch.warm_up()`);
+    with `adapt`, rounds are taken only while they pay on this host (`Pace`), else whenever allowed."""
     if not batch.inference or batch.fast is None:
         return None
-    batch.drafter = Drafter(draft, batch, k, compile)
+    batch.drafter = Drafter(draft, batch, k, compile, adapt)
     if warm:
         batch.drafter.warm_up()
     return batch.drafter
+
+
+class Pace:
+    """Whether speculative rounds pay, from what rounds and plain steps measure on this host, kept
+    per number of running rows (a round over 1 row and one over 4 cost differently): the tokens
+    per second of the last few rounds (decayed sums of their tokens and seconds) against those of
+    plain steps. Rounds pay when the draft agrees often and costs little against the model; a weak
+    or slow draft (or a model so small that a forward of k + 1 tokens costs like k + 1 forwards)
+    makes them slower than plain steps, and then the batch steps plainly for `probe` steps (doubling,
+    up to `longest`, while rounds keep losing) before a trial of `trial` rounds decides again. While
+    rounds win, a few plain steps every `refresh` rounds keep the plain figure current. Only the
+    choice between a round and a plain step depends on timing: greedy output is the model's either
+    way, sampled output follows its distribution either way."""
+
+    def __init__(self, probe: int = 8, longest: int = 256, trial: int = 4, refresh: int = 64, decay: float = 0.8,
+                 ) -> None:
+        self.probe, self.longest, self.trial, self.refresh, self.decay = probe, longest, trial, refresh, decay
+        self.plain_s: dict[int, float] = {}  # rows -> seconds of a plain step (a running average)
+        self.spec: dict[int, list[float]] = {}  # rows -> decayed [tokens, seconds] of rounds
+        self.judged_in = trial  # rounds before the next verdict
+        self.wait = 0  # plain steps before rounds may be tried again
+        self.backoff = probe
+        self.rounds_since: dict[int, int] = {}  # rows -> rounds since the last plain figure
+        self.plain_due = 0  # plain steps owed to refresh the plain figure
+        self.warm = False  # the last step was plain: the next plain step's time is its settled cost
+
+    def speculate(self, rows: int) -> bool:
+        """Whether the next step over `rows` running rows is a round (else a plain step)."""
+        if self.plain_due == 0 and (rows not in self.plain_s or self.rounds_since.get(rows, 0) >= self.refresh):
+            self.plain_due = 2  # the first runs after a round (or a prefill): only the second is timed
+            self.rounds_since[rows] = 0
+        if self.plain_due > 0:
+            self.plain_due -= 1
+            return False
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def plain(self, rows: int, seconds: float) -> None:
+        """A plain step over `rows` rows took `seconds` (one token each). Only a step after a plain
+        step counts: the first after a round runs with the draft's weights in the caches."""
+        if self.warm:
+            old = self.plain_s.get(rows)
+            self.plain_s[rows] = seconds if old is None else old + (1 - self.decay) * (seconds - old)
+        self.warm = True
+
+    def round(self, rows: int, tokens: int, seconds: float) -> None:
+        """A round over `rows` rows handed out `tokens` in `seconds`."""
+        self.warm = False
+        acc = self.spec.setdefault(rows, [0.0, 0.0])
+        acc[0], acc[1] = self.decay * acc[0] + tokens, self.decay * acc[1] + seconds
+        self.rounds_since[rows] = self.rounds_since.get(rows, 0) + 1
+        self.judged_in -= 1
+        if self.judged_in > 0 or rows not in self.plain_s:
+            return
+        self.judged_in = 1
+        if acc[0] / acc[1] < rows / self.plain_s[rows]:  # rounds lose: step plainly, then a fresh trial
+            self.wait, self.backoff, self.judged_in = self.backoff, min(2 * self.backoff, self.longest), self.trial
+            self.spec.pop(rows)
+        else:
+            self.backoff = self.probe
 
 
 class Drafter:
     """The draft model of a `Batch`: its own KV cache over the batch's rows and `step(hi)`, one
     speculative round for rows 0..hi-1. `length[row]`: the tokens of the row the draft has read
     (behind the batch's after a prefill or plain steps, caught up at the next round). Counts
-    `proposed` and `accepted` drafted tokens and `rounds`."""
+    `proposed` and `accepted` drafted tokens and `rounds`; with `adapt`, `pace` decides whether
+    a round pays (else every allowed round is taken)."""
 
-    def __init__(self, draft: nn.Module, batch: Batch, k: int, compile: bool) -> None:
+    def __init__(self, draft: nn.Module, batch: Batch, k: int, compile: bool, adapt: bool = True) -> None:
         cfg = getattr(draft, "cfg", None)
         if not decode.supports(draft):
             raise ValueError("the draft model must be a plain (not quantized, not LoRA) kiln decoder")
@@ -96,6 +161,7 @@ class Drafter:
         self.length = [0] * batch.rows
         self.max_len = min(batch.max_len, cfg.max_seq_len)  # the draft's positions end at its own context
         self.fast = decode.decode_step(draft, compile)
+        self.pace = Pace() if adapt else None
         self.proposed = self.accepted = self.rounds = 0
 
     @property
@@ -104,26 +170,53 @@ class Drafter:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     def warm_up(self) -> None:
-        self.fast.warm_up(self.cache)
+        """Compile the draft's step and the checks of both models (a no-op without compiling)."""
+        self.fast.warm_up(self.cache, verify=self.k + 1)
+        self.batch.fast.warm_up(self.batch.cache, verify=self.k + 1)
 
-    def _catch_up(self, hi: int) -> None:
-        """Read into the draft's cache each row's tokens it has not read: the ids the batch's cache
-        holds for the row (the prompt it was fed, then its output but the newest token, which is `last`)."""
+    def took_plain(self, rows: int, seconds: float) -> None:
+        """The batch took a plain step over `rows` running rows in `seconds` (for `pace`)."""
+        if self.pace is not None and rows <= MAX_ROWS:
+            self.pace.plain(rows, seconds)
+
+    def _unread(self, row: int) -> list[int]:
+        """Row `row`'s tokens the draft has not read, through the newest (`last`, not in the batch's cache)."""
+        seq, lo, hi = self.batch.seqs[row], self.length[row], self.batch.length[row] + 1
+        n = len(seq.fed)
+        return seq.fed[lo:hi] + seq.tokens[max(lo - n, 0) : hi - n] if lo < n else seq.tokens[lo - n : hi - n]
+
+    def _catch_up(self, rows: list[int]) -> None:
+        """Read into the draft's cache the tokens of `rows` it has not read, but each row's newest
+        (a new prompt, the tokens of plain steps), in one forward of the draft per run of rows."""
         b = self.batch
-        behind = [r for r in range(hi) if b.seqs[r] is not None and self.length[r] < b.length[r]]
-        for lo, z in adjacent_runs(behind):
-            gaps = [(b.seqs[r].fed + b.seqs[r].tokens)[self.length[r] : b.length[r]] for r in range(lo, z)]
-            ids, mask = right_padded(gaps, b.device)
+        for lo, z in adjacent_runs(rows):
+            ids, mask = right_padded([self._unread(r)[:-1] for r in range(lo, z)], b.device)
             self.model(ids, cache=_RowView(self.cache, lo, z).known(self.length[lo:z]), return_hidden=True,
                        attention_mask=mask)
             self.length[lo:z] = b.length[lo:z]
+
+    def _first(self, hi: int, start: int) -> torch.Tensor:
+        """The draft's logits (hi, V) after each row's newest token, the few tokens before it the
+        draft has not read (at most k + 1: after a round that kept every drafted token, the last of
+        them; after plain steps, their tokens) read in the same forward."""
+        b = self.batch
+        gaps = [b.length[r] + 1 - self.length[r] if b.seqs[r] is not None else 1 for r in range(hi)]
         self.cache.lengths[:hi] = torch.tensor(self.length[:hi], device=b.device)
+        if max(gaps) == 1:
+            return self._draft_logits(b.last[:hi, 0], hi, start + 1)
+        ids, _ = right_padded([self._unread(r) if b.seqs[r] is not None else [0] for r in range(hi)], b.device)
+        logits = self.fast.verify(ids, self.cache, hi, max(self.length[:hi]) + ids.shape[1])
+        at = torch.tensor([g - 1 for g in gaps], device=b.device)
+        self.cache.lengths[:hi] += torch.tensor(gaps, device=b.device) * b.live[:hi]
+        return logits[torch.arange(hi, device=b.device), at, : b.vocab].float()
 
     def _draft_logits(self, tokens: torch.Tensor, hi: int, used: int) -> torch.Tensor:
         """The draft's logits (hi, V) for one token per row at each row's length; advances live rows."""
-        full = torch.zeros(self.cache.batch, dtype=torch.long, device=tokens.device)
-        full[:hi] = tokens
-        logits = self.fast(full, self.cache, hi, used)
+        if self.fast.settings.cuda_graphs and self.fast.compiled:  # the graph reads a token for every cache row
+            full = torch.zeros(self.cache.batch, dtype=torch.long, device=tokens.device)
+            full[:hi] = tokens
+            tokens = full
+        logits = self.fast(tokens, self.cache, hi, used)
         self.cache.lengths[:hi] += self.batch.live[:hi]
         return logits[:, : self.batch.vocab].float()
 
@@ -136,29 +229,34 @@ class Drafter:
             return False
         if max(b.length[:hi]) + k + 1 > self.max_len:
             return False
+        if self.pace is not None and not self.pace.speculate(len(running)):
+            return False
+        far = [r for r in range(hi) if seqs[r] is not None and b.length[r] - self.length[r] > k]
+        if far:  # a new prompt (or many plain steps): read by the draft's forward, as a prefill is
+            self._catch_up(far)
+        t0 = time.perf_counter()
         temperature, top_k, top_p = b.temperature[:hi], b.top_k[:hi], b.top_p[:hi]
         sampling = any(s.params.temperature > 0 for s in running)
         # draws in [0, 1) from each row's own generator: k for drafting, k for accepting, 1 for the last token
         draws = torch.tensor([[s.rng.random() if s is not None and s.params.temperature > 0 else 0.0
                                for _ in range(2 * k + 1)] for s in seqs], device=b.device) if sampling else None
 
-        # 1. draft k tokens per row, one step each (the k-th is read by the draft after step 3, if kept)
-        self._catch_up(hi)
+        # 1. draft k tokens per row, one step each (the k-th is read by the draft at the next round, if kept)
         start = max(b.length[:hi])
-        token = b.last[:hi, 0]
-        drafted, q = [], []
+        start_of = b.length[:hi]  # a copy: the draft reads each row's positions start_of[row] .. + k - 1
+        ids = torch.empty(hi, k + 1, dtype=torch.long, device=b.device)  # the newest token, then the drafts
+        ids[:, 0] = b.last[:hi, 0]
+        q = []
         for i in range(k):
-            logits = self._draft_logits(token, hi, start + i + 1)
+            logits = self._first(hi, start) if i == 0 else self._draft_logits(ids[:, i], hi, start + i + 1)
             if sampling:
                 q.append(sampling_probs(logits, temperature, top_k, top_p))
-                token = sample_next(logits, temperature, top_k, top_p, uniform=draws[:, i], sampling=True)
+                ids[:, i + 1] = sample_next(logits, temperature, top_k, top_p, uniform=draws[:, i], sampling=True)
             else:
-                token = logits.argmax(-1)
-            drafted.append(token)
-        drafted_ids = torch.stack(drafted, 1)  # (hi, k)
+                ids[:, i + 1] = logits.argmax(-1)
+        drafted_ids = ids[:, 1:]  # (hi, k)
 
         # 2. the model's logits at all k + 1 positions, in one forward (the fused step over k + 1 tokens)
-        ids = torch.cat([b.last[:hi], drafted_ids], 1)
         logits = b.fast.verify(ids, b.cache, hi, start + k + 1)[:, :, : b.vocab].float()  # (hi, k + 1, V)
 
         # 3. how many drafted tokens each row keeps, and its own next token
@@ -172,13 +270,11 @@ class Drafter:
             token = best[torch.arange(hi), n]
         values = torch.cat([n, token, drafted_ids.reshape(-1)]).tolist()  # the round's one device read
         kept, tokens, drafts = values[:hi], values[hi : 2 * hi], values[2 * hi :]
-        if any(kept[r] == k for r in range(hi) if seqs[r] is not None):  # the draft has not read its k-th yet
-            self._draft_logits(drafted_ids[:, -1], hi, start + k + 1)
 
         # 4. hand each row its tokens; rows that go on keep the cache positions of what they kept
         now = time.perf_counter()
         self.rounds += 1
-        lengths = []
+        lengths, handed = [], b.handed
         for row in range(hi):
             seq = seqs[row]
             if seq is None:
@@ -191,9 +287,9 @@ class Drafter:
             if going:
                 b.length[row] += 1 + kept[row]
                 b.last[row, 0] = tokens[row]
+                self.length[row] = min(start_of[row] + k, b.length[row])  # through its last kept draft
             lengths.append(b.length[row])
-        new = torch.tensor(lengths, device=b.device)
-        b.cache.lengths[:hi] = new
-        self.cache.lengths[:hi] = new
-        self.length[:hi] = lengths
+        b.cache.lengths[:hi] = torch.tensor(lengths, device=b.device)
+        if self.pace is not None:
+            self.pace.round(len(running), b.handed - handed, time.perf_counter() - t0)
         return True
