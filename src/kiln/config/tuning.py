@@ -141,7 +141,7 @@ class SpeedrunConfig:
     rl_steps: int = ranged(16, ge=1)
     distill_steps: int = ranged(400, ge=1)
     student: list[str] = field(  # the student's model.* overrides
-        default_factory=lambda: ["preset=tiny", "d_model=128", "n_heads=4", "n_kv_heads=2"])
+        default_factory=lambda: ["preset=tiny", "d_model=192", "n_layers=1", "n_heads=4", "n_kv_heads=2"])
 
 
 @dataclass

@@ -14,6 +14,9 @@ prefill, and for models this cannot take, e.g. quantized ones):
   per-head q/k RMSNorm (Qwen3), a head size of its own, scaled RoPE (the model's own tables), and a
   sliding window (each row's mask stops `window` slots before its position, in the layers that
   have one).
+- On CPU, a product over several rows (a batch of rows, a speculative check of k + 1 tokens) runs
+  as `w @ x.T`, transposed back (`_linear`): the BLAS kernel for that layout is 1.2-2x as fast for
+  2 to 32 rows at these shapes; one row takes `F.linear`.
 - Positions come from the cache's per-row lengths as a tensor, never read back to the host: the
   number of attended slots (`used`) is given by the caller, who knows every row's length
   already, and each row masks the slots past its own length.
