@@ -54,13 +54,17 @@ def test_the_step_gives_each_row_the_logits_of_its_whole_sequence(compile):
         assert cache.lengths.tolist() == [len(seqs[0]) - 1, 0, len(seqs[2]) - 1]
 
 
-def test_verify_gives_each_row_the_logits_of_several_new_tokens():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_verify_gives_each_row_the_logits_of_several_new_tokens(compile):
     """`DecodeStep.verify` (speculative decoding's check): T new tokens per row, each row from its
     own cache length (a free row at 0 among them); every position's logits equal a full forward over
-    the row's sequence to there, and a later step reads the keys and values it wrote."""
+    the row's sequence to there, and a later step reads the keys and values it wrote. Compiled
+    (traced whole, `fullgraph`: a graph break would make it eager and leave a note), its attention
+    is written out as products (grouped heads as a reshape) rather than the model's SDPA."""
     torch.manual_seed(0)
     model = tiny_model()
-    step = decode.DecodeStep(model)
+    settings = decode.StepCompile({"backend": "eager", "fullgraph": True}) if compile else None
+    step = decode.DecodeStep(model, compile=compile, settings=settings)
     seqs = {0: torch.randint(0, 96, (9,)).tolist(), 2: torch.randint(0, 96, (4,)).tolist()}
     new = {row: torch.randint(0, 96, (3,)).tolist() for row in seqs}
     cache = KVCache(model.cfg, 3, 40)
@@ -82,6 +86,23 @@ def test_verify_gives_each_row_the_logits_of_several_new_tokens():
         for row in seqs:
             want = model(torch.tensor([seqs[row] + new[row] + [int(nxt[row])]]))[0, -1]
             torch.testing.assert_close(after[row], want, atol=1e-4, rtol=1e-4)
+        cache.lengths += torch.tensor([1, 0, 1])
+        two = torch.tensor([[3, 4], [0, 0], [5, 6]])  # another T: the compiled check is dynamic in it
+        logits = step.verify(two, cache, 3, max(len(s) for s in seqs.values()) + 6)
+        for row in seqs:
+            want = model(torch.tensor([seqs[row] + new[row] + [int(nxt[row])] + two[row].tolist()]))[0, -2:]
+            torch.testing.assert_close(logits[row], want, atol=1e-4, rtol=1e-4)
+    assert step.note is None and step.compiled == compile
+    if compile:  # a draft's check through the same code, other head counts (dynamo then makes them dynamic)
+        other = Transformer(preset("tiny", vocab_size=96, n_kv_heads=4, d_model=32))
+        other.init_weights(1)
+        other_step = decode.DecodeStep(other.eval(), compile=True, settings=settings)
+        cache = KVCache(other.cfg, 2, 40)
+        with torch.inference_mode():
+            for t in (3, 2, 4):
+                got = other_step.verify(torch.arange(2 * t).view(2, t) + 1, cache, 2, t)
+                torch.testing.assert_close(got[1], other(torch.arange(t, 2 * t)[None] + 1)[0], atol=1e-4, rtol=1e-4)
+        assert other_step.note is None
 
 
 def decode_rows(cache: KVCache, row: int) -> KVCache:
