@@ -18,10 +18,12 @@ its own slots only up to its length). Rows whose sequences end mid-round (an end
 string, the budget) free their rows as in a plain step. A round is only taken while every
 running row has room for k + 1 more positions, no row uses a repetition penalty (its counts
 would change with every kept token), and at most `MAX_ROWS` rows run (verifying k + 1 tokens for
-a full batch costs more compute than it saves); otherwise the batch takes a plain step. The
-draft's cache catches up lazily: at the start of a round, each row's tokens the draft has not
-read yet (a new prompt, the tokens of plain steps) are read in one forward per run of rows, so
-plain steps and prefills cost the draft nothing.
+a full batch costs more compute than it saves); otherwise the batch takes a plain step; and,
+by default, only while rounds beat plain steps on this host (`Pace`). The draft's cache catches
+up lazily, so plain steps and prefills cost the draft nothing: at a round's start, the few tokens
+of a row it has not read (the last draft of a round that kept them all, the tokens of a few plain
+steps) go into the round's first draft forward, and a longer gap (a new prompt) is read first,
+in one forward per run of rows.
 """
 
 from __future__ import annotations
