@@ -8,9 +8,9 @@ first to the last, as the client receives them: the HTTP event loop and the clie
 machine's cores with decoding). Both processes keep one OpenMP thread pool (the server loads, steps
 and scores on its engine thread), so both decode with libgomp's workers spinning between ops
 (`kiln.serve.scheduler`). They run in turns of `--block` requests each, `--rounds` turns, so the
-host's drift falls on both; each process holds its own copy of the model, so the first request
-after a switch finds the other's weights in the caches: it is reported apart, and the medians are
-of the rest (what a client of the server alone meets).
+host's drift falls on both. The first request of a turn is the first after that process sat idle
+(decoding slower, the host's cores waking): it is reported apart, and the medians are of the rest,
+each a request right after another.
 Starts `kiln serve` twice on 127.0.0.1 (`max_batch=32`, then `max_batch=1`: each request waits for
 the one before to finish), and drives each with 1, 8 and 32 concurrent streaming clients, the same
 prompts and greedy settings (so both do the same work). Prints requests/s, p50/p99 latency and
@@ -126,10 +126,8 @@ def bare_decode(engine, batch, prompt: str, max_tokens: int) -> float:
 
 def one_client_vs_bare(run: Path, url: str, model: str, device: str, max_tokens: int, rounds: int,
                        block: int) -> None:
-    """The server and the bare engine in turns, `block` requests each per turn. Each process holds
-    its own copy of the model, and the first request after a switch runs with the other's weights
-    in the caches and its own OpenMP workers asleep; a client of the server alone never meets that
-    switch, so the first request of each turn is reported apart and left out of the medians."""
+    """The server and the bare engine in turns, `block` requests each per turn; the first of each
+    turn follows an idle spell of its process and is reported apart, out of the medians."""
     from kiln.infer.generate import Engine
 
     engine = Engine.from_run(run, device)
