@@ -76,7 +76,7 @@ def test_batched_sampling_matches_each_prompt_alone():
         seq = list(p)
         for _ in range(6):  # greedy, the whole sequence each step, no cache
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-        assert got == seq[len(p):]
+        assert got.prompt == p and got.ids == seq[len(p):] and got.healed == ""
 
 
 def test_a_text_completion_ends_where_the_function_does():
@@ -182,10 +182,10 @@ def test_only_doctests_that_call_the_function_itself_count():
     assert not _calls_itself(fn(">>> my_getoutput('ls')\n'x'\n"))
 
 
-def test_the_default_rl_prompts_stop_at_the_docstring_and_their_functions_pass_the_reward():
-    """The text prompt ends at the closing quotes (a prompt ending in a bare newline is a token
-    boundary the model rarely saw), and the real body, completing it, earns the reward: the static
-    checks pass nearly every real standard-library function."""
+def test_the_default_rl_prompts_are_the_headers_and_their_functions_pass_the_reward():
+    """The text prompt is the function's header as written (ending in the docstring's newline,
+    which the rollouts heal), and the real body, completing it, earns the reward: the static checks
+    pass nearly every real standard-library function."""
     from types import SimpleNamespace
 
     from kiln.data.preference_default import _body_of, default_prompts
@@ -193,9 +193,9 @@ def test_the_default_rl_prompts_stop_at_the_docstring_and_their_functions_pass_t
     train, val = default_prompts(120, 0.2)
     passed = 0
     for row in train + val:
-        assert row["prompt"] == row["header"].rstrip("\n") and not row["prompt"].endswith("\n")
+        assert row["prompt"] == row["header"] and row["prompt"].endswith("\n")
         file, name = row["source"].rsplit(":", 1)
-        real = "\n" + _body_of(SimpleNamespace(file=file, name=name))
+        real = _body_of(SimpleNamespace(file=file, name=name))
         value, why = code_reward(row["prompt"], real, entry_point=row["entry_point"], header=row["header"],
                                  module_names=row["module_names"])
         passed += value == 1.0

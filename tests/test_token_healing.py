@@ -114,6 +114,33 @@ def test_sampled_first_tokens_only_ever_extend_the_backed_off_text(engine, monke
     assert one.tokens[0] in allowed and one.tokens[0] != ret
 
 
+def test_grpo_text_rollouts_are_healed_and_train_on_what_the_policy_read(engine, monkeypatch):
+    """`kiln rl` in text format (`rl.heal`): the policy reads the prompt less its "\\n" and its
+    first token extends it; the batch trains on the prompt as read plus the completion, and the
+    reward sees only what follows the prompt. Chat rollouts (and `rl.heal=false`) read it as sent."""
+    from kiln.workloads.rl import RolloutLoader, complete, sequences_batch
+
+    ret, deep = tid(engine, "def"), tid(engine, "\n       ")
+    biased(engine, monkeypatch, {ret: 100.0, deep: 50.0})
+    ids = engine.encode_prompt(PROMPT)
+    vocab = engine.tokenizer.get_vocab_size()
+    healed, plain = (complete(engine.model, [ids], 1, 0.0, 0, 1.0, "t", set(), vocab, None, engine.tokenizer, h)[0]
+                     for h in (True, False))
+    assert (healed.prompt, healed.ids, healed.healed) == (ids[:-1], [deep], "\n")
+    assert (plain.prompt, plain.ids, plain.healed) == (ids, [ret], "")
+    rc = SimpleNamespace(max_new_tokens=1, heal=True)
+    for fmt, want in (("text", "       "), ("chat", None)):
+        loader = SimpleNamespace(tok=engine.tokenizer, stop_ids=set(), fmt=fmt, rc=rc, _stop_text=lambda: None)
+        loader.complete = RolloutLoader.complete.__get__(loader)
+        (got,) = loader.complete(engine.model, [SimpleNamespace(ids=ids)], 0.0, 0, 1.0, "t")
+        assert got == (healed if fmt == "text" else plain)
+        if want is not None:  # the reward's text: after the prompt, which already has the "\n"
+            assert RolloutLoader.completion_text(loader, got) == want
+    batch = sequences_batch([healed.prompt], [healed.ids], pad=0)
+    assert batch["input_ids"][0].tolist() == ids[:-1] + [deep]
+    assert batch["labels"][0].tolist() == [-100] * (len(ids) - 2) + [deep, -100]
+
+
 def test_token_id_prompts_are_not_healed(engine):
     ids = engine.encode_prompt(PROMPT)
     # generate() without heal (what evaluation, lm-eval, RL and distillation call): the prompt as sent

@@ -98,6 +98,9 @@ class RLConfig:
     temperature: float = ranged(1.0, gt=0)
     top_k: int = ranged(0, ge=0)  # 0 = off
     top_p: float = ranged(1.0, gt=0, le=1)  # 1 = off
+    # token healing of text-format prompts (kiln.infer.healing): a prompt ending in "\n" may go on with
+    # "\n    " as the tokenizer merged it in training; chat prompts are never healed
+    heal: bool = True
     clip_eps: float = ranged(0.2, gt=0, lt=1)  # the policy ratio is clipped to [1 - eps, 1 + eps]
     kl_coef: float = ranged(0.0, ge=0)  # β of the KL penalty to the reference (0 = no reference model)
     scale_rewards: bool = True  # divide advantages by the group's standard deviation

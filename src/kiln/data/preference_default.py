@@ -180,10 +180,9 @@ def docstring_prompts(n: int, val_fraction: float, seed: int = 0) -> tuple[list[
 
 def _prompt_row(fn: Function, passing: set[str]) -> dict:
     ok = f"{fn.file}:{fn.name}" in passing
-    # the text prompt stops at the docstring's closing quotes, not after its newline: the tokenizer
-    # merges a newline with the next line's indent, so a prompt ending in a bare newline is one the
-    # model has rarely seen (greedy completions then end the function at once)
-    return {"prompt": fn.header.rstrip("\n"), "chat_prompt": FUNCTION_PROMPT.format(name=fn.name, doc=fn.summary),
+    # the text prompt is the header as written, ending in the docstring's newline: the tokenizer merged
+    # that newline with the next line's indent in training, and the rollouts heal it (rl.heal)
+    return {"prompt": fn.header, "chat_prompt": FUNCTION_PROMPT.format(name=fn.name, doc=fn.summary),
             "header": fn.header, "entry_point": fn.name,
             "doctest": fn.doctest if ok else "", "setup": fn.setup if ok else "", "source": f"{fn.file}:{fn.name}",
             "module_names": list(fn.module_names) if fn.module_names is not None else None}

@@ -147,17 +147,33 @@ def body_end(text: str) -> int | None:
 
 
 # ---- generation ------------------------------------------------------------------------------
+@dataclass
+class Completion:
+    """One sampled completion: `prompt`, the prompt's ids as the policy read them (a healed prompt
+    less its backed-off token), `ids`, the completion's (an end token kept), and `healed`, the text
+    of the backed-off token that the completion's first token starts with ("" when not healed)."""
+
+    prompt: list[int]
+    ids: list[int]
+    healed: str = ""
+
+
 def complete(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, seed: str, stop_ids: set[int], vocab: int, stop_text=None) -> list[list[int]]:
-    """Completion ids of each prompt, by `kiln.infer.generate` on the policy in training (through its
+             top_p: float, seed: str, stop_ids: set[int], vocab: int, stop_text=None, tokenizer=None,
+             heal: bool = False) -> list[Completion]:
+    """Completions of each prompt, by `kiln.infer.generate` on the policy in training (through its
     DDP / FSDP2 wrapper, every rank stepping together). A row ends at a stop id (kept: it is the
     policy's choice too), when `stop_text(ids)` says so, or at `max_new_tokens`; row i samples
-    with the seed `seed/i`."""
-    params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=f"{seed}/{i}") for i in range(len(prompts))]
+    with the seed `seed/i`. `heal` (with `tokenizer`): token healing of text prompts
+    (`kiln.infer.healing`): the policy reads a healed prompt less its last token and writes that
+    token's text back as the start of its first, as the tokenizer merged it in training."""
+    params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, seed=f"{seed}/{i}", heal=heal)
+              for i in range(len(prompts))]
     until = (lambda _, ids: stop_text(ids)) if stop_text is not None else None
-    seqs = generate(model, prompts, params, stop_ids=stop_ids, vocab=vocab, until=until, inference=False,
-                    ranks_in_step=True)
-    return [s.tokens + ([s.stop_token] if s.stop_token is not None else []) for s in seqs]
+    seqs = generate(model, prompts, params, stop_ids=stop_ids, tokenizer=tokenizer if heal else None, vocab=vocab,
+                    until=until, inference=False, ranks_in_step=True)
+    return [Completion(list(s.fed), s.tokens + ([s.stop_token] if s.stop_token is not None else []), s.heal_text)
+            for s in seqs]
 
 
 # ---- rewards ---------------------------------------------------------------------------------
@@ -241,12 +257,21 @@ class RolloutLoader:
             return None
         return lambda ids: body_end(self.tok.decode(ids)) is not None
 
-    def completion_text(self, ids: list[int]) -> str:
-        text = self.tok.decode([t for t in ids if t not in self.stop_ids])
+    def complete(self, model: nn.Module, prompts: list[Prompt], temperature: float, top_k: int, top_p: float,
+                 seed: str) -> list[Completion]:
+        """Completions of `prompts` by `model`; text-format prompts are healed (`rl.heal`)."""
+        return complete(model, [p.ids for p in prompts], self.rc.max_new_tokens, temperature, top_k, top_p, seed,
+                        self.stop_ids, self.tok.get_vocab_size(), self._stop_text(), self.tok,
+                        self.rc.heal and self.fmt == "text")
+
+    def completion_text(self, c: Completion) -> str:
+        """What the reward sees: the completion's text after the prompt (a healed prompt's
+        backed-off text left out), cut where the function body ends in text format."""
+        text = self.tok.decode([t for t in c.ids if t not in self.stop_ids])
         if self.fmt == "text":
             cut = body_end(text)
             text = text[:cut] if cut is not None else text
-        return text
+        return text[len(c.healed):] if text.startswith(c.healed) else text
 
     def steps_done(self) -> int:
         """Optimizer steps taken so far (each rollout serves rl.updates_per_rollout of them)."""
@@ -268,19 +293,17 @@ class RolloutLoader:
         self.policy.eval()
         try:
             with self.autocast:
-                completions = complete(self.policy, [p.ids for p in prompts], rc.max_new_tokens, rc.temperature,
-                                       rc.top_k, rc.top_p, seed, self.stop_ids, self.tok.get_vocab_size(),
-                                       self._stop_text())
+                completions = self.complete(self.policy, prompts, rc.temperature, rc.top_k, rc.top_p, seed)
         finally:
             self.policy.train(was_training)
         texts = [self.completion_text(c) for c in completions]
-        rewards, reasons = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        rewards, reasons = self.scorer(prompts, texts, [c.prompt + c.ids for c in completions])
         self.reasons.update(reasons)
         r = torch.tensor(rewards, dtype=torch.float32).view(rc.prompts_per_step, rc.group_size)
         adv = group_advantages(r, rc.scale_rewards).flatten()
-        batch = sequences_batch([p.ids for p in prompts], completions, self.pad)
+        batch = sequences_batch([c.prompt for c in completions], [c.ids for c in completions], self.pad)
         batch["advantages"] = adv
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         stats = {"reward_mean": r.mean(), "reward_std": r.std(-1).mean(), "zero_variance_groups":
                  (r.std(-1) == 0).float().mean(), "completion_tokens": lengths.mean(),
                  **{f"reason_{k}": torch.tensor(float(v)) for k, v in Counter(reasons).items()}}
@@ -376,14 +399,13 @@ class GRPO(Objective):
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, tuple[float, float]]:
         prompts = [self.eval_prompts[i] for i in batch["prompt_index"].tolist()]
         loader = self.loader
-        completions = complete(model, [p.ids for p in prompts], self.rc.max_new_tokens, 0.0, 0, 1.0, "eval",
-                               loader.stop_ids, loader.tok.get_vocab_size(), loader._stop_text())
+        completions = loader.complete(model, prompts, 0.0, 0, 1.0, "eval")
         texts = [loader.completion_text(c) for c in completions]
-        rewards, reasons = self.scorer(prompts, texts, [p.ids + c for p, c in zip(prompts, completions, strict=True)])
+        rewards, reasons = self.scorer(prompts, texts, [c.prompt + c.ids for c in completions])
         self._pending += [{"prompt": p.text, "completion": t, "reward": r, "reason": why}
                           for p, t, r, why in zip(prompts, texts, rewards, reasons, strict=True)]
         n = float(len(prompts))
-        out = {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(map(len, completions))), n)}
+        out = {"val_reward": (sum(rewards), n), "val_completion_tokens": (float(sum(len(c.ids) for c in completions)), n)}
         for why, count in Counter(reasons).items():  # shares of the held-out completions by reason
             out[f"val_reason_{why}"] = (float(count), 0.0)  # divided by every batch's count in eval_finish
         return out
