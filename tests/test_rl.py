@@ -305,6 +305,10 @@ def test_rollouts_are_reused_for_updates_per_rollout_steps(rl_run):
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "reward_mean" in m]
     assert steps[0]["reward_mean"] == steps[1]["reward_mean"] and steps[0]["clip_fraction"] == 0.0
+    # tokens/s and MFU count the positions each update trains on: 10 rows padded to the rollout's
+    # longest (a prompt of a few tokens, at most 16 new ones), not to train.seq_len (96 each)
+    added = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *steps], steps)]
+    assert all(0 < n <= 10 * 40 for n in added) and added[0] == added[1] and added[2] == added[3], added
 
 
 @pytest.fixture(scope="module")

@@ -237,6 +237,7 @@ class RolloutLoader:
         self.epoch, self.pos, self.rollouts = 0, 0, 0
         self.cached: dict | None = None
         self.uses = 0
+        self.batch_tokens = 0  # positions in the last batch (`next_batch`)
         self.reasons: Counter = Counter()
 
     @property
@@ -278,10 +279,12 @@ class RolloutLoader:
         return (self.rollouts - 1) * self.rc.updates_per_rollout + self.uses if self.rollouts else 0
 
     def next_batch(self) -> Batch:
-        if self.cached is not None and self.uses < self.rc.updates_per_rollout:
-            self.uses += 1
-            return self.cached
-        self.cached, self.uses = self.rollout(), 1
+        if self.cached is None or self.uses >= self.rc.updates_per_rollout:
+            self.cached, self.uses = self.rollout(), 0
+        self.uses += 1
+        # the positions the update computes (rows padded to the rollout's longest, not to seq_len),
+        # for the trainer's tokens/s and MFU
+        self.batch_tokens = self.cached["input_ids"].numel()
         return self.cached
 
     def rollout(self) -> Batch:
@@ -540,6 +543,8 @@ def report_rl(cfg: Config, loader: RolloutLoader, skipped: Counter, fmt: str, sa
     if skipped:
         lines.append("- prompts skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     lines.append("- completions by reward reason: " + ", ".join(f"{k} {v:,}" for k, v in loader.reasons.most_common()))
+    lines.append("- tokens/s and MFU count the positions each update trains on (prompt + completion, rows padded to "
+                 "the rollout's longest) over the whole step, sampling and scoring the rollout included")
     if val:
         lines.append(f"- held-out mean reward (greedy): **{val[0][1]:.3f} at step {val[0][0]} → {val[-1][1]:.3f} at "
                      f"step {val[-1][0]}**")
