@@ -113,6 +113,21 @@ def test_the_encoder_exports_to_transformers_eurobert_with_matching_outputs(enco
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------
+def test_the_classification_loader_counts_the_positions_it_pads_to():
+    """Rows are padded to their batch's longest, not to train.seq_len, and the trainer's tokens/s
+    and MFU count what the batch holds (`batch_tokens`), not batch_size × seq_len."""
+    import numpy as np
+
+    from kiln.data.labelled_text import ClassificationLoader
+
+    ids = [np.arange(1, n + 1) for n in (3, 9, 5, 4, 7, 2)]
+    loader = ClassificationLoader(ids, [0, 1, 0, 1, 0, 1], batch_size=2, seq_len=128, pad_id=0)
+    for _ in range(3):
+        batch = loader.next_batch()
+        longest = int(batch["attention_mask"].sum(1).max())
+        assert batch["input_ids"].shape == (2, longest) and loader.batch_tokens == 2 * longest < 2 * 128
+
+
 def test_the_fine_tuned_classifier_clearly_beats_both_baselines(classify_run):
     result = json.loads((classify_run / "classify_eval.json").read_text())
     assert result["classes"] == ["original", "shuffled"] and result["counts"]["test"] >= 100

@@ -250,6 +250,7 @@ class ClassificationLoader:
         self.ids, self.labels, self.pad_id = ids, labels, pad_id
         self.batch_size, self.seq_len, self.seed, self.rank, self.world = batch_size, seq_len, seed, rank, world
         self.epoch, self.pos = 0, 0
+        self.batch_tokens = 0  # positions in the last batch
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -262,7 +263,9 @@ class ClassificationLoader:
             self._perm = self._permutation(self.epoch)
         mine = self._perm[self.pos + self.rank * self.batch_size : self.pos + (self.rank + 1) * self.batch_size]
         self.pos += step
-        return padded_batch([self.ids[i] for i in mine], [self.labels[i] for i in mine], self.pad_id)
+        batch = padded_batch([self.ids[i] for i in mine], [self.labels[i] for i in mine], self.pad_id)
+        self.batch_tokens = batch["input_ids"].numel()  # rows padded to this batch's longest: the trainer's tokens/s
+        return batch
 
     @property
     def tokens_per_batch(self) -> int:
