@@ -268,6 +268,26 @@ def test_cli_prints_json(capsys):
     assert result["assumptions"]["prices_are_assumptions"]
 
 
+def test_a_pretraining_plan_of_too_few_steps_says_so_and_what_batch_to_plan(capsys):
+    """2.5B tokens in 4M-token steps are 596 optimizer steps: the plan says so, with the batch that
+    gives at least 1,000 steps (a power of two of sequences); enough steps, no warning."""
+    from kiln.plan import MIN_PRETRAIN_STEPS, batch_for_steps
+
+    assert batch_for_steps(2.5e9, 1024, 4_194_304) == 2_097_152  # 2048 sequences: 1,192 steps
+    assert batch_for_steps(1e6, 1024, 4_194_304) == 1024  # one sequence at least (976 steps)
+    assert batch_for_steps(1e12, 1024, 4_194_304) == 4_194_304  # 238k steps: the batch as planned
+    assert cli.main(["plan", "model.preset=gpt2-124m", "tokens=2.5e9", "json=true"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == pytest.approx(2.5e9 / 4_194_304) and result["steps"] < MIN_PRETRAIN_STEPS
+    assert "596 optimizer steps" in result["warning"] and "global_batch_tokens=2097152 gives 1,192 steps" in \
+        result["warning"]
+    assert cli.main(["plan", "model.preset=gpt2-124m", "tokens=2.5e9"]) == 0
+    assert f"warning {result['warning']}" in capsys.readouterr().out
+    for args in (["tokens=2.5e9", "global_batch_tokens=2097152"], ["tokens=1e11"], ["tokens=1e6", "workload=finetune-full"]):
+        assert cli.main(["plan", "model.preset=gpt2-124m", *args, "json=true"]) == 0
+        assert "warning" not in json.loads(capsys.readouterr().out)
+
+
 def test_cli_prints_tables_for_training_and_inference(capsys):
     assert cli.main(["plan", "model.preset=small", "tokens=1e9", "seq_len=256", "global_batch_tokens=65536"]) == 0
     out = capsys.readouterr().out

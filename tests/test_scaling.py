@@ -112,8 +112,25 @@ def test_plan_target_bpb_gives_the_cheapest_run_with_its_cost(scale_dir, capsys)
     assert t["tokens"] * t["model"]["params"] * 6 == pytest.approx(t["compute"])
     b = t["best"]
     assert b["gpus"] >= 1 and b["days"] > 0 and b["cost"] > 0 and b["gpu_hours"] > 0
+    assert t["tokens"] / t["global_batch_tokens"] >= 1000  # a global batch the run can use: 1,000 steps at least
     assert cli.main(args) == 0
     assert "target    0.62 bits/byte: cheapest" in capsys.readouterr().out
+
+
+def test_a_small_target_run_plans_a_batch_it_can_use_and_few_gpus(scale_dir, capsys):
+    """A target the fit expects a small model to reach: the run is planned in global batches that
+    give it 1,000 steps (not the 4M tokens of a frontier run, which would make it one step), so
+    the data-parallel GPU count is what a batch of a few sequences can feed."""
+    import json
+
+    from kiln import cli
+
+    assert cli.main(["plan", "model.preset=gpt2-124m", f"fit={scale_dir}", "target_bpb=5", "json=true"]) == 0
+    t = json.loads(capsys.readouterr().out)["target"]
+    batch = t["global_batch_tokens"]
+    assert t["tokens"] < 1000 * 4_194_304 and batch < 4_194_304 and batch % 1024 == 0
+    assert t["tokens"] / batch >= 1000 or batch == 1024
+    assert t["best"]["gpus"] <= batch // 1024  # one sequence per data-parallel rank at most
 
 
 def test_plan_fit_errors(scale_dir, tmp_path, capsys):

@@ -53,6 +53,20 @@ DEFAULT_TOKENS = {
     "inference": 1e9,  # tokens served, for the cost column
 }
 
+# Pretraining takes thousands of optimizer steps (Pythia: 143k; GPT-3 125M: 600k; a Chinchilla-optimal
+# GPT-2 124M at 0.5M tokens a step: 5k): a plan with fewer spends a global batch larger than the run can use,
+# and its GPU count (every data-parallel rank takes a share of one step) is not a run anyone would make.
+MIN_PRETRAIN_STEPS = 1000
+
+
+def batch_for_steps(tokens: float, seq_len: int, global_batch_tokens: int, steps: int = MIN_PRETRAIN_STEPS) -> int:
+    """`global_batch_tokens`, or, when `tokens` would be fewer than `steps` steps of it, the largest
+    power-of-two number of sequences (one at least) that gives `steps`: in tokens."""
+    if tokens / global_batch_tokens >= steps:
+        return global_batch_tokens
+    sequences = max(1, int(tokens / steps / seq_len))
+    return min(global_batch_tokens, seq_len * 2 ** (sequences.bit_length() - 1))
+
 
 @dataclass
 class InterconnectConfig:
@@ -881,11 +895,14 @@ def target_plan(cfg: PlanConfig, scaling: Fit) -> dict:
     want = scaling.cheapest(cfg.target_bpb)
     shape = shape_with_params(cfg, want["params"])
     model = dataclasses.replace(cfg.model, **shape)
-    params = model.build().num_params()
+    built = model.build(**({"max_seq_len": cfg.seq_len} if cfg.seq_len else {}))
+    params = built.num_params()
     tokens = float(want["compute"] / (6 * params))  # the same compute at the shape's own size
-    sub = _plan(dataclasses.replace(cfg, model=model, tokens=tokens, fit="", target_bpb=0.0))
+    # a small run gets a global batch it can use (MIN_PRETRAIN_STEPS steps), not the planned run's
+    batch = batch_for_steps(tokens, cfg.seq_len or built.max_seq_len, cfg.global_batch_tokens)
+    sub = _plan(dataclasses.replace(cfg, model=model, tokens=tokens, global_batch_tokens=batch, fit="", target_bpb=0.0))
     b = sub["best"]
-    return {**want, "model": {**shape, "params": params}, "tokens": tokens,
+    return {**want, "model": {**shape, "params": params}, "tokens": tokens, "global_batch_tokens": batch,
             "forecast": scaling.forecast(params, tokens),
             "best": {k: b[k] for k in ("gpus", "label", "days", "gpu_hours", "cost")}, "note": sub["note"]}
 
@@ -936,7 +953,14 @@ def _plan(cfg: PlanConfig) -> dict:
     flops = training_flops_per_token(model, seq_len, bool(lora_rank))
     out.update({"seq_len": seq_len, "micro_batch": cfg.micro_batch,
                 "global_batch_tokens": cfg.global_batch_tokens, "lora_rank": lora_rank,
+                "steps": tokens / cfg.global_batch_tokens,
                 "flops": {k: v * tokens for k, v in flops.items() if k != "forward"}})
+    if cfg.workload == "pretrain" and out["steps"] < MIN_PRETRAIN_STEPS:
+        usable = batch_for_steps(tokens, seq_len, cfg.global_batch_tokens)
+        out["warning"] = (f"{_si(tokens)} tokens are {out['steps']:.3g} optimizer steps of the "
+                          f"{_si(cfg.global_batch_tokens)}-token global batch, fewer than the {MIN_PRETRAIN_STEPS:,} "
+                          f"a pretraining run takes at least: the batch is larger than the run can use, and so is "
+                          f"the GPU count it allows; global_batch_tokens={usable} gives {tokens / usable:,.0f} steps")
     goal = (cfg.objective, cfg.cost_tolerance)
     found = search(job, _cluster(cfg, gpu, price), cfg.gpus, cfg.max_pp, cfg.max_gpus, cfg.max_days, *goal)
     best = found["best"]
@@ -1046,7 +1070,8 @@ def format_training(result: dict) -> str:
              *([_calibration_line(result["calibration"], result["calibration"]["assumed_mfu"])]
                if result.get("calibration") else []),
              f"compute {f['total']:.3g} model FLOPs = {'4' if result['lora_rank'] else '6'}·N·D {f['dense']:.3g} "
-             f"+ attention {f['attention']:.3g}", ""]
+             f"+ attention {f['attention']:.3g}",
+             *([f"warning {result['warning']}"] if result.get("warning") else []), ""]
     mfu = result["assumptions"]["mfu"]
     recompute = (f"; checkpointing recomputes {best['recompute_flops']:.3g} FLOPs more, so MFU {mfu:.0%} "
                  f"takes HFU {best['hfu']:.0%}" if best["checkpointing"] else "")
@@ -1130,7 +1155,8 @@ def forecast_lines(result: dict) -> list[str]:
         tlo, thi = t["forecast"]["interval"]
         lines.append(f"target    {t['target_bpb']:g} bits/byte: cheapest {_si(m['params'])} params (d_model "
                      f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} heads, ffn "
-                     f"{m['ffn_hidden']}) × {_si(t['tokens'])} tokens = {t['compute']:.3g} FLOPs (forecast "
+                     f"{m['ffn_hidden']}) × {_si(t['tokens'])} tokens in global batches of "
+                     f"{_si(t['global_batch_tokens'])} = {t['compute']:.3g} FLOPs (forecast "
                      f"{t['forecast']['bpb']:.4f}, {tlo:.4f}–{thi:.4f}): {b['gpus']} × {result['gpu']['name']} "
                      f"{b['label']}, {_days(b['days'])} days, {_si(b['gpu_hours'])} GPU-hours, ${_si(b['cost'])}"
                      + (f" ({t['note']})" if t.get("note") else ""))
