@@ -81,6 +81,28 @@ def test_help_lists_options_with_defaults(capsys):
     assert "train.max_steps" in out and "1000" in out and "train.ckpt_every" in out and "resume" in out
 
 
+def test_help_says_what_each_option_means_from_its_comment(capsys):
+    """`--help` shows the source's comment of each option: the one at the end of its line, after
+    the comment lines just above it; an option with none shows none, and no section rule leaks in."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "  (" in line}
+    assert rows["port"].endswith("(int)  0 = a free port (printed at start)")
+    assert rows["max_body_bytes"].endswith("(int)")  # no comment in the source
+    with pytest.raises(SystemExit):
+        cli.main(["rl", "--help"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "  (" in line}
+    # a comment block above the field, then nothing at its end
+    assert rows["rl.heal"].endswith('(bool)  token healing of text-format prompts (kiln.infer.healing): a prompt '
+                                    'ending in "\\n" may go on with "\\n    " as the tokenizer merged it in '
+                                    "training; chat prompts are never healed")
+    # a block of several comment lines above, joined
+    assert "('code' | 'docstring')  the default task: \"code\" writes" in rows["rl.task"]
+    assert not any("----" in line for line in rows.values())
+
+
 def test_yaml_words_like_on_and_no_stay_strings(tmp_path):
     cfg = load(Config, None, ["train.compile=on", "sample.prompt=no", "train.activation_checkpointing=true"])
     assert cfg.train.compile == "on" and cfg.sample.prompt == "no" and cfg.train.activation_checkpointing is True

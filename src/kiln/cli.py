@@ -267,11 +267,13 @@ def _resolve(path: str):
 def _options_help(verb: Verb) -> str:
     schema = _resolve(verb.schema)
     rows = [r for r in C.describe(schema) if verb.reads(r[0])]
+    said = C.notes(schema)
     width = max((len(k) for k, _, _ in rows), default=10)
     lines = ["options (key=value; defaults shown):"]
     for key, typ, default in rows:
         shown = key.split(".", 1)[1] if verb.shorthand and key.startswith(verb.shorthand + ".") else key
-        lines.append(f"  {shown:<{width}}  {default!r}  ({typ})")
+        note = f"  {said[key]}" if key in said else ""
+        lines.append(f"  {shown:<{width}}  {default!r}  ({typ}){note}")
     return "\n".join(lines)
 
 

@@ -16,10 +16,16 @@ quantize.*). Every name is re-exported here: import from `kiln.config`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -457,3 +463,38 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
         else:
             rows.append((prefix + f.name, _type_name(typ), getattr(inst, f.name)))
     return rows
+
+
+def notes(cls, prefix: str = "") -> dict[str, str]:
+    """What the source says of each leaf option (key -> text), for `--help`: the comment at the end
+    of its line, after the comment lines just above it (a blank line or code ends those)."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    said = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(notes(hints[f.name], prefix + f.name + "."))
+        elif said.get(f.name):
+            out[prefix + f.name] = said[f.name]
+    return out
+
+
+@functools.cache
+def _field_comments(cls) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # made at run time (model sections): no source to read
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, row = [], node.lineno - 1
+            while row >= 1 and lines[row - 1].lstrip().startswith("#") and row in comments:
+                above.insert(0, comments[row])
+                row -= 1
+            end = comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
+            out[node.target.id] = " ".join([*above, *([end] if end else [])])
+    return out
