@@ -89,7 +89,8 @@ def test_help_says_what_each_option_means_from_its_comment(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "  (" in line}
     assert rows["port"].endswith("(int)  0 = a free port (printed at start)")
-    assert rows["max_body_bytes"].endswith("(int)")  # no comment in the source
+    assert rows["out"].endswith("(str)")  # no comment in the source
+    assert rows["max_body_bytes"].endswith("(int)  a larger request body is refused (413)")
     with pytest.raises(SystemExit):
         cli.main(["rl", "--help"])
     out = capsys.readouterr().out

@@ -53,13 +53,13 @@ class ServeConfig:
     # speculative decoding: a small model of the same tokenizer (the student `kiln distill` made of this
     # run) drafts `draft_tokens` tokens that the served model checks in one forward; "" = off
     draft: str = ""
-    draft_tokens: int = ranged(3, ge=1, le=16)
+    draft_tokens: int = ranged(3, ge=1, le=16)  # tokens drafted per round (k); rounds run only while they beat plain steps
     # streaming: the text of the tokens made within this long goes out in one write (the first token and
     # a choice's end at once); 0 = a write per token
     stream_interval_ms: float = ranged(10.0, ge=0, le=1000)
     max_streams_per_key: int = ranged(64, ge=1)  # requests in flight per API key (or client address)
-    max_body_bytes: int = ranged(1_000_000, ge=1)
-    max_json_depth: int = ranged(32, ge=1)
+    max_body_bytes: int = ranged(1_000_000, ge=1)  # a larger request body is refused (413)
+    max_json_depth: int = ranged(32, ge=1)  # JSON nested deeper is refused (400)
     read_timeout_s: float = ranged(10.0, gt=0)  # a request's head and body must arrive within this
     max_connections: int = ranged(1000, ge=1)  # open connections; beyond that, 503
     shutdown_timeout_s: float = ranged(30.0, ge=0)  # graceful shutdown: time left to requests in flight
