@@ -288,6 +288,22 @@ def test_a_pretraining_plan_of_too_few_steps_says_so_and_what_batch_to_plan(caps
         assert "warning" not in json.loads(capsys.readouterr().out)
 
 
+def test_a_jobs_start_up_is_paid_on_every_gpu_so_a_small_run_stays_on_few(capsys):
+    """Ten minutes before the first step on every GPU (`startup_minutes`): added to the days and
+    paid for. Without it, cost does not depend on the count and a 2.5B-token GPT-2 run spreads over
+    as many GPUs as its batch has sequences, for seconds."""
+    runs = {}
+    for minutes in (0, 10):
+        assert cli.main(["plan", "model.preset=gpt2-124m", "tokens=2.5e9", f"startup_minutes={minutes}", "json=true"]) == 0
+        runs[minutes] = json.loads(capsys.readouterr().out)["best"]
+    assert runs[0]["gpus"] >= 1024 and runs[0]["days"] * 86400 < 10
+    best = runs[10]
+    assert best["gpus"] <= 8 and best["days"] * 86400 > 600
+    train_s = best["days"] * 86400 - 600  # the steps' time, the start-up taken off
+    assert best["gpu_hours"] == pytest.approx(best["gpus"] * (train_s + 600) / 3600)
+    assert train_s == pytest.approx(2.5e9 / best["step_tokens"] * best["step_s"], rel=1e-6)
+
+
 def test_cli_prints_tables_for_training_and_inference(capsys):
     assert cli.main(["plan", "model.preset=small", "tokens=1e9", "seq_len=256", "global_batch_tokens=65536"]) == 0
     out = capsys.readouterr().out

@@ -111,6 +111,9 @@ class PlanConfig:
     gpus_per_node: int = ranged(8, ge=1)
     max_gpus: int = ranged(32768, ge=1)  # the largest count tried when gpus=0
     max_days: float = ranged(90.0, gt=0)  # wall-clock limit when gpus=0: counts that take longer are not chosen
+    # A job's time before its first step (scheduling, container start, NCCL set-up, loading), on every GPU:
+    # added to its days and paid for, so a small run is not spread over GPUs that spend it waiting
+    startup_minutes: float = ranged(10.0, ge=0)
     # How gpus=0 picks among the counts that finish within max_days: balanced = the fastest costing at most
     # cost_tolerance more than the cheapest; cheapest; fastest. Each count runs its fastest layout.
     objective: Literal["balanced", "cheapest", "fastest"] = "balanced"
@@ -304,6 +307,7 @@ class Cluster:
     ib_bytes_s: float  # per GPU per direction
     price: float  # $ per GPU-hour
     max_memory_fraction: float
+    startup_s: float = 0.0  # per job, before the first step: every GPU is held (and paid) meanwhile
 
     @property
     def usable_bytes(self) -> float:
@@ -466,7 +470,7 @@ def _evaluate(job: TrainingJob, cluster: Cluster, dp_replicate: int, dp_shard: i
     # waits for the flush.
     bubble_s = (compute_s + exposed - after_flush) * (pp - 1) / m
     step_s = compute_s + exposed + bubble_s
-    seconds = job.tokens / step_tokens * step_s
+    seconds = cluster.startup_s + job.tokens / step_tokens * step_s
     gpu_hours = gpus * seconds / 3600
     return Layout(dp_replicate, dp_shard, tp, pp, micro_batch, m, schedule, use_ckpt, mem, plain["activations"],
                   ckpt["activations"], comm, compute_s, exposed, bubble_s, recompute * flops["total"] * job.tokens,
@@ -850,7 +854,7 @@ def _price(cfg: PlanConfig, gpu: GPUSpec) -> float:
 def _cluster(cfg: PlanConfig, gpu: GPUSpec, price: float) -> Cluster:
     nvlink = cfg.interconnect.nvlink_gbps or gpu.nvlink_gbps
     return Cluster(gpu, cfg.gpus_per_node, nvlink * GB / 2, cfg.interconnect.ib_gbits * GB / 8, price,
-                   cfg.max_memory_fraction)
+                   cfg.max_memory_fraction, cfg.startup_minutes * 60)
 
 
 def plan(cfg: PlanConfig) -> dict:
