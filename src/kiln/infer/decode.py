@@ -173,7 +173,7 @@ class DecodeStep:
         self.settings = settings or compile_settings(model.tok_emb.weight.device)
         self.compiled = compile
         self.small_m = model.tok_emb.weight.device.type == "cpu"  # see `_linear`
-        self._warmed: set[tuple[int | None, int]] = set()  # (thread (None: all, without CUDA graphs), verify) done
+        self._warmed: set[tuple[int | None, int]] = set()  # (thread (None: all, without CUDA graphs), verify T or 0: the step) done
         self.note: str | None = None  # why the step runs eagerly although compiling was asked for
         self._static: weakref.ref | None = None  # the cache whose tensors CUDA graphs write in place
         self._run = self._step
@@ -195,21 +195,25 @@ class DecodeStep:
         per thread (`torch._inductor.cudagraph_trees`), so each thread that steps warms up its own;
         without them, one warm-up serves every thread."""
         thread = threading.get_ident() if self.settings.cuda_graphs else None
-        if not self.compiled or (thread, verify) in self._warmed:
+        step = self.compiled and (thread, 0) not in self._warmed
+        check = self.compiled and verify > 1 and not self.settings.cuda_graphs and (thread, verify) not in self._warmed
+        if not (step or check):
             return
         tokens = torch.zeros(cache.batch, dtype=torch.long, device=cache.lengths.device)
-        # two attended lengths (two buckets under CUDA graphs), so the second compile makes it dynamic
-        lengths = (2, 3) if not self.settings.cuda_graphs else (1, self._bucket(cache) + 1)
         with torch.inference_mode():
-            for rows in sorted({1, min(2, cache.batch)}):
-                for used in sorted({min(u, cache.max_len) for u in lengths}):
-                    self(tokens, cache, rows, used)
-            if verify > 1 and not self.settings.cuda_graphs:
+            if step:
+                # two attended lengths (two buckets under CUDA graphs), so the second compile makes it dynamic
+                lengths = (2, 3) if not self.settings.cuda_graphs else (1, self._bucket(cache) + 1)
+                for rows in sorted({1, min(2, cache.batch)}):
+                    for used in sorted({min(u, cache.max_len) for u in lengths}):
+                        self(tokens, cache, rows, used)
+                self._warmed.add((thread, 0))
+            if check:
                 for t in sorted({2, verify}):
                     for rows in sorted({1, min(2, cache.batch)}):
                         for used in (t + 1, t + 2):
                             self.verify(tokens[:, None].expand(-1, t), cache, rows, min(used, cache.max_len))
-        self._warmed.add((thread, verify))
+                self._warmed.add((thread, verify))
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, rows: int, used: int) -> torch.Tensor:
         if self.compiled:
