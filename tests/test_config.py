@@ -102,6 +102,12 @@ def test_help_says_what_each_option_means_from_its_comment(capsys):
     # a block of several comment lines above, joined
     assert "('code' | 'docstring')  the default task: \"code\" writes" in rows["rl.task"]
     assert not any("----" in line for line in rows.values())
+    with pytest.raises(SystemExit):
+        cli.main(["speedrun", "--help"])
+    out = capsys.readouterr().out
+    # a field written over several lines: the comment on its first line
+    assert any(line.split()[0] == "speedrun.student" and line.endswith("(a list of str)  the student's model.* overrides")
+               for line in out.splitlines() if line.startswith("  "))
 
 
 def test_yaml_words_like_on_and_no_stay_strings(tmp_path):

@@ -466,8 +466,8 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
 
 
 def notes(cls, prefix: str = "") -> dict[str, str]:
-    """What the source says of each leaf option (key -> text), for `--help`: the comment at the end
-    of its line, after the comment lines just above it (a blank line or code ends those)."""
+    """What the source says of each leaf option (key -> text), for `--help`: the comments on its
+    line(s), after the comment lines just above it (a blank line or code ends those)."""
     out: dict[str, str] = {}
     hints = typing.get_type_hints(cls)
     said = _field_comments(cls)
@@ -495,6 +495,6 @@ def _field_comments(cls) -> dict[str, str]:
             while row >= 1 and lines[row - 1].lstrip().startswith("#") and row in comments:
                 above.insert(0, comments[row])
                 row -= 1
-            end = comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
-            out[node.target.id] = " ".join([*above, *([end] if end else [])])
+            on = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]  # a field over lines too
+            out[node.target.id] = " ".join(above + on)
     return out
